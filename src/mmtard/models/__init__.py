@@ -1,0 +1,18 @@
+"""Models: loading (names, tags, hf-hub, files), tiny architectures, the zero-shot classifier."""
+
+from mmtard.models.loading import CheckpointError, CLIPBundle, check_architecture, load_checkpoint_into, load_clip
+from mmtard.models.registry import list_models, list_tiny_models
+from mmtard.models.zeroshot import DEFAULT_LOGIT_SCALE, ZeroShotClassifier, build_zero_shot_classifier
+
+__all__ = [
+    "CLIPBundle",
+    "CheckpointError",
+    "DEFAULT_LOGIT_SCALE",
+    "ZeroShotClassifier",
+    "build_zero_shot_classifier",
+    "check_architecture",
+    "list_models",
+    "list_tiny_models",
+    "load_checkpoint_into",
+    "load_clip",
+]

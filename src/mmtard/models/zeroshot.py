@@ -1,0 +1,91 @@
+"""Zero-shot classifier: ``[0, 1]`` pixels -> class logits, so any attack works on any CLIP model.
+
+``z(x) = s * normalize(f(norm(x))) @ T^T`` with ``f`` the image tower, ``norm`` the model's own mean/std
+normalisation, ``T`` the ``(K, D)`` cached text prototypes and ``s`` the logit scale (spec section 1).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtard.errors import ConfigError
+from mmtard.models.loading import CLIPBundle
+
+DEFAULT_LOGIT_SCALE = 100.0
+
+
+class ZeroShotClassifier(nn.Module):
+    """Image tower + normalisation + fixed class prototypes.
+
+    Args:
+        visual: the image tower (``model.visual`` of an open_clip CLIP); shared, not copied, so a
+            student's classifier trains its tower.
+        mean: per-channel mean of the tower's normalisation.
+        std: per-channel std of the tower's normalisation.
+        prototypes: ``(K, D)`` L2-normalised class prototypes.
+        logit_scale: ``s`` in ``z = s * e @ T^T``.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        prototypes: torch.Tensor,
+        logit_scale: float = DEFAULT_LOGIT_SCALE,
+    ):
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("prototypes", prototypes.detach().clone(), persistent=False)
+        self.logit_scale = float(logit_scale)
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.shape[0]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embedding ``f(norm(x))``, shape ``(B, D)``."""
+        return self.visual((x - self.mean) / self.std)
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        embedding = F.normalize(features.float(), dim=-1)
+        return self.logit_scale * embedding @ self.prototypes.float().T
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``e(x) = normalize(f(norm(x)))``, shape ``(B, D)``."""
+        return F.normalize(self.features(x).float(), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_features(self.features(x))
+
+
+def resolve_logit_scale(bundle: CLIPBundle, logit_scale: float | str) -> float:
+    """``logit_scale`` is a number (default 100, the released script's) or ``"model"`` for the learned one."""
+    if logit_scale == "model":
+        return float(bundle.model.logit_scale.detach().exp().item())
+    try:
+        value = float(logit_scale)
+    except (TypeError, ValueError):
+        raise ConfigError(f"logit_scale: expected a positive number or 'model', got {logit_scale!r}") from None
+    if value <= 0:
+        raise ConfigError(f"logit_scale: expected a positive number or 'model', got {logit_scale!r}")
+    return value
+
+
+def build_zero_shot_classifier(
+    bundle: CLIPBundle,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    logit_scale: float | str = DEFAULT_LOGIT_SCALE,
+) -> ZeroShotClassifier:
+    """The zero-shot classifier of ``bundle`` for one label set (prototypes cached on the bundle)."""
+    prototypes = bundle.text_prototypes(classnames, templates)
+    return ZeroShotClassifier(
+        bundle.model.visual, bundle.mean, bundle.std, prototypes, resolve_logit_scale(bundle, logit_scale)
+    ).to(bundle.device)
