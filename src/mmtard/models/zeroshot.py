@@ -61,8 +61,13 @@ class ZeroShotClassifier(nn.Module):
         """``e(x) = normalize(f(norm(x)))``, shape ``(B, D)``."""
         return F.normalize(self.features(x).float(), dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits_from_features(self.features(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        """Logits ``(B, K)``; with ``return_features`` the unnormalised embedding ``(B, D)`` instead.
+
+        Both go through ``forward`` so that a DistributedDataParallel wrapper sees every training pass.
+        """
+        features = self.features(x)
+        return features if return_features else self.logits_from_features(features)
 
 
 def resolve_logit_scale(bundle: CLIPBundle, logit_scale: float | str) -> float:
