@@ -1,0 +1,111 @@
+"""``mmtard eval | train | demo``: argument parsing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from mmtard.errors import ConfigError
+from mmtard.units import parse_eps
+
+logger = logging.getLogger("mmtard")
+
+
+def _eps_arg(text: str) -> float:
+    try:
+        return parse_eps(text, field="--eps")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="clean and robust zero-shot accuracy of a CLIP model")
+    p.add_argument("--model", required=True, help="open_clip architecture (ViT-B-32, tiny-vit-s, ...) or hf-hub:ORG/REPO")
+    p.add_argument("--pretrained", default="none", help="pretrained tag (openai, ...), checkpoint file, or none (random weights)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)")
+    p.add_argument("--dataset", nargs="+", required=True, help="one or more registered datasets (see README)")
+    p.add_argument("--data-dir", nargs="+", default=[None], help="data folder per dataset (one for all, or one each)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--classes", default="all", help="all | seen | unseen | comma-separated class names")
+    p.add_argument("--samples", type=int, default=None, help="fixed class-balanced subset of N images")
+    p.add_argument("--attack", nargs="+", default=["pgd"], help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)")
+    p.add_argument("--eps", nargs="+", type=_eps_arg, default=[1 / 255, 2 / 255, 4 / 255], help="radii as fractions of the pixel range, e.g. 1/255 4/255")
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--steps", type=int, default=None, help="attack iterations (default: PGD 10, APGD 100)")
+    p.add_argument("--restarts", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--logit-scale", default="100", help="fixed scale (default 100) or 'model' for the model's learned scale")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset (never done otherwise)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="output folder for results.json and results.md")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmtard.eval.report import markdown_table, write_results
+    from mmtard.eval.run import EvalRequest, evaluate_bundle
+    from mmtard.models import load_clip
+
+    data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
+    if len(args.data_dir) not in (1, len(args.dataset)):
+        raise ConfigError(f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), got {len(args.data_dir)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bundle = load_clip(args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint)
+    request = EvalRequest(
+        datasets=args.dataset,
+        data_dirs=data_dirs,
+        split=args.split,
+        classes=args.classes,
+        samples=args.samples,
+        attacks=args.attack,
+        eps=args.eps,
+        norm=args.norm,
+        steps=args.steps,
+        restarts=args.restarts,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        logit_scale=args.logit_scale if args.logit_scale == "model" else float(args.logit_scale),
+        seed=args.seed,
+        download=args.download,
+        progress=not args.no_progress,
+    )
+    records = evaluate_bundle(bundle, request)
+    paths = write_results(args.out, records)
+    print(markdown_table(records))
+    for record in records:
+        for warning in record["checks"].get("warnings", []):
+            print(f"WARNING {record['dataset']}: {warning}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmtard", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_eval_parser(sub)
+    return parser
+
+
+COMMANDS = {"eval": run_eval}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"mmtard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

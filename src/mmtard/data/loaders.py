@@ -1,0 +1,184 @@
+"""Image sources in their on-disk formats, all returning ``[0, 1]`` float images of one size.
+
+Formats: the npz folder (``train.npz`` / ``test.npz`` with ``x`` uint8 ``(N, H, W, 3)``, ``y`` int and
+``classes.txt``), torchvision's CIFAR-10/100 and STL-10 folders, the ImageFolder layout
+(``root/<split>/<class>/*.jpg``) and scikit-learn's bundled digits. Nothing is downloaded unless
+``download=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from mmtard.errors import ConfigError
+
+
+@dataclass
+class RawImages:
+    """What a loader returns before resizing: images, labels and the class names of the labels.
+
+    ``images`` is either a uint8 tensor ``(N, H, W, 3)`` held in memory, or a list of file paths read
+    lazily. ``classnames`` may be None when the registry supplies them (e.g. clip-benchmark's lists).
+    """
+
+    images: torch.Tensor | list[Path]
+    labels: torch.Tensor
+    classnames: list[str] | None
+    folder_names: list[str] | None = None
+
+
+def require_dir(root: str | Path, what: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data_dir: '{root}' does not exist or is not a folder (expected {what})")
+    return root
+
+
+def load_npz_folder(root: str | Path, split: str, download: bool = False) -> RawImages:
+    """The npz folder format: ``<root>/<split>.npz`` with arrays ``x``, ``y`` and ``<root>/classes.txt``."""
+    root = require_dir(root, "a folder with train.npz / test.npz and classes.txt")
+    path = root / f"{split}.npz"
+    if not path.is_file():
+        found = ", ".join(sorted(p.name for p in root.glob("*.npz"))) or "none"
+        raise FileNotFoundError(f"data_dir: no '{split}.npz' in '{root}' (npz files found: {found})")
+    with np.load(path) as arrays:
+        missing = {"x", "y"} - set(arrays.files)
+        if missing:
+            raise ConfigError(f"data_dir: '{path}' lacks arrays {sorted(missing)}; expected x uint8 (N, H, W, 3) and y int (N,)")
+        images, labels = arrays["x"], arrays["y"]
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ConfigError(f"data_dir: '{path}' array x has shape {images.shape} and dtype {images.dtype}; expected uint8 (N, H, W, 3)")
+    if len(images) != len(labels):
+        raise ConfigError(f"data_dir: '{path}' has {len(images)} images but {len(labels)} labels")
+    classes_file = root / "classes.txt"
+    classnames = None
+    if classes_file.is_file():
+        classnames = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+    return RawImages(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), classnames)
+
+
+def _from_torchvision(dataset_cls: Callable, root: Path, download: bool, **kwargs) -> RawImages:
+    try:
+        ds = dataset_cls(root=str(root), download=download, **kwargs)
+    except RuntimeError as exc:
+        raise FileNotFoundError(
+            f"data_dir: torchvision's {dataset_cls.__name__} files are not in '{root}' ({exc}); "
+            "pass --download to fetch them"
+        ) from None
+    data = np.asarray(ds.data)
+    if data.shape[1] == 3:  # STL-10 stores (N, 3, H, W)
+        data = data.transpose(0, 2, 3, 1)
+    labels = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels)
+    classnames = [c.replace("_", " ") for c in ds.classes]
+    return RawImages(torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels.astype(np.int64)), classnames)
+
+
+def load_cifar(root: str | Path, split: str, download: bool = False, num_classes: int = 10) -> RawImages:
+    """torchvision's CIFAR folder (``cifar-10-batches-py`` / ``cifar-100-python``), or the npz folder format."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    root = Path(root)
+    if (root / f"{split}.npz").is_file():
+        return load_npz_folder(root, split)
+    if not download:
+        require_dir(root, f"torchvision's CIFAR-{num_classes} folder or an npz folder")
+    return _from_torchvision(CIFAR10 if num_classes == 10 else CIFAR100, root, download, train=(split == "train"))
+
+
+def load_stl10(root: str | Path, split: str, download: bool = False) -> RawImages:
+    from torchvision.datasets import STL10
+
+    if not download:
+        require_dir(root, "torchvision's STL-10 folder (stl10_binary)")
+    return _from_torchvision(STL10, Path(root), download, split=split)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jpeg", ".ppm")
+
+
+def load_image_folder(root: str | Path, split: str, download: bool = False) -> RawImages:
+    """``root/<split>/<class>/<image>`` (or ``root/<class>/<image>`` when there is no split folder).
+
+    ImageNet's ``val`` split is accepted for ``test``. Labels follow the sorted folder names.
+    """
+    root = require_dir(root, "an ImageFolder layout root/<split>/<class>/<image>")
+    candidates = [root / split] + ([root / "val"] if split == "test" else []) + [root]
+    base = next(p for p in candidates if p.is_dir())
+    folders = sorted(p for p in base.iterdir() if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"data_dir: no class folders under '{base}' (expected <class>/<image> files)")
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise FileNotFoundError(f"data_dir: no image files under '{base}'")
+    names = [f.name for f in folders]
+    return RawImages(paths, torch.tensor(labels, dtype=torch.int64), [n.replace("_", " ") for n in names], folder_names=names)
+
+
+def load_sklearn_digits(root: str | Path | None = None, split: str = "test", download: bool = False) -> RawImages:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images), as RGB uint8.
+
+    A fixed split: every fifth image (index % 5 == 0) is ``test``, the rest ``train``.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0 * 255).round().astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    keep = (np.arange(len(images)) % 5 == 0) if split == "test" else (np.arange(len(images)) % 5 != 0)
+    return RawImages(torch.from_numpy(images[keep]), torch.from_numpy(digits.target[keep].astype(np.int64)), None)
+
+
+def read_image_file(path: Path) -> torch.Tensor:
+    """One image file as a uint8 ``(H, W, 3)`` tensor; a corrupt file is one clear error naming it."""
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ConfigError(f"image file '{path}' cannot be decoded ({exc.__class__.__name__}: {exc})") from None
+
+
+def to_model_input(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` -> float ``(3, S, S)`` in ``[0, 1]``: shorter side resized to S (bicubic, as
+    CLIP's preprocessing) and centre-cropped. Images already S x S are only converted."""
+    x = image.permute(2, 0, 1).float().div_(255)
+    h, w = x.shape[-2:]
+    if (h, w) == (image_size, image_size):
+        return x
+    scale = image_size / min(h, w)
+    size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
+    x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=scale < 1)[0].clamp_(0, 1)
+    top, left = (x.shape[-2] - image_size) // 2, (x.shape[-1] - image_size) // 2
+    return x[:, top : top + image_size, left : left + image_size]
+
+
+def balanced_subset(labels: Sequence[int] | torch.Tensor, samples: int, seed: int = 0) -> torch.Tensor:
+    """A fixed, class-balanced choice of ``samples`` indices (sorted).
+
+    Each class gets ``samples // K`` images, the first ``samples % K`` classes one more; within a class
+    the images are a seeded random choice, so the subset is the same for every model and run.
+    """
+    labels = torch.as_tensor(labels)
+    classes = torch.unique(labels).tolist()
+    if samples <= 0:
+        raise ConfigError(f"samples: expected a positive number, got {samples}")
+    if samples >= len(labels):
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    per_class, extra = divmod(samples, len(classes))
+    chosen = []
+    for position, cls in enumerate(classes):
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        chosen.append(members[: per_class + (1 if position < extra else 0)])
+    return torch.sort(torch.cat(chosen)).values

@@ -1,0 +1,218 @@
+"""Dataset registry: each zero-shot dataset's loader, class names and prompt templates.
+
+``create_dataset(name, data_dir, split=..., image_size=..., classes=..., samples=...)`` gives an
+``ImageDataset`` of ``[0, 1]`` images whose ``classnames`` and ``templates`` build the zero-shot head.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from mmtard.data import loaders, metadata
+from mmtard.data.loaders import RawImages
+from mmtard.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to load one dataset and name its classes.
+
+    Attributes:
+        name: registry name.
+        load: ``load(root, split, download) -> RawImages``.
+        templates: zero-shot prompt templates (``str.format`` with one ``{}``).
+        classnames: the maintained class-name list, or None to take the names the data carries.
+        splits: the split names the dataset has.
+    """
+
+    name: str
+    load: Callable[..., RawImages]
+    templates: Callable[[], list[str]]
+    classnames: Callable[[], list[str]] | None = None
+    splits: tuple[str, ...] = ("train", "test")
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    DATASETS[spec.name] = spec
+    return spec
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise ConfigError(f"dataset: unknown dataset '{name}'; known: {', '.join(list_datasets())}")
+    return DATASETS[name]
+
+
+@lru_cache(maxsize=None)
+def _imagenet_wnids() -> list[str]:
+    """The 1,000 ImageNet WordNet ids in class order, read from clip-benchmark's builder (not imported:
+    importing it pulls in optional dependencies)."""
+    spec = importlib.util.find_spec("clip_benchmark")
+    source = (Path(next(iter(spec.submodule_search_locations))) / "datasets" / "builder.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "all_imagenet_wordnet_ids":
+            return list(ast.literal_eval(node.value))
+    raise ImportError("clip-benchmark's builder.py no longer defines all_imagenet_wordnet_ids")
+
+
+def _imagenet_family(root, split, download=False) -> RawImages:
+    """ImageFolder with WordNet-id folders (ImageNet val, ImageNet-R, ImageNet-Sketch): class names are
+    OpenAI's ImageNet names of the folders present."""
+    raw = loaders.load_image_folder(root, split)
+    index = {wnid: i for i, wnid in enumerate(_imagenet_wnids())}
+    names = metadata.imagenet_classnames()
+    unknown = [f for f in raw.folder_names if f not in index]
+    if unknown:
+        raise ConfigError(f"data_dir: folders {unknown[:3]} are not ImageNet WordNet ids (expected n0xxxxxxx class folders)")
+    raw.classnames = [names[index[f]] for f in raw.folder_names]
+    return raw
+
+
+def _cb(key: str) -> Callable[[], list[str]]:
+    return partial(metadata.clip_benchmark_templates, key)
+
+
+def _cb_names(key: str) -> Callable[[], list[str]]:
+    return partial(metadata.clip_benchmark_classnames, key)
+
+
+for _spec in (
+    DatasetSpec("imagenet", _imagenet_family, metadata.imagenet_templates, None, ("train", "val", "test")),
+    DatasetSpec("imagenet-r", _imagenet_family, metadata.imagenet_templates, None, ("test",)),
+    DatasetSpec("imagenet_sketch", _imagenet_family, metadata.imagenet_templates, None, ("test",)),
+    DatasetSpec("cifar10", partial(loaders.load_cifar, num_classes=10), _cb("cifar10")),
+    DatasetSpec("cifar100", partial(loaders.load_cifar, num_classes=100), _cb("cifar100")),
+    DatasetSpec("stl10", loaders.load_stl10, _cb("stl10")),
+    DatasetSpec("cars", loaders.load_image_folder, _cb("cars")),
+    DatasetSpec("caltech101", loaders.load_image_folder, _cb("caltech101"), _cb_names("caltech101")),
+    DatasetSpec("pets", loaders.load_image_folder, _cb("pets"), _cb_names("pets")),
+    DatasetSpec("flowers", loaders.load_image_folder, _cb("flowers"), _cb_names("flowers")),
+    DatasetSpec("dtd", loaders.load_image_folder, _cb("dtd")),
+    DatasetSpec("eurosat", loaders.load_image_folder, _cb("eurosat"), _cb_names("eurosat")),
+    DatasetSpec("fgvc_aircraft", loaders.load_image_folder, _cb("fgvc_aircraft")),
+    DatasetSpec("pcam", loaders.load_image_folder, _cb("pcam"), _cb_names("pcam")),
+    DatasetSpec("digits", loaders.load_sklearn_digits, _cb("mnist"), _cb_names("mnist")),
+    DatasetSpec("npz", loaders.load_npz_folder, _cb("cifar10")),
+    DatasetSpec("imagefolder", loaders.load_image_folder, lambda: ["a photo of a {}."]),
+):
+    register_dataset(_spec)
+
+
+def resolve_classes(classes: str | Sequence[str] | None, classnames: Sequence[str]) -> list[int]:
+    """Class indices for ``all``, ``seen``, ``unseen`` or a list / comma-separated string of names.
+
+    ``seen`` is the first half of the classes in label order (``ceil(K / 2)``) and ``unseen`` the rest:
+    for CIFAR-10 exactly the spec's {airplane, automobile, bird, cat, deer} and {dog, frog, horse, ship, truck}.
+    """
+    k = len(classnames)
+    if classes is None or classes == "all":
+        return list(range(k))
+    if classes == "seen":
+        return list(range((k + 1) // 2))
+    if classes == "unseen":
+        return list(range((k + 1) // 2, k))
+    names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)
+    lookup = {name: i for i, name in enumerate(classnames)}
+    unknown = [n for n in names if n not in lookup]
+    if unknown:
+        raise ConfigError(f"classes: {unknown} are not classes of this dataset; expected all, seen, unseen or names from {list(classnames)}")
+    return [lookup[n] for n in names]
+
+
+class ImageDataset(Dataset):
+    """Labelled ``[0, 1]`` images of one size; items are ``(image (3, S, S), label, index)``.
+
+    ``classnames`` and ``templates`` define its zero-shot head; labels are ``0..K-1`` in ``classnames``
+    order. ``index`` is the item's position in this dataset (used to cache per-sample teacher outputs).
+    """
+
+    def __init__(self, raw: RawImages, classnames: list[str], templates: list[str], image_size: int, name: str):
+        self.raw = raw
+        self.classnames = classnames
+        self.templates = templates
+        self.image_size = image_size
+        self.name = name
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.raw.labels
+
+    def __len__(self) -> int:
+        return len(self.raw.labels)
+
+    def __getitem__(self, i: int):
+        image = self.raw.images[i]
+        if isinstance(image, Path):
+            image = loaders.read_image_file(image)
+        return loaders.to_model_input(image, self.image_size), int(self.raw.labels[i]), i
+
+
+def _select(raw: RawImages, keep: torch.Tensor, relabel: dict[int, int] | None = None) -> RawImages:
+    images = raw.images[keep] if isinstance(raw.images, torch.Tensor) else [raw.images[i] for i in keep.tolist()]
+    labels = raw.labels[keep]
+    if relabel is not None:
+        labels = torch.tensor([relabel[int(label)] for label in labels], dtype=torch.int64)
+    return RawImages(images, labels, raw.classnames, raw.folder_names)
+
+
+def create_dataset(
+    name: str,
+    data_dir: str | Path | None,
+    *,
+    split: str = "test",
+    image_size: int = 224,
+    classes: str | Sequence[str] | None = "all",
+    samples: int | None = None,
+    classnames: Sequence[str] | None = None,
+    download: bool = False,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load a registered dataset as ``[0, 1]`` images of side ``image_size``.
+
+    Args:
+        name: a registry name (``list_datasets()``).
+        data_dir: its folder (unused for ``digits``).
+        split: ``train`` / ``test`` (or the dataset's own split names).
+        image_size: the model's input size.
+        classes: ``all``, ``seen``, ``unseen`` or class names: keeps those classes, relabelled 0..k-1.
+        samples: a fixed class-balanced subset of this many images (after the class selection).
+        classnames: names to use instead of the registry's / data's (must have one per label).
+        download: allow torchvision to download (never done otherwise).
+        seed: seed of the balanced subset choice.
+    """
+    spec = get_dataset_spec(name)
+    if split not in spec.splits:
+        raise ConfigError(f"split: dataset {name} has splits {spec.splits}, got '{split}'")
+    raw = spec.load(data_dir, split, download=download)
+    names = list(classnames) if classnames is not None else (spec.classnames() if spec.classnames else raw.classnames)
+    if names is None:
+        raise ConfigError(f"classnames: dataset {name} has no class names in '{data_dir}' (add classes.txt or pass classnames)")
+    num_labels = int(raw.labels.max()) + 1 if len(raw.labels) else 0
+    if len(names) != num_labels:
+        raise ConfigError(
+            f"classnames: {len(names)} class names given for {name}, but the labels in '{data_dir}' run 0..{num_labels - 1} "
+            f"({num_labels} classes); the list must have one name per label, in label order"
+        )
+    chosen = resolve_classes(classes, names)
+    if chosen != list(range(len(names))):
+        keep = torch.nonzero(torch.isin(raw.labels, torch.tensor(chosen))).flatten()
+        raw = _select(raw, keep, {old: new for new, old in enumerate(chosen)})
+        names = [names[i] for i in chosen]
+    if samples is not None:
+        raw = _select(raw, loaders.balanced_subset(raw.labels, samples, seed))
+    return ImageDataset(raw, names, spec.templates(), image_size, name)

@@ -1,0 +1,106 @@
+"""Clean and robust zero-shot accuracy of a classifier on one dataset.
+
+Protocol (RobustVLM / MMT-ARD): an image misclassified when clean counts as not robust and is not
+attacked; each attack runs only on images still correctly classified. Gradient-masking checks run with
+every robust evaluation and land in ``checks``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mmtard.attacks import Attack, check_robust_results, zero_gradient_fraction
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Accuracies in percent over ``samples`` images; ``robust`` has one entry per attack x eps."""
+
+    dataset: str
+    samples: int
+    clean_acc: float
+    robust: list[dict] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "samples": self.samples,
+            "clean_acc": self.clean_acc,
+            "robust": self.robust,
+            "checks": self.checks,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def evaluate_classifier(
+    classifier: nn.Module,
+    dataset: Dataset,
+    attacks: list[Attack] = (),
+    *,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    progress: bool = True,
+    dataset_name: str | None = None,
+) -> EvalResult:
+    """Clean accuracy and, for each attack, robust accuracy of ``classifier`` on ``dataset``.
+
+    Args:
+        classifier: maps ``[0, 1]`` images to logits (a ``ZeroShotClassifier``); evaluated in eval mode.
+        dataset: items ``(image, label, ...)``.
+        attacks: each with its own eps, steps and restarts (see ``mmtard.attacks.create_attack``).
+        batch_size: images per batch.
+        num_workers: DataLoader workers.
+        progress: show a tqdm bar.
+        dataset_name: name recorded in the result.
+
+    Returns:
+        The accuracies, the attacks' settings and the gradient-masking checks.
+    """
+    was_training = classifier.training
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    start = time.perf_counter()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    clean_correct = 0
+    robust_correct = [0] * len(attacks)
+    zero_grad = 0
+    total = 0
+    name = dataset_name or getattr(dataset, "name", "dataset")
+    for batch in tqdm(loader, desc=f"eval {name}", disable=not progress, leave=False):
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with torch.no_grad():
+            correct = classifier(x).argmax(1) == y
+        clean_correct += int(correct.sum())
+        total += len(y)
+        if not attacks:
+            continue
+        zero_grad += round(zero_gradient_fraction(classifier, x, y) * len(y))
+        if not correct.any():
+            continue
+        x_ok, y_ok = x[correct], y[correct]
+        for i, attack in enumerate(attacks):
+            x_adv = attack(classifier, x_ok, y_ok)
+            with torch.no_grad():
+                robust_correct[i] += int((classifier(x_adv).argmax(1) == y_ok).sum())
+    classifier.train(was_training)
+
+    def percent(count: int) -> float:
+        return 100.0 * count / max(total, 1)
+
+    robust = [dict(attack.describe(), acc=percent(count)) for attack, count in zip(attacks, robust_correct)]
+    clean_acc = percent(clean_correct)
+    checks = check_robust_results(clean_acc, robust, zero_grad / max(total, 1)) if attacks else {}
+    for warning in checks.get("warnings", []):
+        logger.warning("%s: %s", name, warning)
+    return EvalResult(name, total, clean_acc, robust, checks, time.perf_counter() - start)
