@@ -181,7 +181,7 @@ def load_checkpoint_into(model: nn.Module, path: Path, *, trust_checkpoint: bool
             "(a checkpoint from the internet is data, not code). Convert it to .safetensors, or pass "
             "--trust-checkpoint if you made this file yourself."
         ) from exc
-    except RuntimeError as exc:
-        if "state_dict" in str(exc) or "size mismatch" in str(exc) or "Missing key" in str(exc):
-            raise CheckpointError(f"pretrained: '{path}' does not fit architecture {type(model).__name__}: {exc}") from exc
-        raise
+    except (RuntimeError, AssertionError, KeyError) as exc:
+        # open_clip reports a state dict of another architecture as size mismatches, missing keys or
+        # failed shape assertions while resizing position embeddings.
+        raise CheckpointError(f"pretrained: '{path}' does not fit this architecture: {exc}") from exc
