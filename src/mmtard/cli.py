@@ -86,15 +86,39 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a student (MMT-ARD, a baseline) or a teacher from a YAML config")
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/cpu/mmt-ard.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=20 --set method.eps=2/255 (repeatable)")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
+    p.add_argument("--stop-after", type=int, default=None, help="stop with a checkpoint after N steps of this invocation")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from mmtard.train.config import load_config
+    from mmtard.train.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    final = train(config, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+    if final:
+        robust = ", ".join(f"{e['attack']} {e['eps']} ({e['steps']} steps) {e['acc']:.1f}%" for e in final["robust"])
+        print(f"{config.method.name}: held-out clean {final['clean_acc']:.1f}%, robust {robust} on {final['samples']} images")
+        print(f"student weights: {config.output_dir}/model.safetensors (mmtard eval --model {config.student.arch} --pretrained {config.output_dir}/model.safetensors)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtard", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval_parser(sub)
+    _add_train_parser(sub)
     return parser
 
 
-COMMANDS = {"eval": run_eval}
+COMMANDS = {"eval": run_eval, "train": run_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,219 @@
+"""What every training method shares: the ``Method`` interface, its output, and the forward helpers.
+
+A method computes one training step's loss (spec section 2) for a student and a mapping of frozen
+teachers, keyed by role:
+
+- ``"clean"``: the clean teacher ``C``;
+- ``"robust"``: the robust teacher ``R``;
+- ``"original"``: a frozen copy of the student's starting model ``O`` (FARE, PMG-AFT).
+
+It returns named loss terms (the trainer sums them and backpropagates) and diagnostics. It has no
+optimizer, DDP or logging code: a DistributedDataParallel student is unwrapped for the attack, and the
+wrapper is called exactly for the training forwards whose outputs the loss uses.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from mmtard.attacks.pgd import pgd
+from mmtard.errors import ConfigError
+from mmtard.methods.config import MethodConfig
+from mmtard.models.zeroshot import ZeroShotClassifier
+
+TEACHER_ROLES = ("clean", "robust", "original")
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or similar) wrapper; the model itself otherwise."""
+    return getattr(model, "module", model)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode, then give every submodule back its own previous mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` contains a batch-norm layer (whose batch statistics forbid concatenated batches)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def freeze(teacher: nn.Module) -> None:
+    """Eval mode and no parameter gradients, for a teacher or a frozen original model."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+
+
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+    """A frozen model's logits (or unnormalised features), without gradient."""
+    return teacher(x, return_features=return_features)
+
+
+def student_forward_pair(student: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's training logits on ``x`` and ``x_adv``.
+
+    One forward of ``torch.cat([x, x_adv])`` through the (possibly wrapped) student, split in two; two
+    separate forwards when the image tower has batch norm, so each batch keeps its own statistics.
+    """
+    if has_batch_norm(unwrap(student).visual):
+        return student(x), student(x_adv)
+    logits = student(torch.cat([x, x_adv]))
+    return logits[: x.shape[0]], logits[x.shape[0]:]
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Batch top-1 accuracy in percent."""
+    return 100.0 * (logits.detach().argmax(dim=-1) == y).float().mean().item()
+
+
+@dataclass
+class MethodOutput:
+    """One step's result.
+
+    Attributes:
+        losses: named, already weighted loss terms; the trainer backpropagates their sum.
+        metrics: python floats for logging (``L_R``, ``L_C``, ``lambda_R``, ``acc_adv``...).
+        x_adv: the adversarial images ``x'`` of the step (detached), for inspection and tests.
+    """
+
+    losses: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+    x_adv: torch.Tensor | None = None
+
+    def total(self) -> torch.Tensor:
+        """The loss to backpropagate: the sum of the named terms."""
+        return sum(self.losses.values())
+
+
+class LogitCache:
+    """Per-dataset-index logits of a frozen model, computed on first sight and reused (spec 2.1).
+
+    Only correct when the image of an index never changes between epochs: the trainer enables it for
+    deterministic pipelines (no random augmentation) only. Not part of ``state_dict``: after a resume the
+    rows are recomputed, with the same values.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def logits(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Logits of ``model`` on ``x`` whose rows have dataset indices ``index``; forwards only unseen rows."""
+        keys = index.tolist()
+        missing = [i for i, key in enumerate(keys) if key not in self._rows]
+        if missing:
+            computed = teacher_forward(model, x[missing])
+            for i, row in zip(missing, computed):
+                self._rows[keys[i]] = row.clone()
+        return torch.stack([self._rows[key] for key in keys])
+
+
+class Method:
+    """One training step's loss. Subclasses set ``teacher_roles`` and ``inner_objectives``, implement ``step``.
+
+    Args:
+        cfg: the method's config (validated here).
+
+    Raises:
+        ConfigError: an invalid config, or an inner objective this method cannot compute.
+    """
+
+    teacher_roles: tuple[str, ...] = ()
+    inner_objectives: tuple[str, ...] = ()
+
+    @staticmethod
+    def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-process statistic over all processes; the identity in one process. The trainer
+        replaces it under DistributedDataParallel so batch means (DIW) and the balance's teacher terms are
+        those of the global batch, and every process computes the same weights."""
+        return value
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg.validate()
+        if cfg.inner not in self.inner_objectives:
+            raise ConfigError(
+                f"inner: method '{cfg.name}' supports {', '.join(self.inner_objectives)}; got {cfg.inner!r}"
+            )
+
+    @property
+    def attacking(self) -> bool:
+        """Whether the step perturbs its inputs (not with ``inner: none``, ``steps: 0`` or ``eps: 0``)."""
+        return self.cfg.inner != "none" and self.cfg.steps > 0 and self.cfg.eps > 0
+
+    def __call__(
+        self,
+        student: nn.Module,
+        teachers: Mapping[str, ZeroShotClassifier],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor | None = None,
+    ) -> MethodOutput:
+        """Compute one step's loss terms.
+
+        Args:
+            student: the student ``ZeroShotClassifier``, possibly wrapped in DistributedDataParallel, in
+                train mode.
+            teachers: frozen models by role; must hold every role of ``teacher_roles`` (others are
+                ignored). They are put in eval mode without parameter gradients.
+            x: ``(B, 3, H, W)`` images in ``[0, 1]``.
+            y: ``(B,)`` labels in the student's (and teachers') label set.
+            index: ``(B,)`` dataset indices, for the clean-teacher cache.
+
+        Returns:
+            The named loss terms, diagnostics and the adversarial images.
+        """
+        missing = [role for role in self.teacher_roles if role not in teachers]
+        if missing:
+            raise ConfigError(
+                f"teachers: method '{self.cfg.name}' needs roles {self.teacher_roles}; missing {tuple(missing)}"
+            )
+        for role in self.teacher_roles:
+            if unwrap(teachers[role]).visual is unwrap(student).visual:
+                raise ConfigError(
+                    f"teachers: the '{role}' model shares its image tower with the student; pass a frozen copy"
+                )
+            freeze(teachers[role])
+        return self.step(student, teachers, x, y, index)
+
+    def step(
+        self,
+        student: nn.Module,
+        teachers: Mapping[str, ZeroShotClassifier],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor | None,
+    ) -> MethodOutput:
+        raise NotImplementedError
+
+    def attack(self, model: nn.Module, loss_fn: LossFn, x: torch.Tensor) -> torch.Tensor:
+        """PGD maximising the per-sample ``loss_fn`` with the config's budget, ``model`` in eval mode meanwhile.
+
+        ``model`` is the unwrapped student; callers check :attr:`attacking` first.
+        """
+        with eval_mode(model):
+            cfg = self.cfg
+            return pgd(loss_fn, x, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, norm=cfg.norm)
+
+    def state_dict(self) -> dict:
+        """State that must survive a resume (empty for stateless methods)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`'s output."""

@@ -1,0 +1,46 @@
+"""FARE: unsupervised adversarial fine-tuning of the image tower (Schlarmann, Singh et al., "Robust CLIP:
+Unsupervised Adversarial Fine-Tuning of Vision Embeddings for Robust Large Vision-Language Models",
+ICML 2024).
+
+``f_O(x)``: unnormalised image features of the frozen original model ``O`` on clean ``x``. ``x'`` maximises
+``||f_S(x + delta) - f_O(x)||_2^2`` per sample; loss = batch mean of ``||f_S(x') - f_O(x)||_2^2``.
+No labels are used, so no accuracy is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from mmtard.methods.base import Method, MethodOutput, teacher_forward, unwrap
+from mmtard.methods.losses import squared_distance
+from mmtard.methods.registry import register_method
+from mmtard.models.zeroshot import ZeroShotClassifier
+
+
+@register_method("fare")
+class FARE(Method):
+    """Embedding-space adversarial fine-tuning against the frozen original model. Metric: ``fare``."""
+
+    teacher_roles = ("original",)
+    inner_objectives = ("fare",)
+
+    def step(
+        self,
+        student: nn.Module,
+        teachers: Mapping[str, ZeroShotClassifier],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor | None,
+    ) -> MethodOutput:
+        model = unwrap(student)
+        original_features = teacher_forward(teachers["original"], x, return_features=True)
+        x_adv = x
+        if self.attacking:
+            x_adv = self.attack(
+                model, lambda x_pert: squared_distance(model(x_pert, return_features=True), original_features), x
+            )
+        loss = squared_distance(student(x_adv, return_features=True), original_features).mean()
+        return MethodOutput(losses={"fare": loss}, metrics={"fare": loss.item()}, x_adv=x_adv.detach())

@@ -1,0 +1,113 @@
+"""Training checkpoints: written atomically, resumable exactly, loadable by ``mmtard eval`` and open_clip.
+
+Layout of ``<run>/checkpoints/step_00000100/``:
+
+- ``model.safetensors``: the student's full open_clip state dict (LoRA merged): a plain CLIP checkpoint.
+- ``adapter.safetensors``: LoRA students only, the adapter weights to resume from.
+- ``trainer_state.pt``: optimizer, scheduler, grad scaler, RNG states, step and method (balance)
+  state; tensors and plain containers only, read back with ``torch.load(weights_only=True)``.
+
+A checkpoint is assembled in a temporary folder and renamed into place; only then is
+``checkpoints/latest`` (a one-line text file naming it) replaced atomically. A crash at any point leaves
+``latest`` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmtard.errors import ConfigError
+from mmtard.fileio import atomic_write_text
+
+MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    trainer_state: dict,
+    adapter_state: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write one checkpoint atomically, point ``latest`` at it, and keep only the newest ``keep``."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"step_{step:08d}"
+    tmp = checkpoints_dir / f".tmp_step_{step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_contiguous(model_state), str(tmp / MODEL_FILE))
+        if adapter_state is not None:
+            save_file(_contiguous(adapter_state), str(tmp / ADAPTER_FILE))
+        torch.save(trainer_state, tmp / STATE_FILE)
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_text(checkpoints_dir / "latest", final.name + "\n")
+    for old in sorted(checkpoints_dir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_model_file(path: Path, model_state: dict[str, torch.Tensor]) -> None:
+    """A student's open_clip state dict as one ``.safetensors`` file, written atomically."""
+    from mmtard.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(_contiguous(model_state), str(tmp))
+
+
+def resolve_resume(output_dir: Path, resume: str) -> Path:
+    """``latest`` -> the checkpoint ``latest`` names; otherwise a checkpoint folder path."""
+    if resume == "latest":
+        pointer = output_dir / "checkpoints" / "latest"
+        if not pointer.is_file():
+            raise FileNotFoundError(f"--resume latest: no checkpoint in '{output_dir / 'checkpoints'}' (nothing to resume)")
+        path = output_dir / "checkpoints" / pointer.read_text().strip()
+    else:
+        path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume: '{path}' is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint_files(path: Path) -> tuple[dict, dict, dict | None]:
+    """``(model_state, trainer_state, adapter_state or None)`` of a checkpoint folder, read safely."""
+    try:
+        trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which file, keep the cause
+        raise ConfigError(f"--resume: '{path / STATE_FILE}' cannot be read as a trainer state ({exc})") from exc
+    adapter = load_file(str(path / ADAPTER_FILE)) if (path / ADAPTER_FILE).is_file() else None
+    return load_file(str(path / MODEL_FILE)), trainer_state, adapter
