@@ -304,6 +304,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
         state.step += 1
         bar.update(1)
@@ -311,7 +312,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
         if state.step % cfg.train.log_every == 0 or state.step == last_step:
             seconds = time.perf_counter() - started
             record = {"step": state.step, "epoch": epoch, "loss": all_reduce_mean(loss.detach()).item(), **output.metrics,
-                      "lr": scheduler.get_last_lr()[0], "samples_per_s": cfg.data.batch_size / seconds}
+                      "lr": lr, "samples_per_s": cfg.data.batch_size / seconds}
             log.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
