@@ -1,0 +1,68 @@
+"""The attack registry: ``@register_attack(name)``, ``create_attack(name, ...)``, ``list_attacks()``.
+
+Adding an attack means adding one module with a registered ``Attack`` subclass and importing it in
+``mmtard.attacks``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+from mmtard.attacks.base import Attack
+from mmtard.errors import ConfigError
+
+_ATTACKS: dict[str, type[Attack]] = {}
+AttackClass = TypeVar("AttackClass", bound=type[Attack])
+
+
+def register_attack(name: str) -> Callable[[AttackClass], AttackClass]:
+    """Class decorator that registers an ``Attack`` subclass under ``name`` and sets its ``name``.
+
+    Raises:
+        ValueError: ``name`` is already registered to another class.
+    """
+
+    def decorator(cls: AttackClass) -> AttackClass:
+        if not (isinstance(cls, type) and issubclass(cls, Attack)):
+            raise TypeError(f"register_attack('{name}'): {cls!r} is not an Attack subclass")
+        if name in _ATTACKS and _ATTACKS[name] is not cls:
+            raise ValueError(f"attack '{name}' is already registered to {_ATTACKS[name].__qualname__}")
+        cls.name = name
+        _ATTACKS[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_attacks() -> list[str]:
+    """Names of every registered attack, sorted."""
+    return sorted(_ATTACKS)
+
+
+def create_attack(
+    name: str,
+    *,
+    eps: float | str,
+    norm: str = "linf",
+    steps: int | None = None,
+    restarts: int | None = None,
+    alpha: float | None = None,
+    seed: int = 0,
+) -> Attack:
+    """Build a registered attack.
+
+    Args:
+        name: a name from ``list_attacks()``.
+        eps: radius as a fraction of the pixel range in ``[0, 1]`` (``4/255``, or the string ``"4/255"``).
+        norm: ``"linf"`` or ``"l2"``.
+        steps: iterations; ``None`` for the attack's default.
+        restarts: random restarts; ``None`` for the attack's default.
+        alpha: step size for fixed-step attacks (``pgd``); ``None`` for the default.
+        seed: seed of the attack's randomness.
+
+    Raises:
+        ConfigError: unknown name, eps outside ``[0, 1]``, or a setting the attack does not take.
+    """
+    if name not in _ATTACKS:
+        raise ConfigError(f"attack: unknown attack {name!r}; expected one of {', '.join(list_attacks())}")
+    return _ATTACKS[name](eps=eps, norm=norm, steps=steps, restarts=restarts, alpha=alpha, seed=seed)
