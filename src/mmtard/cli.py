@@ -109,16 +109,49 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the CPU-scale protocol in minutes: foundations, teachers, TeCoA / ARD / MMT-ARD students, report")
+    p.add_argument("--out", default="runs/demo", help="output folder (report.md, plots, every stage's run)")
+    p.add_argument("--dataset", default="digits", help="digits (ships with scikit-learn, default) or cifar10")
+    p.add_argument("--data-dir", default=None, help="data folder, e.g. ../shared/data/cifar10 for --dataset cifar10")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import time
+    from dataclasses import replace
+
+    from mmtard.eval.protocol_report import results_table, write_protocol_report
+    from mmtard.protocol import DEMO_SCALE, run_protocol
+
+    scale = replace(DEMO_SCALE, dataset=args.dataset, data_dir=args.data_dir, device=args.device)
+    if args.dataset != "digits":
+        scale = replace(scale, train_samples=5000)
+    started = time.perf_counter()
+    rows = run_protocol(args.out, scale, progress=not args.no_progress)
+    scale_text = (f"foundations {scale.foundation_steps} steps, teachers {scale.teacher_steps}, students {scale.student_steps} "
+                  f"(batch {scale.batch_size}, training PGD-{scale.train_attack_steps} at eps 4/255); {scale.eval_samples} test "
+                  f"images per column; whole run {time.perf_counter() - started:.0f} s")
+    command = "mmtard demo " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("out", args.out), ("dataset", args.dataset), ("data_dir", args.data_dir)) if v)
+    report = write_protocol_report(args.out, rows, command, scale_text)
+    print("seen classes (in-distribution)\n" + results_table(rows, "seen"))
+    print("\nunseen classes (zero-shot)\n" + results_table(rows, "unseen"))
+    print(f"\n{scale_text}\nwrote {report} and its plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtard", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval_parser(sub)
     _add_train_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 
-COMMANDS = {"eval": run_eval, "train": run_train}
+COMMANDS = {"eval": run_eval, "train": run_train, "demo": run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Layout of ``<run>/checkpoints/step_00000100/``:
 
 - ``model.safetensors``: the student's full open_clip state dict (LoRA merged): a plain CLIP checkpoint.
 - ``adapter.safetensors``: LoRA students only, the adapter weights to resume from.
-- ``trainer_state.pt``: optimizer, scheduler, grad scaler, RNG states, step and method (balance)
+- ``trainer_state.pt``: optimizer, scheduler, grad scaler, RNG states (a list, one per process), step and method (balance)
   state; tensors and plain containers only, read back with ``torch.load(weights_only=True)``.
 
 A checkpoint is assembled in a temporary folder and renamed into place; only then is
@@ -60,7 +60,8 @@ def save_checkpoint(
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step_{step:08d}"
     tmp = checkpoints_dir / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in checkpoints_dir.glob(".tmp_step_*"):  # left by a process killed mid-write (one writer per run)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         save_file(_contiguous(model_state), str(tmp / MODEL_FILE))

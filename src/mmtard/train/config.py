@@ -8,6 +8,7 @@ The resolved config is saved as ``config.yaml`` in the run directory.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,13 +87,15 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """Periodic held-out evaluation (clean and PGD robust); ``every: 0`` evaluates only at the end."""
+    """Periodic held-out evaluation (clean and PGD robust) every ``every`` steps (0: never) and, with
+    ``final``, once at the end (``final_eval.json``)."""
 
     every: int = 0
     attack: str = "pgd"
     eps: list[float] = field(default_factory=lambda: [4 / 255])
     steps: int = 10
     batch_size: int = 128
+    final: bool = True
 
 
 @dataclass
@@ -124,12 +127,16 @@ class RunConfig:
                                  ("train.log_every", self.train.log_every, 1), ("train.keep_checkpoints", self.train.keep_checkpoints, 1)):
             if value < low:
                 raise ConfigError(f"{name}: expected a whole number >= {low}, got {value}")
+        if not self.train.lr > 0:
+            raise ConfigError(f"train.lr: expected a positive learning rate, got {self.train.lr}")
         if not 0 <= self.train.warmup < 1:
             raise ConfigError(f"train.warmup: expected a fraction of the steps in [0, 1), got {self.train.warmup}")
         return self
 
 
-EPS_FIELDS = {"eps", "alpha"}
+# Attack radii and step sizes: fractions of the pixel range, written like 4/255.
+EPS_FIELDS = {"method.eps", "method.alpha", "eval.eps"}
+DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _check_type(path: str, value: Any, annotation: Any) -> Any:
@@ -152,8 +159,10 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
             value = [value]
         return [_check_type(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is float:
-        if path.rsplit(".", 1)[-1].split("[")[0] in EPS_FIELDS:
+        if path.split("[")[0] in EPS_FIELDS:
             return parse_eps(value, path)
+        if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as text, not a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

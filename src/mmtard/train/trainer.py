@@ -31,7 +31,7 @@ from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classi
 from mmtard.models.zeroshot import resolve_logit_scale
 from mmtard.train import checkpoint as ckpt
 from mmtard.train.config import RunConfig, save_config
-from mmtard.train.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
+from mmtard.train.distributed import DistEnv, all_reduce_mean, barrier, gather_objects, init_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,11 @@ def batches(dataset: ImageDataset, cfg: RunConfig, env: DistEnv, start_step: int
         sampler.set_epoch(epoch)
         order = list(sampler)
         chunks = [order[i * local_batch : (i + 1) * local_batch] for i in range(per_epoch)][skip:]
-        loader = DataLoader(dataset, batch_sampler=chunks, num_workers=cfg.data.workers, pin_memory=env.device.type == "cuda")
+        # Its own generator: creating a DataLoader iterator draws a worker base seed, and a draw from the
+        # global RNG would shift the attack's random starts after a resume (a new loader mid-epoch).
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch)
+        loader = DataLoader(dataset, batch_sampler=chunks, num_workers=cfg.data.workers, pin_memory=env.device.type == "cuda",
+                            generator=generator)
         for batch in loader:
             yield epoch, batch
         epoch, skip = epoch + 1, 0
@@ -213,6 +217,16 @@ class MetricsLog:
 # ------------------------------------------------------------------------------------------------- loop
 
 
+def global_metrics(metrics: dict, env: DistEnv) -> dict:
+    """The step's metrics over the global batch: the mean over processes of each one's value (the batch
+    accuracies are per shard; terms the method already averaged across processes are unchanged)."""
+    if not env.distributed:
+        return metrics
+    names = [name for name, value in metrics.items() if isinstance(value, (int, float))]
+    means = all_reduce_mean(torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=env.device))
+    return {**metrics, **dict(zip(names, means.tolist()))}
+
+
 def evaluate_student(cfg: RunConfig, bundle: CLIPBundle, eval_set: ImageDataset, progress: bool) -> dict:
     """Clean and PGD robust accuracy of the student on the held-out split, through the evaluation code."""
     classifier = build_zero_shot_classifier(bundle, eval_set.classnames, eval_set.templates, cfg.method.logit_scale)
@@ -220,13 +234,17 @@ def evaluate_student(cfg: RunConfig, bundle: CLIPBundle, eval_set: ImageDataset,
     return evaluate_classifier(classifier, eval_set, attacks, batch_size=cfg.eval.batch_size, progress=progress).to_dict()
 
 
-def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run_dir: Path) -> Path:
+def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run_dir: Path, env: DistEnv) -> Path | None:
+    """Write a checkpoint from rank 0; every process must call it (it gathers each one's RNG state)."""
+    rng = gather_objects(ckpt.rng_state())  # one per process: each draws its own attack random starts
+    if not env.is_main:
+        return None
     trainer_state = {
         "step": state.step,
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
-        "rng": ckpt.rng_state(),
+        "rng": rng,
         "method": state.method.state_dict(),
     }
     return ckpt.save_checkpoint(
@@ -234,18 +252,66 @@ def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run_dir: Path) -
     )
 
 
-def restore(state: TrainState, bundle: CLIPBundle, path: Path) -> None:
+def restore(state: TrainState, bundle: CLIPBundle, path: Path, cfg: RunConfig, env: DistEnv) -> None:
     model_state, trainer_state, adapter = ckpt.load_checkpoint_files(path)
-    if adapter is not None:
-        bundle.model.visual.load_state_dict(adapter, strict=False)
-    else:
-        bundle.model.load_state_dict(model_state)
+    if (adapter is not None) != (cfg.student.finetune == "lora"):
+        kind = "a LoRA" if adapter is not None else "a full fine-tuning"
+        raise ConfigError(f"--resume: '{path}' is {kind} checkpoint, but student.finetune is {cfg.student.finetune}")
+    try:
+        if adapter is not None:  # the frozen base weights come from student.pretrained, as in the first run
+            loaded = bundle.model.visual.load_state_dict(adapter, strict=False)
+            missing = [k for k in loaded.missing_keys if "lora_" in k]
+            if loaded.unexpected_keys or missing:
+                raise ConfigError(f"--resume: the LoRA adapters in '{path}' do not match student.lora "
+                                  f"(not in the model: {loaded.unexpected_keys[:2]}, not in the checkpoint: {missing[:2]})")
+        else:
+            bundle.model.load_state_dict(model_state)
+    except RuntimeError as exc:  # shapes of another architecture or LoRA rank
+        raise ConfigError(f"--resume: '{path}' does not fit the student {cfg.student.arch}: {exc}") from None
     state.optimizer.load_state_dict(trainer_state["optimizer"])
     state.scheduler.load_state_dict(trainer_state["scheduler"])
     state.scaler.load_state_dict(trainer_state["scaler"])
     state.method.load_state_dict(trainer_state["method"])
-    ckpt.set_rng_state(trainer_state["rng"])
     state.step = int(trainer_state["step"])
+    rng = trainer_state["rng"]
+    rng = [rng] if isinstance(rng, dict) else rng
+    if len(rng) == env.world_size:
+        ckpt.set_rng_state(rng[env.rank])
+    else:  # another number of processes: the run continues, but not as the uninterrupted one would
+        logger.warning("checkpoint %s was written by %d process(es), this run has %d: attack random starts are reseeded",
+                       path, len(rng), env.world_size)
+        torch.manual_seed((cfg.train.seed + env.rank) * 1_000_003 + state.step)
+
+
+def train_step(
+    state: TrainState,
+    teachers: dict[str, ZeroShotClassifier],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: torch.Tensor | None,
+    autocast_dtype: torch.dtype | None,
+    params: list[nn.Parameter],
+    grad_clip: float | None,
+):
+    """One optimizer step: the method's loss under autocast, backward, clipping, update. Returns
+    ``(loss, MethodOutput)``. A non-finite loss stops every process (the check is agreed across ranks, so
+    none is left waiting in an all-reduce)."""
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        output = state.method(state.student, teachers, x, y, index)
+    loss = output.total()
+    if all_reduce_mean(torch.isfinite(loss.detach()).float()).item() < 1:
+        raise FloatingPointError(f"step {state.step + 1}: the loss is not finite on some process (here {loss.item()}, "
+                                 f"terms {output.metrics}); lower train.lr or check the teachers")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if grad_clip:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    state.step += 1
+    return loss, output
 
 
 def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -282,7 +348,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
     state = TrainState(0, wrapped, optimizer, scheduler, scaler, method)
 
     if resume:
-        restore(state, student_bundle, ckpt.resolve_resume(run_dir, resume))
+        restore(state, student_bundle, ckpt.resolve_resume(run_dir, resume), cfg, env)
         logger.info("resumed from step %d", state.step)
     log = MetricsLog(run_dir, env.is_main, state.step)
     last_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, state.step + stop_after)
@@ -292,26 +358,13 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
         started = time.perf_counter()
         epoch, (x, y, index) = next(stream)
         x, y, index = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True), index.to(env.device)
-        with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            output = method(state.student, teachers, x, y, index)
-        loss = output.total()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {state.step + 1}: the loss is {loss.item()} (terms {output.metrics}); lower train.lr or check the teachers")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.train.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        scheduler.step()
-        state.step += 1
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        loss, output = train_step(state, teachers, x, y, index, autocast_dtype, params, cfg.train.grad_clip)
         bar.update(1)
 
         if state.step % cfg.train.log_every == 0 or state.step == last_step:
             seconds = time.perf_counter() - started
-            record = {"step": state.step, "epoch": epoch, "loss": all_reduce_mean(loss.detach()).item(), **output.metrics,
+            record = {"step": state.step, "epoch": epoch, "loss": all_reduce_mean(loss.detach()).item(), **global_metrics(output.metrics, env),
                       "lr": lr, "samples_per_s": cfg.data.batch_size / seconds}
             log.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -320,17 +373,17 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
                 log.log_eval(state.step, evaluate_student(cfg, student_bundle, eval_set, progress=False))
             barrier()
         if (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or state.step == last_step:
-            if env.is_main:
-                save(state, student_bundle, cfg, run_dir)
+            save(state, student_bundle, cfg, run_dir, env)
             barrier()
     bar.close()
 
     final: dict = {}
     if env.is_main and state.step == cfg.train.steps:
         ckpt.save_model_file(run_dir / "model.safetensors", merged_student_state(student_bundle))
-        final = evaluate_student(cfg, student_bundle, eval_set, progress=progress)
-        log.log_eval(state.step, final)
-        atomic_write_text(run_dir / "final_eval.json", json.dumps(final, indent=2))
+        if cfg.eval.final:
+            final = evaluate_student(cfg, student_bundle, eval_set, progress=progress)
+            log.log_eval(state.step, final)
+            atomic_write_text(run_dir / "final_eval.json", json.dumps(final, indent=2))
     log.close()
     barrier()
     return final

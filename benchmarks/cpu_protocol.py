@@ -1,0 +1,170 @@
+"""The CPU-scale benchmark of MMT-ARD against its baselines (spec section 5), on ../shared/data/cifar10.
+
+Run by hand, not in CI (about an hour on 2 cores at the default scale):
+
+    python benchmarks/cpu_protocol.py --out runs/bench --data-dir ../shared/data/cifar10
+
+Phases (each reuses what an earlier run of the script already produced, so it can be stopped and rerun):
+
+1. Foundations (tiny-vit-s student, tiny-vit-m teachers) on all 10 classes, the clean (clean-ft) and robust
+   (tecoa) teachers on the seen classes, then students on the seen classes at an equal budget: mmt-ard,
+   ard and tecoa for every seed, reference, fare, pmg-aft and clean-ft for the first seed. Every model is
+   evaluated clean and with PGD-10 at 1/255, 2/255, 4/255 on seen and unseen test images.
+2. The headline models (foundation, teachers, first-seed mmt-ard / ard / tecoa) again with ``aa``
+   (APGD-CE + APGD-T) at the same radii, on fewer images.
+3. Ablation (first seed): DIW none | cosine | confidence | reference with the sigmoid balance, balance
+   fixed | ratio | mtard with cosine DIW, and beta.
+4. Efficiency from the same run: per-step time of each distillation method relative to ard, and the steps
+   and training seconds each needs to reach ard's final robust accuracy (periodic held-out PGD evaluation).
+
+Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (tables ready for BENCHMARKS.md) and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mmtard.eval.protocol_report import plot_robust_vs_eps, plot_training_curves, results_table  # noqa: E402
+from mmtard.fileio import atomic_write_text  # noqa: E402
+from mmtard.protocol import ProtocolScale, evaluate_stage, run_protocol  # noqa: E402
+
+HEADLINE = ("mmt-ard", "ard", "tecoa")
+OTHERS = ("reference", "fare", "pmg-aft", "clean-ft")
+DISTILLATION = ("mmt-ard", "reference", "ard")
+ABLATION = {
+    "diw=none": {"method": "mmt-ard", "diw": "none"},
+    "diw=confidence": {"method": "mmt-ard", "diw": "confidence"},
+    "diw=reference": {"method": "mmt-ard", "diw": "reference"},
+    "balance=fixed": {"method": "mmt-ard", "balance": "fixed"},
+    "balance=ratio": {"method": "mmt-ard", "balance": "ratio"},
+    "balance=mtard": {"method": "mmt-ard", "balance": "mtard"},
+    "beta=1": {"method": "mmt-ard", "beta": 1.0},
+    "beta=20": {"method": "mmt-ard", "beta": 20.0},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--data-dir", default="../shared/data/cifar10")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--foundation-steps", type=int, default=400)
+    p.add_argument("--teacher-steps", type=int, default=150)
+    p.add_argument("--student-steps", type=int, default=150)
+    p.add_argument("--train-attack-steps", type=int, default=3)
+    p.add_argument("--eval-samples", type=int, default=300, help="test images per split for clean / PGD")
+    p.add_argument("--aa-samples", type=int, default=100, help="test images per split for aa")
+    p.add_argument("--eval-every", type=int, default=25, help="held-out PGD evaluation period during student training")
+    p.add_argument("--skip", nargs="*", default=[], choices=["aa", "ablation"], help="phases to leave out")
+    return p.parse_args(argv)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def robust_at(record: dict, eps: str) -> float:
+    return next(e["acc"] for e in record["robust"] if e["eps"] == eps)
+
+
+def efficiency(out: Path, rows: list[dict], target_eps: str = "4/255") -> str:
+    """Per-step time relative to ard and the budget to reach ard's final held-out robust accuracy."""
+    lines = ["| method | seed | s/step (train) | relative to ard | final held-out PGD-10 4/255 | steps to reach ard's final | train seconds to reach it |",
+             "|---|---|---|---|---|---|---|"]
+    by_seed: dict[int, dict[str, dict]] = {}
+    for row in rows:
+        if row["method"] in DISTILLATION and row["role"] == row["method"]:
+            metrics = [json.loads(line) for line in (out / row["stage"] / "metrics.jsonl").read_text().splitlines() if line]
+            evals = [json.loads(line) for line in (out / row["stage"] / "eval.jsonl").read_text().splitlines() if line]
+            seconds = [m["samples_per_s"] and 1 / m["samples_per_s"] * row["batch_size"] for m in metrics]
+            curve = [(e["step"], robust_at(e, target_eps)) for e in evals]
+            by_seed.setdefault(row["seed"], {})[row["method"]] = {"seconds": seconds, "curve": curve}
+    for seed, methods in sorted(by_seed.items()):
+        if "ard" not in methods:
+            continue
+        ard_step = statistics.median(methods["ard"]["seconds"])
+        target = methods["ard"]["curve"][-1][1]
+        for name, data in methods.items():
+            step_time = statistics.median(data["seconds"])
+            reached = next((step for step, acc in data["curve"] if acc >= target), None)
+            wall = sum(data["seconds"][:reached]) if reached else None
+            lines.append(f"| {name} | {seed} | {step_time:.2f} | {step_time / ard_step:.2f}x | {data['curve'][-1][1]:.1f} | "
+                         f"{reached if reached else 'not reached'} | {f'{wall:.0f}' if wall else '-'} |")
+    return "\n".join(lines)
+
+
+def headline_table(rows: list[dict], split: str, eps_list: list[str]) -> str:
+    """Mean ± std over seeds for the headline students, single rows for everything else."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["stage"].rsplit("-seed", 1)[0], []).append(row)
+    head = "| model | seeds | clean | " + " | ".join(f"PGD-10 {e}" for e in eps_list) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(eps_list)]
+    for name, group in groups.items():
+        cells = [mean_std([g[split]["clean_acc"] for g in group])]
+        cells += [mean_std([robust_at(g[split], e) for g in group]) for e in eps_list]
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    started = time.perf_counter()
+    scale = ProtocolScale(dataset="cifar10", data_dir=args.data_dir, batch_size=args.batch_size,
+                          foundation_steps=args.foundation_steps, teacher_steps=args.teacher_steps,
+                          student_steps=args.student_steps, train_attack_steps=args.train_attack_steps,
+                          eval_samples=args.eval_samples, eval_every=args.eval_every)
+    rows = run_protocol(out, scale, methods=HEADLINE, seeds=args.seeds, progress=False)
+    rows += run_protocol(out, scale, methods=OTHERS, seeds=args.seeds[:1], progress=False)[4:]
+    for row in rows:
+        row["batch_size"] = args.batch_size
+    eps_list = ["1/255", "2/255", "4/255"]
+    sections = [
+        f"Command: `python benchmarks/cpu_protocol.py {' '.join(sys.argv[1:])}`",
+        f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cores). Scale: batch {args.batch_size}; "
+        f"foundations {args.foundation_steps} steps, teachers {args.teacher_steps}, students {args.student_steps} "
+        f"(training PGD-{args.train_attack_steps}, eps 4/255); seeds {args.seeds}; {args.eval_samples} test images per split.",
+        "## Seen classes (in-distribution), PGD-10\n\n" + headline_table(rows, "seen", eps_list),
+        "## Unseen classes (zero-shot), PGD-10\n\n" + headline_table(rows, "unseen", eps_list),
+        "## Training efficiency\n\n" + efficiency(out, rows),
+    ]
+    if "aa" not in args.skip:
+        aa_scale = replace(scale, eval_attacks=("aa",), eval_samples=args.aa_samples, eval_steps=None)
+        aa_rows = [dict(row, **evaluate_stage(aa_scale, row["arch"], out / row["stage"] / "model.safetensors", False))
+                   for row in rows if row["role"] in ("foundation", "teacher") and row["stage"] != "foundation-teacher"
+                   or (row["method"] in HEADLINE and row["seed"] == args.seeds[0] and row["role"] == row["method"])]
+        sections += ["## aa (APGD-CE + APGD-T, 100 iterations each), seen classes\n\n" + results_table(aa_rows, "seen"),
+                     "## aa, unseen classes\n\n" + results_table(aa_rows, "unseen")]
+        atomic_write_text(out / "aa_rows.json", json.dumps(aa_rows, indent=2))
+    if "ablation" not in args.skip:
+        ablation = run_protocol(out, scale, methods=(), seeds=args.seeds[:1], variants=ABLATION, progress=False)[4:]
+        base = [r for r in rows if r["method"] == "mmt-ard" and r["seed"] == args.seeds[0]]
+        sections += ["## Ablation (first seed; default = cosine DIW, sigmoid balance, beta 5), seen\n\n" + headline_table(base + ablation, "seen", eps_list),
+                     "## Ablation, unseen\n\n" + headline_table(base + ablation, "unseen", eps_list)]
+        rows += ablation
+    plot_robust_vs_eps([r for r in rows if r["seed"] == args.seeds[0] and not r["role"].startswith(("diw", "balance", "beta"))], out / "robust_vs_eps.png")
+    plot_training_curves(out, [r for r in rows if r["method"] in DISTILLATION and r["seed"] == args.seeds[0] and r["role"] == r["method"]], out / "training_curves.png")
+    sections.append(f"Whole run (this invocation): {time.perf_counter() - started:.0f} s.")
+    atomic_write_text(out / "benchmark.md", "\n\n".join(sections) + "\n")
+    atomic_write_text(out / "benchmark.json", json.dumps(rows, indent=2))
+    print("\n\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Tables and plots of a CPU-protocol run: ``report.md``, ``robust_vs_eps.png``, ``training_curves.png``.
+
+Rows come from ``mmtard.protocol.run_protocol``; several seeds of one student are shown as mean ± std.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from mmtard.eval.report import robust_column
+from mmtard.fileio import atomic_path, atomic_write_text
+
+
+def _accuracies(row: dict, split: str) -> list[float]:
+    record = row[split]
+    return [record["clean_acc"]] + [entry["acc"] for entry in record["robust"]]
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    first = rows[0]["seen"]
+    return ["clean"] + [robust_column(entry) for entry in first["robust"]]
+
+
+def _group(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    """Rows of the same model (all seeds of one student) together, in first-seen order."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row["stage"].rsplit("-seed", 1)[0]].append(row)
+    return groups
+
+
+def _cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def results_table(rows: Sequence[dict], split: str) -> str:
+    columns = _columns(rows)
+    lines = ["| model | role | seeds | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for name, group in _group(rows).items():
+        per_column = list(zip(*[_accuracies(row, split) for row in group]))
+        cells = [_cell(list(values)) for values in per_column]
+        lines.append(f"| {name} | {group[0]['role']} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_robust_vs_eps(rows: Sequence[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, split, title in zip(axes, ("seen", "unseen"), ("seen classes (in-distribution)", "unseen classes (zero-shot)")):
+        for name, group in _group(rows).items():
+            record = group[0][split]
+            eps = [0.0] + [entry["eps_value"] * 255 for entry in record["robust"]]
+            values = [statistics.mean(v) for v in zip(*[_accuracies(row, split) for row in group])]
+            ax.plot(eps, values, marker="o", label=name, linestyle="--" if group[0]["role"] in ("foundation", "teacher") else "-")
+        attack = record["robust"][0] if record["robust"] else {"attack": "", "steps": ""}
+        ax.set_title(title)
+        ax.set_xlabel(f"eps (x/255), {attack['attack']}-{attack['steps']} L-inf")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(out: Path, rows: Sequence[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for row in rows:
+        if row["role"] in ("foundation",):
+            continue
+        metrics = [json.loads(line) for line in (out / row["stage"] / "metrics.jsonl").read_text().splitlines() if line]
+        steps = [m["step"] for m in metrics]
+        axes[0].plot(steps, [m["loss"] for m in metrics], label=row["stage"])
+        if "lambda_R" in metrics[0] and "L_C" in metrics[0]:
+            axes[1].plot(steps, [m["lambda_R"] for m in metrics], label=f"{row['stage']} lambda_R")
+    axes[0].set_title("training loss (each method's own objective)")
+    axes[0].set_xlabel("step")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    axes[1].set_title("robust-teacher weight lambda_R (MMT-ARD balance)")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_protocol_report(out: str | Path, rows: Sequence[dict], command: str, scale_text: str) -> Path:
+    out = Path(out)
+    plot_robust_vs_eps(rows, out / "robust_vs_eps.png")
+    plot_training_curves(out, rows, out / "training_curves.png")
+    samples = rows[0]["seen"]["samples"], rows[0]["unseen"]["samples"]
+    text = f"""# MMT-ARD on the CPU-scale protocol
+
+Command: `{command}`
+Machine: {platform.node() or 'unknown'} ({platform.machine()}, {platform.processor() or 'cpu'}), dataset `{rows[0]['seen']['dataset']}`.
+Scale: {scale_text}
+
+Accuracy in percent. Robust columns name the attack, eps (L-inf, fraction of the pixel range), steps
+and restarts; an image misclassified when clean counts as not robust.
+
+## Seen classes (in-distribution, {samples[0]} test images)
+
+{results_table(rows, "seen")}
+
+## Unseen classes (zero-shot, 5-way heads, {samples[1]} test images)
+
+{results_table(rows, "unseen")}
+
+The comparison means something only if each teacher beats the student's foundation on its own axis:
+the clean teacher on clean accuracy, the robust teacher on robust accuracy.
+
+![robust accuracy against eps](robust_vs_eps.png)
+
+![training curves](training_curves.png)
+"""
+    atomic_write_text(out / "report.md", text)
+    return out / "report.md"
