@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,26 +28,31 @@ from mmtard.train.config import OptimConfig, RunConfig  # noqa: E402
 from mmtard.train.trainer import TrainState, build_optimizer, train_step  # noqa: E402
 
 
-def time_method(name: str, student_bundle, teachers, args, device) -> dict:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_method(name: str, student_bundle, teachers, args, device, dtype) -> dict:
     classnames, templates = imagenet_classnames(), ["a photo of a {}."]
     student = build_zero_shot_classifier(student_bundle, classnames, templates).train()
     params = [p for p in student.parameters() if p.requires_grad]
     cfg = RunConfig(train=OptimConfig(steps=args.warmup + args.steps, lr=2e-5))
     optimizer, scheduler = build_optimizer(cfg, params)
     method = create_method(method_config(name, eps=4 / 255, steps=10))
-    state = TrainState(0, student, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False), method)
-    x = torch.rand(args.batch, 3, 224, 224, device=device)
+    state = TrainState(0, student, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=False), method)
+    x = torch.rand(args.batch, 3, student_bundle.image_size, student_bundle.image_size, device=device)
     y = torch.randint(0, len(classnames), (args.batch,), device=device)
     for _ in range(args.warmup):
-        train_step(state, teachers, x, y, None, torch.bfloat16, params, grad_clip=1.0)
-    torch.cuda.synchronize()
+        train_step(state, teachers, x, y, None, dtype, params, grad_clip=1.0)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(args.steps):
-        train_step(state, teachers, x, y, None, torch.bfloat16, params, grad_clip=1.0)
-    torch.cuda.synchronize()
+        train_step(state, teachers, x, y, None, dtype, params, grad_clip=1.0)
+    synchronize(device)
     seconds = (time.perf_counter() - started) / args.steps
     return {"method": name, "seconds_per_step": seconds, "samples_per_s": args.batch / seconds,
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
 def main() -> None:
@@ -54,27 +60,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=["ard", "mmt-ard", "ard", "mmt-ard"],
+                        help="timed in this order; repeats are averaged (alternating cancels warm-up drift)")
+    parser.add_argument("--student", default="ViT-B-32")
+    parser.add_argument("--teacher", default="ViT-L-14")
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with tiny models)")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)
-    student_bundle = load_clip("ViT-B-32", "none", device=device)
+    student_bundle = load_clip(args.student, "none", device=device)
     student_bundle.model.requires_grad_(False)
     student_bundle.model.visual.requires_grad_(True)
     classnames, templates = imagenet_classnames(), ["a photo of a {}."]
     teachers = {}
     for role in ("clean", "robust"):
-        bundle = load_clip("ViT-L-14", "none", device=device)
+        bundle = load_clip(args.teacher, "none", device=device)
         freeze(bundle.model)
         teachers[role] = build_zero_shot_classifier(bundle, classnames, templates)
-    results = [time_method(name, student_bundle, teachers, args, device) for name in ("ard", "mmt-ard")]
-    by_name = {r["method"]: r for r in results}
+    results = [time_method(name, student_bundle, teachers, args, device, dtype) for name in args.methods]
+    seconds = {name: statistics.mean(r["seconds_per_step"] for r in results if r["method"] == name) for name in set(args.methods)}
     summary = {
-        "device": torch.cuda.get_device_name(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "student": args.student,
+        "teacher": args.teacher,
+        "precision": "bf16 autocast" if dtype else "fp32",
         "torch": torch.__version__,
         "batch": args.batch,
         "timed_steps": args.steps,
         "results": results,
-        "mmt_ard_over_ard_step_time": by_name["mmt-ard"]["seconds_per_step"] / by_name["ard"]["seconds_per_step"],
+        "mean_seconds_per_step": seconds,
+        "mmt_ard_over_ard_step_time": seconds["mmt-ard"] / seconds["ard"],
     }
     print(json.dumps(summary, indent=2))
 

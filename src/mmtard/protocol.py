@@ -53,11 +53,11 @@ class ProtocolScale:
 DEMO_SCALE = ProtocolScale(
     dataset="digits",
     batch_size=64,
-    foundation_steps=150,
-    teacher_steps=60,
-    student_steps=60,
+    foundation_steps=100,
+    teacher_steps=40,
+    student_steps=40,
     train_attack_steps=2,
-    eval_samples=100,
+    eval_samples=80,
 )
 
 
