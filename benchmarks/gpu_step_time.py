@@ -43,6 +43,8 @@ def time_method(name: str, student_bundle, teachers, args, device, dtype) -> dic
     state = TrainState(0, student, optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=False), method)
     x = torch.rand(args.batch, 3, student_bundle.image_size, student_bundle.image_size, device=device)
     y = torch.randint(0, len(classnames), (args.batch,), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
         train_step(state, teachers, x, y, None, dtype, params, grad_clip=1.0)
     synchronize(device)
