@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from mmtard.eval.protocol_report import plot_robust_vs_eps, plot_training_curves, results_table  # noqa: E402
 from mmtard.fileio import atomic_write_text  # noqa: E402
 from mmtard.protocol import ProtocolScale, evaluate_stage, run_protocol  # noqa: E402
+from mmtard.units import parse_eps  # noqa: E402
 
 HEADLINE = ("mmt-ard", "ard", "tecoa")
 OTHERS = ("reference", "fare", "pmg-aft", "clean-ft")
@@ -66,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-attack-steps", type=int, default=2)
     p.add_argument("--eval-samples", type=int, default=200, help="test images per split for clean / PGD")
     p.add_argument("--aa-samples", type=int, default=60, help="test images per split for aa")
+    p.add_argument("--aa-eps", nargs="+", default=["1/255", "2/255", "4/255"], help="radii for aa (each costs minutes per model)")
     p.add_argument("--eval-every", type=int, default=20, help="held-out PGD evaluation period during student training")
     p.add_argument("--skip", nargs="*", default=[], choices=["aa", "ablation"], help="phases to leave out")
     return p.parse_args(argv)
@@ -121,6 +123,14 @@ def headline_table(rows: list[dict], split: str, eps_list: list[str]) -> str:
     return "\n".join(lines)
 
 
+def write_report(out: Path, sections: list[str], rows: list[dict], started: float) -> None:
+    """Write what is done so far: a later phase that is stopped leaves the earlier tables in place."""
+    text = "\n\n".join(sections + [f"Whole run (this invocation, so far): {time.perf_counter() - started:.0f} s."]) + "\n"
+    atomic_write_text(out / "benchmark.md", text)
+    atomic_write_text(out / "benchmark.json", json.dumps(rows, indent=2))
+    print(text, flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -144,26 +154,24 @@ def main(argv=None) -> None:
         "## Unseen classes (zero-shot), PGD-10\n\n" + headline_table(rows, "unseen", eps_list),
         "## Training efficiency\n\n" + efficiency(out, rows),
     ]
-    if "aa" not in args.skip:
-        aa_scale = replace(scale, eval_attacks=("aa",), eval_samples=args.aa_samples, eval_steps=None)
-        aa_rows = [dict(row, **evaluate_stage(aa_scale, row["arch"], out / row["stage"] / "model.safetensors", False))
-                   for row in rows if row["role"] in ("foundation", "teacher") and row["stage"] != "foundation-teacher"
-                   or (row["method"] in HEADLINE and row["seed"] == args.seeds[0] and row["role"] == row["method"])]
-        sections += ["## aa (APGD-CE + APGD-T, 100 iterations each), seen classes\n\n" + results_table(aa_rows, "seen"),
-                     "## aa, unseen classes\n\n" + results_table(aa_rows, "unseen")]
-        atomic_write_text(out / "aa_rows.json", json.dumps(aa_rows, indent=2))
+    plot_robust_vs_eps([r for r in rows if r["seed"] == args.seeds[0]], out / "robust_vs_eps.png")
+    plot_training_curves(out, [r for r in rows if r["method"] in DISTILLATION and r["seed"] == args.seeds[0]], out / "training_curves.png")
+    write_report(out, sections, rows, started)
     if "ablation" not in args.skip:
         ablation = run_protocol(out, scale, methods=(), seeds=args.seeds[:1], variants=ABLATION, progress=False)[4:]
         base = [r for r in rows if r["method"] == "mmt-ard" and r["seed"] == args.seeds[0]]
         sections += ["## Ablation (first seed; default = cosine DIW, sigmoid balance, beta 5), seen\n\n" + headline_table(base + ablation, "seen", eps_list),
                      "## Ablation, unseen\n\n" + headline_table(base + ablation, "unseen", eps_list)]
-        rows += ablation
-    plot_robust_vs_eps([r for r in rows if r["seed"] == args.seeds[0] and not r["role"].startswith(("diw", "balance", "beta"))], out / "robust_vs_eps.png")
-    plot_training_curves(out, [r for r in rows if r["method"] in DISTILLATION and r["seed"] == args.seeds[0] and r["role"] == r["method"]], out / "training_curves.png")
-    sections.append(f"Whole run (this invocation): {time.perf_counter() - started:.0f} s.")
-    atomic_write_text(out / "benchmark.md", "\n\n".join(sections) + "\n")
-    atomic_write_text(out / "benchmark.json", json.dumps(rows, indent=2))
-    print("\n\n".join(sections))
+        write_report(out, sections, rows + ablation, started)
+    if "aa" not in args.skip:
+        aa_scale = replace(scale, eval_attacks=("aa",), eval_samples=args.aa_samples, eval_steps=None,
+                           eval_eps=tuple(parse_eps(e) for e in args.aa_eps))
+        aa_rows = [dict(row, **evaluate_stage(aa_scale, row["arch"], out / row["stage"] / "model.safetensors", False))
+                   for row in rows if row["stage"] in ("foundation-student", "teacher-clean", "teacher-robust")
+                   or (row["method"] in HEADLINE and row["seed"] == args.seeds[0])]
+        sections += [f"## aa (APGD-CE + APGD-T, 100 iterations each, {args.aa_samples} images), seen classes\n\n" + results_table(aa_rows, "seen"),
+                     "## aa, unseen classes\n\n" + results_table(aa_rows, "unseen")]
+        write_report(out, sections, rows, started)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if len(args.data_dir) not in (1, len(args.dataset)):
         raise ConfigError(f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), got {len(args.data_dir)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
     bundle = load_clip(args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint)
     request = EvalRequest(
         datasets=args.dataset,

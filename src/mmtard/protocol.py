@@ -113,7 +113,8 @@ def run_stage(scale: ProtocolScale, stage: StageSpec, out: Path, progress: bool)
 
 def evaluate_stage(scale: ProtocolScale, arch: str, model_file: Path, progress: bool) -> dict[str, dict]:
     """Seen (in-distribution) and unseen (zero-shot) accuracy, clean and under each attack and eps."""
-    cache = model_file.parent / f"protocol_eval_{'-'.join(scale.eval_attacks)}_{scale.eval_samples}.json"
+    radii = "-".join(str(round(e * 255, 3)) for e in scale.eval_eps)
+    cache = model_file.parent / f"protocol_eval_{'-'.join(scale.eval_attacks)}_{scale.eval_samples}_eps{radii}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     bundle = load_clip(arch, str(model_file), device=scale.device if scale.device != "auto" else _auto_device())
