@@ -17,7 +17,7 @@ from typing import Sequence
 
 from mmtard.eval.run import EvalRequest, evaluate_bundle
 from mmtard.fileio import atomic_write_text
-from mmtard.methods import method_config
+from mmtard.methods import create_method, method_config
 from mmtard.models import load_clip
 from mmtard.train.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, StudentConfig
 from mmtard.train.trainer import train
@@ -76,6 +76,7 @@ class StageSpec:
     method_overrides: dict = field(default_factory=dict)
     seed: int = 0
     eval_every: int = 0  # held-out PGD evaluation period during training (0: none)
+    weight_decay: float = 1e-4
 
 
 def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path) -> RunConfig:
@@ -91,8 +92,8 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path) -> RunConfig
         method=method_config(stage.method, **overrides),
         data=DataConfig(dataset=scale.dataset, dir=scale.data_dir, classes=stage.classes, samples=scale.train_samples,
                         eval_classes=stage.classes, eval_samples=min(scale.eval_samples, 100), batch_size=scale.batch_size),
-        train=OptimConfig(steps=stage.steps, lr=stage.lr, weight_decay=0.05 if stage.method == "clean-ft" and stage.classes == "all" else 1e-4,
-                          seed=stage.seed, checkpoint_every=max(stage.steps // 2, 1)),
+        train=OptimConfig(steps=stage.steps, lr=stage.lr, weight_decay=stage.weight_decay, seed=stage.seed,
+                          checkpoint_every=max(stage.steps // 2, 1)),
         eval=EvalConfig(every=stage.eval_every, eps=[scale.train_eps], steps=scale.eval_steps or 10, final=stage.eval_every > 0),
     ).validate()
 
@@ -141,8 +142,8 @@ def protocol_stages(scale: ProtocolScale, methods: Sequence[str], seeds: Sequenc
     """
     fs, ft = "foundation-student", "foundation-teacher"
     stages = [
-        ("foundation", StageSpec(fs, scale.student_arch, "clean-ft", "none", "all", scale.foundation_steps, scale.foundation_lr)),
-        ("foundation", StageSpec(ft, scale.teacher_arch, "clean-ft", "none", "all", scale.foundation_steps, scale.foundation_lr)),
+        ("foundation", StageSpec(fs, scale.student_arch, "clean-ft", "none", "all", scale.foundation_steps, scale.foundation_lr, weight_decay=0.05)),
+        ("foundation", StageSpec(ft, scale.teacher_arch, "clean-ft", "none", "all", scale.foundation_steps, scale.foundation_lr, weight_decay=0.05)),
         ("teacher", StageSpec("teacher-clean", scale.teacher_arch, "clean-ft", _model(ft), "seen", scale.teacher_steps, scale.finetune_lr)),
         ("teacher", StageSpec("teacher-robust", scale.teacher_arch, "tecoa", _model(ft), "seen", scale.teacher_steps, scale.finetune_lr)),
     ]
@@ -151,8 +152,8 @@ def protocol_stages(scale: ProtocolScale, methods: Sequence[str], seeds: Sequenc
     for name, spec in students.items():
         spec = dict(spec)
         method = spec.pop("method")
-        teachers = {"mmt-ard": {"clean": "teacher-clean", "robust": "teacher-robust"}, "reference": {"clean": "teacher-clean", "robust": "teacher-robust"},
-                    "ard": {"robust": "teacher-robust"}}.get(method, {})
+        roles = create_method(method_config(method, **spec)).teacher_roles  # "original" is the trainer's copy
+        teachers = {role: f"teacher-{role}" for role in roles if role != "original"}
         for seed in seeds:
             stage = StageSpec(f"student-{name}-seed{seed}", scale.student_arch, method, _model(fs), "seen", scale.student_steps,
                               scale.finetune_lr, teachers, spec, seed, scale.eval_every if name in DISTILLATION_PRESETS else 0)
