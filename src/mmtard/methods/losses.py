@@ -42,6 +42,11 @@ def per_sample_kl(target_logits: torch.Tensor, student_logits: torch.Tensor, tem
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
+def cross_entropy_objective(model: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``ce`` inner objective: ``x' -> CE(z(x'), y)`` per sample, for PGD to maximise (TeCoA, PMG-AFT)."""
+    return lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="none")
+
+
 def squared_distance(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``||features_i - target_i||_2^2`` per sample (sum over the embedding dimensions), shape ``(B,)``."""
     if features.shape != target.shape:

@@ -28,7 +28,7 @@ from mmtard.methods.base import (
     unwrap,
 )
 from mmtard.methods.config import MethodConfig
-from mmtard.methods.losses import create_balance, importance_weights, per_sample_kl
+from mmtard.methods.losses import create_balance, cross_entropy_objective, importance_weights, per_sample_kl
 from mmtard.methods.registry import register_method
 from mmtard.models.zeroshot import ZeroShotClassifier
 
@@ -127,7 +127,7 @@ class MMTARD(Method):
     ) -> LossFn:
         """The per-sample objective the attack maximises, as a function of the perturbed images."""
         if self.cfg.inner == "ce":
-            return lambda x_adv: nn.functional.cross_entropy(model(x_adv), y, reduction="none")
+            return cross_entropy_objective(model, y)
         if self.cfg.inner == "kl-clean-teacher":
             target = clean_teacher_logits
         else:  # kl-robust-teacher

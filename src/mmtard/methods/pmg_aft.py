@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtard.methods.base import Method, MethodOutput, accuracy, student_forward_pair, teacher_forward, unwrap
-from mmtard.methods.losses import per_sample_kl
+from mmtard.methods.losses import cross_entropy_objective, per_sample_kl
 from mmtard.methods.registry import register_method
 from mmtard.models.zeroshot import ZeroShotClassifier
 
@@ -39,7 +39,7 @@ class PMGAFT(Method):
         model = unwrap(student)
         x_adv = x
         if self.attacking:
-            x_adv = self.attack(model, lambda x_pert: F.cross_entropy(model(x_pert), y, reduction="none"), x)
+            x_adv = self.attack(model, cross_entropy_objective(model, y), x)
         original_adv = teacher_forward(teachers["original"], x_adv)
         student_clean, student_adv = student_forward_pair(student, x, x_adv)
         tau = self.cfg.temperature

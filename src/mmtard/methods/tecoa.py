@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtard.methods.base import Method, MethodOutput, accuracy, unwrap
+from mmtard.methods.losses import cross_entropy_objective
 from mmtard.methods.registry import register_method
 from mmtard.models.zeroshot import ZeroShotClassifier
 
@@ -35,7 +36,7 @@ class TeCoA(Method):
         model = unwrap(student)
         x_adv = x
         if self.attacking:
-            x_adv = self.attack(model, lambda x_pert: F.cross_entropy(model(x_pert), y, reduction="none"), x)
+            x_adv = self.attack(model, cross_entropy_objective(model, y), x)
         logits = student(x_adv)
         ce = F.cross_entropy(logits, y)
         return MethodOutput(
