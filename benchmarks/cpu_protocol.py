@@ -11,9 +11,10 @@ Phases (each reuses what an earlier run of the script already produced, so it ca
    ard and tecoa for every seed, reference, fare, pmg-aft and clean-ft for the first seed. Every model is
    evaluated clean and with PGD-10 at 1/255, 2/255, 4/255 on seen and unseen test images.
 2. The headline models (foundation, teachers, first-seed mmt-ard / ard / tecoa) again with ``aa``
-   (APGD-CE + APGD-T) at the same radii, on fewer images.
-3. Ablation (first seed): DIW none | cosine | confidence | reference with the sigmoid balance, balance
-   fixed | ratio | mtard with cosine DIW, and beta.
+   (APGD-CE + APGD-T) at the same radii, on fewer images; each radius is cached on its own.
+3. Ablation (first seed): the full grid DIW none | cosine | confidence | reference x balance
+   fixed | sigmoid | ratio | mtard, beta 1 and 20, and two candidate defaults (a fixed 0.9 / 0.1 prior toward
+   the robust teacher; the inner maximisation against the robust teacher).
 4. Efficiency from the same run: per-step time of each distillation method relative to ard, and the steps
    and training seconds each needs to reach ard's final robust accuracy (periodic held-out PGD evaluation).
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from mmtard.attacks.checks import check_robust_results  # noqa: E402
 from mmtard.eval.protocol_report import plot_robust_vs_eps, plot_training_curves, results_table  # noqa: E402
 from mmtard.fileio import atomic_write_text  # noqa: E402
 from mmtard.protocol import ProtocolScale, evaluate_stage, run_protocol  # noqa: E402
@@ -43,16 +45,32 @@ from mmtard.units import parse_eps  # noqa: E402
 HEADLINE = ("mmt-ard", "ard", "tecoa")
 OTHERS = ("reference", "fare", "pmg-aft", "clean-ft")
 DISTILLATION = ("mmt-ard", "reference", "ard")
-ABLATION = {
-    "diw=none": {"method": "mmt-ard", "diw": "none"},
-    "diw=confidence": {"method": "mmt-ard", "diw": "confidence"},
-    "diw=reference": {"method": "mmt-ard", "diw": "reference"},
-    "balance=fixed": {"method": "mmt-ard", "balance": "fixed"},
-    "balance=ratio": {"method": "mmt-ard", "balance": "ratio"},
-    "balance=mtard": {"method": "mmt-ard", "balance": "mtard"},
+DIW_MODES = ("none", "cosine", "confidence", "reference")
+BALANCES = ("fixed", "sigmoid", "ratio", "mtard")
+DEFAULT_DIW, DEFAULT_BALANCE = "cosine", "sigmoid"
+
+
+def grid_stage_name(diw: str, balance: str) -> str:
+    """Stage of one DIW x balance cell. One-factor cells keep the short names of earlier runs, so they are reused."""
+    if (diw, balance) == (DEFAULT_DIW, DEFAULT_BALANCE):
+        return "mmt-ard"
+    if balance == DEFAULT_BALANCE:
+        return f"diw={diw}"
+    if diw == DEFAULT_DIW:
+        return f"balance={balance}"
+    return f"diw={diw},balance={balance}"
+
+
+ABLATION = {grid_stage_name(d, b): {"method": "mmt-ard", "diw": d, "balance": b}
+            for d in DIW_MODES for b in BALANCES if (d, b) != (DEFAULT_DIW, DEFAULT_BALANCE)}
+ABLATION.update({
     "beta=1": {"method": "mmt-ard", "beta": 1.0},
     "beta=20": {"method": "mmt-ard", "beta": 20.0},
-}
+    # Candidates for a new default (see BENCHMARKS.md): a fixed prior toward the robust teacher, and the
+    # inner maximisation against the robust teacher (as ard) with the spec's weighting kept.
+    "balance=fixed,lambda_robust=0.9,lambda_clean=0.1": {"method": "mmt-ard", "balance": "fixed", "lambda_robust": 0.9, "lambda_clean": 0.1},
+    "inner=kl-robust-teacher": {"method": "mmt-ard", "inner": "kl-robust-teacher"},
+})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,6 +141,40 @@ def headline_table(rows: list[dict], split: str, eps_list: list[str]) -> str:
     return "\n".join(lines)
 
 
+def grid_table(rows: list[dict], split: str, eps: str = "4/255") -> str:
+    """DIW x balance as a grid: each cell is ``clean / PGD-10 eps`` of that variant's student."""
+    by_stage = {row["stage"].rsplit("-seed", 1)[0]: row for row in rows}
+    lines = ["| DIW \\ balance | " + " | ".join(BALANCES) + " |", "|---|" + "---|" * len(BALANCES)]
+    for diw in DIW_MODES:
+        cells = []
+        for balance in BALANCES:
+            row = by_stage.get(f"student-{grid_stage_name(diw, balance)}")
+            cells.append(f"{row[split]['clean_acc']:.1f} / {robust_at(row[split], eps):.1f}" if row else "-")
+        lines.append(f"| {diw} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_each_eps(scale: ProtocolScale, row: dict, out: Path) -> dict:
+    """Evaluate one model at each radius of ``scale.eval_eps`` separately and merge the records.
+
+    Each radius has its own cache file, so adding a radius later reuses the ones already run. The
+    gradient-masking checks are computed again on the merged record, across all radii.
+    """
+    parts = [evaluate_stage(replace(scale, eval_eps=(eps,)), row["arch"], out / row["stage"] / "model.safetensors", False)
+             for eps in scale.eval_eps]
+    merged = {}
+    for split in ("seen", "unseen"):
+        records = [part[split] for part in parts]
+        if len({r["clean_acc"] for r in records}) != 1:
+            raise RuntimeError(f"{row['stage']} {split}: clean accuracy differs between radii, so the samples differ")
+        robust = [entry for r in records for entry in r["robust"]]
+        zero = [r["checks"]["zero_gradient_fraction"] for r in records if r["checks"]["zero_gradient_fraction"] is not None]
+        merged[split] = dict(records[0], robust=robust, eps_values=[e["eps"] for e in robust],
+                             seconds=round(sum(r["seconds"] for r in records), 2),
+                             checks=check_robust_results(records[0]["clean_acc"], robust, max(zero) if zero else None))
+    return dict(row, **merged)
+
+
 def write_report(out: Path, sections: list[str], rows: list[dict], started: float) -> None:
     """Write what is done so far: a later phase that is stopped leaves the earlier tables in place."""
     text = "\n\n".join(sections + [f"Whole run (this invocation, so far): {time.perf_counter() - started:.0f} s."]) + "\n"
@@ -160,14 +212,16 @@ def main(argv=None) -> None:
     if "ablation" not in args.skip:
         ablation = run_protocol(out, scale, methods=(), seeds=args.seeds[:1], variants=ABLATION, progress=False)[4:]
         base = [r for r in rows if r["method"] == "mmt-ard" and r["seed"] == args.seeds[0]]
-        sections += ["## Ablation (first seed; default = cosine DIW, sigmoid balance, beta 5), seen\n\n" + headline_table(base + ablation, "seen", eps_list),
-                     "## Ablation, unseen\n\n" + headline_table(base + ablation, "unseen", eps_list)]
+        sections += ["## Ablation (first seed; default = cosine DIW, sigmoid balance, beta 5)",
+                     "DIW x balance, seen classes, clean / PGD-10 4/255:\n\n" + grid_table(base + ablation, "seen"),
+                     "DIW x balance, unseen classes, clean / PGD-10 4/255:\n\n" + grid_table(base + ablation, "unseen"),
+                     "Every variant, seen:\n\n" + headline_table(base + ablation, "seen", eps_list),
+                     "Every variant, unseen:\n\n" + headline_table(base + ablation, "unseen", eps_list)]
         write_report(out, sections, rows + ablation, started)
     if "aa" not in args.skip:
         aa_scale = replace(scale, eval_attacks=("aa",), eval_samples=args.aa_samples, eval_steps=None,
                            eval_eps=tuple(parse_eps(e) for e in args.aa_eps))
-        aa_rows = [dict(row, **evaluate_stage(aa_scale, row["arch"], out / row["stage"] / "model.safetensors", False))
-                   for row in rows if row["stage"] in ("foundation-student", "teacher-clean", "teacher-robust")
+        aa_rows = [evaluate_each_eps(aa_scale, row, out) for row in rows if row["stage"] in ("foundation-student", "teacher-clean", "teacher-robust")
                    or (row["method"] in HEADLINE and row["seed"] == args.seeds[0])]
         sections += [f"## aa (APGD-CE + APGD-T, 100 iterations each, {args.aa_samples} images), seen classes\n\n" + results_table(aa_rows, "seen"),
                      "## aa, unseen classes\n\n" + results_table(aa_rows, "unseen")]

@@ -362,6 +362,27 @@ def test_truncated_trainer_state_is_one_clear_error(tmp_path):
         ckpt.load_checkpoint_files(folder)
 
 
+def test_saving_a_step_again_keeps_the_first_save_until_latest_names_the_second(tmp_path, monkeypatch):
+    """The second save of one step must not remove the first before ``latest`` names the second."""
+    folder = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(folder, 2, {"w": torch.zeros(3)}, {"step": 2})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while replacing latest")
+
+    monkeypatch.setattr(ckpt, "atomic_write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(folder, 2, {"w": torch.ones(3)}, {"step": 2})
+    model, _, _ = ckpt.load_checkpoint_files(ckpt.resolve_resume(tmp_path, "latest"))
+    assert torch.equal(model["w"], torch.zeros(3))
+
+    monkeypatch.undo()
+    final = ckpt.save_checkpoint(folder, 2, {"w": torch.ones(3)}, {"step": 2})
+    model, _, _ = ckpt.load_checkpoint_files(ckpt.resolve_resume(tmp_path, "latest"))
+    assert torch.equal(model["w"], torch.ones(3))
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", final.name]
+
+
 # ------------------------------------------------------------------------------------------- teachers
 
 

@@ -8,8 +8,9 @@ Layout of ``<run>/checkpoints/step_00000100/``:
   state; tensors and plain containers only, read back with ``torch.load(weights_only=True)``.
 
 A checkpoint is assembled in a temporary folder and renamed into place; only then is
-``checkpoints/latest`` (a one-line text file naming it) replaced atomically. A crash at any point leaves
-``latest`` naming a complete checkpoint.
+``checkpoints/latest`` (a one-line text file naming it) replaced atomically. A step saved a second time
+goes to ``step_00000100_1`` and the first save is removed only after ``latest`` names the new one, so a
+crash at any point leaves ``latest`` naming a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint atomically, point ``latest`` at it, and keep only the newest ``keep``."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    final = checkpoints_dir / f"step_{step:08d}"
+    name = f"step_{step:08d}"
+    final = checkpoints_dir / name
+    repeat = 0
+    while final.exists():  # this step saved again (e.g. resumed and stopped at once): `latest` may name the old one
+        repeat += 1
+        final = checkpoints_dir / f"{name}_{repeat}"
     tmp = checkpoints_dir / f".tmp_step_{step:08d}_{os.getpid()}"
     for stale in checkpoints_dir.glob(".tmp_step_*"):  # left by a process killed mid-write (one writer per run)
         shutil.rmtree(stale, ignore_errors=True)
@@ -71,12 +77,13 @@ def save_checkpoint(
         for file in tmp.iterdir():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(checkpoints_dir / "latest", final.name + "\n")
+    for replaced in checkpoints_dir.glob(f"{name}*"):  # earlier saves of this step, no longer named by `latest`
+        if replaced != final:
+            shutil.rmtree(replaced, ignore_errors=True)
     for old in sorted(checkpoints_dir.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
