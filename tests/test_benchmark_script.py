@@ -1,4 +1,4 @@
-"""Helpers of ``benchmarks/cpu_protocol.py`` (the run itself is by hand: about an hour on 2 cores)."""
+"""Helpers of ``benchmarks/cpu_protocol.py`` (the run itself is by hand: about two hours on 2 cores)."""
 
 from __future__ import annotations
 
