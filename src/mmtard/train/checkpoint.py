@@ -81,7 +81,7 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_text(checkpoints_dir / "latest", final.name + "\n")
-    for replaced in checkpoints_dir.glob(f"{name}*"):  # earlier saves of this step, no longer named by `latest`
+    for replaced in [checkpoints_dir / name, *checkpoints_dir.glob(f"{name}_*")]:  # earlier saves of this step
         if replaced != final:
             shutil.rmtree(replaced, ignore_errors=True)
     for old in sorted(checkpoints_dir.glob("step_*"))[:-keep]:
