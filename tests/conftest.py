@@ -8,10 +8,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_DIR = Path(os.environ.get("MMTARD_CIFAR_DIR", REPO.parent / "shared" / "data" / "cifar10"))
 
 
@@ -29,3 +31,17 @@ def tiny_bundle():
 
     torch.manual_seed(0)
     return load_clip("tiny-vit-s", "none")
+
+
+@pytest.fixture
+def npz_dir(tmp_path):
+    """A small learnable npz folder: each class a distinct colour plus noise."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 4)
+    colours = rng.integers(0, 256, size=(10, 3))
+    x = np.clip(colours[y][:, None, None, :] + rng.normal(0, 20, size=(40, 32, 32, 3)), 0, 255).astype(np.uint8)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    np.savez_compressed(folder / "test.npz", x=x, y=y)
+    (folder / "classes.txt").write_text("\n".join(CLASSES))
+    return folder

@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from mmtard.cli import main
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-@pytest.fixture
-def npz_dir(tmp_path):
-    """A small learnable npz folder: each class a distinct colour plus noise."""
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(10), 4)
-    colours = rng.integers(0, 256, size=(10, 3))
-    x = np.clip(colours[y][:, None, None, :] + rng.normal(0, 20, size=(40, 32, 32, 3)), 0, 255).astype(np.uint8)
-    folder = tmp_path / "data"
-    folder.mkdir()
-    np.savez_compressed(folder / "test.npz", x=x, y=y)
-    (folder / "classes.txt").write_text("\n".join(CLASSES))
-    return folder
-
 
 def _run(tmp_path, *extra):
     out = tmp_path / "out"

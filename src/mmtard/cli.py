@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from typing import Sequence
 
@@ -43,7 +44,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset (never done otherwise)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="output folder for results.json and results.md")
+    p.add_argument("--out", required=True, help="output folder for results.json and results.md (an interrupted run, "
+                   "rerun with the same arguments, continues from the journal in OUT/journal)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -76,9 +78,11 @@ def run_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         download=args.download,
         progress=not args.no_progress,
+        journal_dir=os.path.join(args.out, "journal"),  # an interrupted run, rerun as it was, continues
     )
     records = evaluate_bundle(bundle, request)
     paths = write_results(args.out, records)
+    shutil.rmtree(request.journal_dir, ignore_errors=True)  # the results are written: nothing left to resume
     print(markdown_table(records))
     for record in records:
         for warning in record["checks"].get("warnings", []):

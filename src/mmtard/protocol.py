@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -120,11 +121,14 @@ def evaluate_stage(scale: ProtocolScale, arch: str, model_file: Path, progress: 
         return json.loads(cache.read_text())
     bundle = load_clip(arch, str(model_file), device=scale.device if scale.device != "auto" else _auto_device())
     results = {}
+    journal = model_file.parent / "eval_journal"  # an interrupted evaluation continues from its last batch
     for split in ("seen", "unseen"):
         request = EvalRequest(datasets=[scale.dataset], data_dirs=[scale.data_dir], classes=split, samples=scale.eval_samples,
-                              attacks=scale.eval_attacks, eps=scale.eval_eps, steps=scale.eval_steps, progress=progress)
+                              attacks=scale.eval_attacks, eps=scale.eval_eps, steps=scale.eval_steps, progress=progress,
+                              journal_dir=str(journal))
         (results[split],) = evaluate_bundle(bundle, request)
     atomic_write_text(cache, json.dumps(results, indent=2))
+    shutil.rmtree(journal, ignore_errors=True)
     return results
 
 

@@ -11,6 +11,7 @@ import torch
 
 from mmtard.attacks import Attack, create_attack
 from mmtard.data import create_dataset
+from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
 from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.models import CLIPBundle, build_zero_shot_classifier
 from mmtard.units import format_eps
@@ -24,7 +25,9 @@ class EvalRequest:
 
     ``attacks`` names from ``mmtard.attacks.list_attacks()`` (``none`` for clean accuracy only); every
     attack runs at every radius in ``eps`` (fractions of the pixel range). ``steps`` / ``restarts``
-    None means each attack's own default (PGD-10, APGD 100 iterations).
+    None means each attack's own default (PGD-10, APGD 100 iterations). With ``journal_dir`` every
+    finished batch is journaled there (see :mod:`mmtard.eval.journal`) and a rerun of the same request on
+    the same model continues where an interrupted one stopped.
     """
 
     datasets: Sequence[str]
@@ -44,6 +47,7 @@ class EvalRequest:
     download: bool = False
     progress: bool = True
     classnames: Sequence[str] | None = None
+    journal_dir: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -73,6 +77,24 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest) -> list[dict]:
             seed=request.seed,
         )
         classifier = build_zero_shot_classifier(bundle, dataset.classnames, dataset.templates, request.logit_scale)
+        journal = None
+        if request.journal_dir is not None:
+            identity = {
+                "model": bundle.name,
+                "pretrained": bundle.pretrained,
+                "weights_file": weights_stamp(bundle.pretrained),
+                "dataset": name,
+                "data_dir": data_dir,
+                "split": request.split,
+                "classnames": dataset.classnames,
+                "templates": list(dataset.templates),
+                "images": len(dataset),
+                "logit_scale": classifier.logit_scale,
+                "seed": request.seed,
+                "batch_size": request.batch_size,
+                "attacks": [attack.describe() for attack in attacks],
+            }
+            journal = EvalJournal(journal_path(request.journal_dir, name, identity), identity)
         torch.manual_seed(request.seed)
         result = evaluate_classifier(
             classifier,
@@ -82,6 +104,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest) -> list[dict]:
             num_workers=request.num_workers,
             progress=request.progress,
             dataset_name=name,
+            journal=journal,
         )
         record = {
             "model": bundle.name,

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmtard.attacks import Attack, check_robust_results, zero_gradient_fraction
+from mmtard.eval.journal import EvalJournal
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def evaluate_classifier(
     num_workers: int = 0,
     progress: bool = True,
     dataset_name: str | None = None,
+    journal: EvalJournal | None = None,
 ) -> EvalResult:
     """Clean accuracy and, for each attack, robust accuracy of ``classifier`` on ``dataset``.
 
@@ -63,6 +65,9 @@ def evaluate_classifier(
         num_workers: DataLoader workers.
         progress: show a tqdm bar.
         dataset_name: name recorded in the result.
+        journal: records each finished batch; batches it already holds are not run again, so an
+            interrupted evaluation continues where it stopped (with the same counts: attacks are seeded
+            per call). ``seconds`` then includes the journaled batches' time.
 
     Returns:
         The accuracies, the attacks' settings and the gradient-masking checks.
@@ -76,23 +81,21 @@ def evaluate_classifier(
     robust_correct = [0] * len(attacks)
     zero_grad = 0
     total = 0
+    earlier_seconds = 0.0
     name = dataset_name or getattr(dataset, "name", "dataset")
-    for batch in tqdm(loader, desc=f"eval {name}", disable=not progress, leave=False):
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        with torch.no_grad():
-            correct = classifier(x).argmax(1) == y
-        clean_correct += int(correct.sum())
-        total += len(y)
-        if not attacks:
-            continue
-        zero_grad += round(zero_gradient_fraction(classifier, x, y) * len(y))
-        if not correct.any():
-            continue
-        x_ok, y_ok = x[correct], y[correct]
-        for i, attack in enumerate(attacks):
-            x_adv = attack(classifier, x_ok, y_ok)
-            with torch.no_grad():
-                robust_correct[i] += int((classifier(x_adv).argmax(1) == y_ok).sum())
+    for index, batch in enumerate(tqdm(loader, desc=f"eval {name}", disable=not progress, leave=False)):
+        counts = journal.done.get(index) if journal is not None else None
+        if counts is None:
+            counts = _evaluate_batch(classifier, attacks, batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+            if journal is not None:
+                journal.record(dict(counts, batch=index))
+        else:
+            earlier_seconds += counts["seconds"]
+        clean_correct += counts["clean"]
+        for i, count in enumerate(counts["robust"]):
+            robust_correct[i] += count
+        zero_grad += counts["zero_grad"]
+        total += counts["images"]
     classifier.train(was_training)
 
     def percent(count: int) -> float:
@@ -103,4 +106,23 @@ def evaluate_classifier(
     checks = check_robust_results(clean_acc, robust, zero_grad / max(total, 1)) if attacks else {}
     for warning in checks.get("warnings", []):
         logger.warning("%s: %s", name, warning)
-    return EvalResult(name, total, clean_acc, robust, checks, time.perf_counter() - start)
+    return EvalResult(name, total, clean_acc, robust, checks, time.perf_counter() - start + earlier_seconds)
+
+
+def _evaluate_batch(classifier: nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Counts on one batch: correct when clean, still correct under each attack, zero input gradients."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        correct = classifier(x).argmax(1) == y
+    robust = [0] * len(attacks)
+    zero_grad = 0
+    if attacks:
+        zero_grad = round(zero_gradient_fraction(classifier, x, y) * len(y))
+        if correct.any():  # an image misclassified when clean is not attacked and counts as not robust
+            x_ok, y_ok = x[correct], y[correct]
+            for i, attack in enumerate(attacks):
+                x_adv = attack(classifier, x_ok, y_ok)
+                with torch.no_grad():
+                    robust[i] = int((classifier(x_adv).argmax(1) == y_ok).sum())
+    return {"images": len(y), "clean": int(correct.sum()), "robust": robust, "zero_grad": zero_grad,
+            "seconds": time.perf_counter() - start}

@@ -1,0 +1,91 @@
+"""A per-batch journal of one evaluation, so an interrupted evaluation continues where it stopped.
+
+A robust evaluation of a large model (APGD on 5,000 ImageNet images) runs for hours; without a journal an
+interruption loses all of it. Every attack here is seeded per call (PGD draws its start from its own
+generator, APGD reseeds inside an isolated RNG), so each batch's counts depend only on the model, the batch
+and the settings: a resumed evaluation gives exactly the counts of an uninterrupted one.
+
+The file is JSON lines: the first line is the evaluation's identity (model, weights file, dataset, class
+names, samples, batch size, attacks...), each further line the counts of one finished batch, appended and
+flushed to disk. The file name carries a digest of the identity, so two different evaluations never share a
+journal; a line cut short by a crash is dropped and its batch is run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from mmtard.fileio import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def _normalised(value: dict) -> dict:
+    """``value`` as it reads back from JSON (tuples become lists), so headers compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def journal_path(folder: str | Path, name: str, identity: dict) -> Path:
+    """``<folder>/<name>-<digest of identity>.jsonl``."""
+    digest = hashlib.sha256(json.dumps(_normalised(identity), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(folder) / f"{name}-{digest}.jsonl"
+
+
+def weights_stamp(pretrained: str | None) -> list[int] | None:
+    """Size and modification time of a local weights file (``None`` for tags and random weights)."""
+    if pretrained and Path(pretrained).is_file():
+        stat = Path(pretrained).stat()
+        return [stat.st_size, stat.st_mtime_ns]
+    return None
+
+
+class EvalJournal:
+    """Finished batches of one evaluation, read from and appended to ``path``.
+
+    Args:
+        path: the journal file (see :func:`journal_path`); its folder is created.
+        identity: everything the counts depend on; a file whose first line differs is started over.
+
+    Attributes:
+        done: batch index -> the counts recorded for it.
+    """
+
+    def __init__(self, path: str | Path, identity: dict) -> None:
+        self.path = Path(path)
+        self.identity = _normalised(identity)
+        self.done: dict[int, dict] = {}
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            if lines and self._parse(lines[0]) == self.identity:
+                for line in lines[1:]:
+                    entry = self._parse(line)
+                    if entry is None:  # cut short by a crash: this batch and any after it are run again
+                        break
+                    self.done[entry["batch"]] = entry
+                if self.done:
+                    logger.info("%s: resuming after %d finished batches", self.path, len(self.done))
+            else:
+                logger.warning("%s: written by another evaluation; starting it over", self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [self.identity, *self.done.values()]
+        atomic_write_text(self.path, "".join(json.dumps(item, sort_keys=True) + "\n" for item in kept))
+
+    @staticmethod
+    def _parse(line: str) -> dict | None:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def record(self, entry: dict) -> None:
+        """Append the counts of one finished batch (a dict with ``batch``) and flush them to disk."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[entry["batch"]] = entry

@@ -1,0 +1,93 @@
+"""An interrupted evaluation continues from its journal with exactly the counts of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmtard.cli import main
+from mmtard.eval import zeroshot
+from mmtard.eval.journal import EvalJournal
+from mmtard.eval.run import EvalRequest, evaluate_bundle
+
+BATCHES = 5  # 40 images of the npz fixture, batch 8
+
+
+def _request(npz_dir, journal_dir, eps=(4 / 255,)):
+    return EvalRequest(datasets=["npz"], data_dirs=[str(npz_dir)], attacks=["pgd"], eps=eps, steps=2, batch_size=8,
+                       progress=False, journal_dir=str(journal_dir) if journal_dir else None)
+
+
+def _scores(record: dict) -> tuple:
+    return record["samples"], record["clean_acc"], [(r["eps"], r["acc"]) for r in record["robust"]], record["checks"]
+
+
+class Crash(Exception):
+    pass
+
+
+def _count_batches(monkeypatch, crash_at: int | None = None) -> list[int]:
+    """Count the batches actually evaluated; raise ``Crash`` on the ``crash_at``-th (1-based)."""
+    calls = []
+    real = zeroshot._evaluate_batch
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if crash_at is not None and len(calls) == crash_at:
+            raise Crash("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zeroshot, "_evaluate_batch", counted)
+    return calls
+
+
+def test_resumed_evaluation_equals_the_uninterrupted_one(tiny_bundle, npz_dir, tmp_path, monkeypatch):
+    (uninterrupted,) = evaluate_bundle(tiny_bundle, _request(npz_dir, None))
+
+    calls = _count_batches(monkeypatch, crash_at=3)
+    with pytest.raises(Crash):
+        evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal"))
+    (journal_file,) = (tmp_path / "journal").iterdir()
+    assert len(journal_file.read_text().splitlines()) == 1 + 2  # identity, then the two finished batches
+
+    calls = _count_batches(monkeypatch)
+    (resumed,) = evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal"))
+    assert len(calls) == BATCHES - 2  # the finished batches are not run again
+    assert _scores(resumed) == _scores(uninterrupted)
+
+
+def test_a_line_cut_by_a_crash_is_run_again(tiny_bundle, npz_dir, tmp_path, monkeypatch):
+    (complete,) = evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal"))
+    (journal_file,) = (tmp_path / "journal").iterdir()
+    lines = journal_file.read_text().splitlines()
+    journal_file.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])  # batch 2 half-written
+
+    calls = _count_batches(monkeypatch)
+    (again,) = evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal"))
+    assert len(calls) == BATCHES - 2
+    assert _scores(again) == _scores(complete)
+
+
+def test_another_evaluation_never_reuses_a_journal(tiny_bundle, npz_dir, tmp_path, monkeypatch):
+    evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal"))
+    calls = _count_batches(monkeypatch)
+    evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal", eps=(2 / 255,)))
+    assert len(calls) == BATCHES
+    assert len(list((tmp_path / "journal").iterdir())) == 2
+
+
+def test_a_journal_with_another_identity_is_started_over(tmp_path):
+    path = tmp_path / "j.jsonl"
+    first = EvalJournal(path, {"model": "a"})
+    first.record({"batch": 0, "clean": 1})
+    assert EvalJournal(path, {"model": "a"}).done == {0: {"batch": 0, "clean": 1}}
+    assert EvalJournal(path, {"model": "b"}).done == {}
+    assert json.loads(path.read_text().splitlines()[0]) == {"model": "b"}
+
+
+def test_cli_eval_removes_its_journal_once_results_are_written(npz_dir, tmp_path):
+    out = tmp_path / "out"
+    main(["eval", "--model", "tiny-vit-s", "--pretrained", "none", "--dataset", "npz", "--data-dir", str(npz_dir),
+          "--attack", "pgd", "--steps", "1", "--eps", "4/255", "--batch-size", "16", "--no-progress", "--out", str(out)])
+    assert (out / "results.json").is_file() and not (out / "journal").exists()
