@@ -10,8 +10,8 @@ Phases (each reuses what an earlier run of the script already produced, so it ca
    (tecoa) teachers on the seen classes, then students on the seen classes at an equal budget: mmt-ard,
    ard and tecoa for every seed, reference, fare, pmg-aft and clean-ft for the first seed. Every model is
    evaluated clean and with PGD-10 at 1/255, 2/255, 4/255 on seen and unseen test images.
-2. The headline models (foundation, teachers, first-seed mmt-ard / ard / tecoa) again with ``aa``
-   (APGD-CE + APGD-T) at the same radii, on fewer images; each radius is cached on its own.
+2. The student foundation, the teachers and the headline students (mmt-ard / ard / tecoa, every seed) again
+   with ``aa`` (APGD-CE + APGD-T) at the same radii, on fewer images; each radius is cached on its own.
 3. Ablation (first seed): the full grid DIW none | cosine | confidence | reference x balance
    fixed | sigmoid | ratio | mtard, beta 1 and 20, and two candidate defaults (a fixed 0.9 / 0.1 prior toward
    the robust teacher; the inner maximisation against the robust teacher).
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--student-steps", type=int, default=100)
     p.add_argument("--train-attack-steps", type=int, default=2)
     p.add_argument("--eval-samples", type=int, default=200, help="test images per split for clean / PGD")
-    p.add_argument("--aa-samples", type=int, default=60, help="test images per split for aa")
+    p.add_argument("--aa-samples", type=int, default=50, help="test images per split for aa")
     p.add_argument("--aa-eps", nargs="+", default=["1/255", "2/255", "4/255"], help="radii for aa (each costs minutes per model)")
     p.add_argument("--eval-every", type=int, default=20, help="held-out PGD evaluation period during student training")
     p.add_argument("--skip", nargs="*", default=[], choices=["aa", "ablation"], help="phases to leave out")
@@ -236,7 +236,7 @@ def main(argv=None) -> None:
         aa_scale = replace(scale, eval_attacks=("aa",), eval_samples=args.aa_samples, eval_steps=None,
                            eval_eps=tuple(parse_eps(e) for e in args.aa_eps))
         aa_rows = [evaluate_each_eps(aa_scale, row, out) for row in rows if row["stage"] in ("foundation-student", "teacher-clean", "teacher-robust")
-                   or (row["method"] in HEADLINE and row["seed"] == args.seeds[0])]
+                   or (row["method"] in HEADLINE and row["role"] == row["method"])]
         sections += [f"## aa (APGD-CE + APGD-T, 100 iterations each, {args.aa_samples} images), seen classes\n\n" + results_table(aa_rows, "seen"),
                      "## aa, unseen classes\n\n" + results_table(aa_rows, "unseen"),
                      checks_summary(aa_rows) + " The aa checks are computed on the radii merged."]
