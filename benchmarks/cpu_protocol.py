@@ -11,7 +11,8 @@ Phases (each reuses what an earlier run of the script already produced, so it ca
    ard and tecoa for every seed, reference, fare, pmg-aft and clean-ft for the first seed. Every model is
    evaluated clean and with PGD-10 at 1/255, 2/255, 4/255 on seen and unseen test images.
 2. The student foundation, the teachers and the headline students (mmt-ard / ard / tecoa, every seed) again
-   with ``aa`` (APGD-CE + APGD-T) at the same radii, on fewer images; each radius is cached on its own.
+   with ``aa`` (APGD-CE + APGD-T) and PGD-10 on the same, fewer images at the same radii, so the checks
+   compare the two attacks; each attack and radius is cached on its own.
 3. Ablation (first seed): the full grid DIW none | cosine | confidence | reference x balance
    fixed | sigmoid | ratio | mtard, beta 1 and 20, and two candidate defaults (a fixed 0.9 / 0.1 prior toward
    the robust teacher; the inner maximisation against the robust teacher).
@@ -154,22 +155,24 @@ def grid_table(rows: list[dict], split: str, eps: str = "4/255") -> str:
     return "\n".join(lines)
 
 
-def evaluate_each_eps(scale: ProtocolScale, row: dict, out: Path) -> dict:
-    """Evaluate one model at each radius of ``scale.eval_eps`` separately and merge the records.
+def evaluate_each_setting(scale: ProtocolScale, row: dict, out: Path) -> dict:
+    """Evaluate one model with each attack of ``scale.eval_attacks`` at each radius of ``scale.eval_eps``
+    separately, and merge the records.
 
-    Each radius has its own cache file, so adding a radius later reuses the ones already run. The
-    gradient-masking checks are computed again on the merged record, across all radii.
+    Each (attack, radius) has its own cache file, so adding one later reuses the others. The
+    gradient-masking checks are computed again on the merged record: across radii, and between attacks on
+    the same images (a stronger attack must not find fewer errors).
     """
-    parts = [evaluate_stage(replace(scale, eval_eps=(eps,)), row["arch"], out / row["stage"] / "model.safetensors", False)
-             for eps in scale.eval_eps]
+    parts = [evaluate_stage(replace(scale, eval_attacks=(attack,), eval_eps=(eps,)), row["arch"], out / row["stage"] / "model.safetensors", False)
+             for attack in scale.eval_attacks for eps in scale.eval_eps]
     merged = {}
     for split in ("seen", "unseen"):
         records = [part[split] for part in parts]
         if len({r["clean_acc"] for r in records}) != 1:
-            raise RuntimeError(f"{row['stage']} {split}: clean accuracy differs between radii, so the samples differ")
+            raise RuntimeError(f"{row['stage']} {split}: clean accuracy differs between settings, so the samples differ")
         robust = [entry for r in records for entry in r["robust"]]
         zero = [r["checks"]["zero_gradient_fraction"] for r in records if r["checks"]["zero_gradient_fraction"] is not None]
-        merged[split] = dict(records[0], robust=robust, eps_values=[e["eps"] for e in robust],
+        merged[split] = dict(records[0], robust=robust, eps_values=list(dict.fromkeys(e["eps"] for e in robust)),
                              seconds=round(sum(r["seconds"] for r in records), 2),
                              checks=check_robust_results(records[0]["clean_acc"], robust, max(zero) if zero else None))
     return dict(row, **merged)
@@ -233,13 +236,13 @@ def main(argv=None) -> None:
         saved_rows += ablation
         write_report(out, sections, saved_rows, started)
     if "aa" not in args.skip:
-        aa_scale = replace(scale, eval_attacks=("aa",), eval_samples=args.aa_samples, eval_steps=None,
+        aa_scale = replace(scale, eval_attacks=("pgd", "aa"), eval_samples=args.aa_samples, eval_steps=None,
                            eval_eps=tuple(parse_eps(e) for e in args.aa_eps))
-        aa_rows = [evaluate_each_eps(aa_scale, row, out) for row in rows if row["stage"] in ("foundation-student", "teacher-clean", "teacher-robust")
+        aa_rows = [evaluate_each_setting(aa_scale, row, out) for row in rows if row["stage"] in ("foundation-student", "teacher-clean", "teacher-robust")
                    or (row["method"] in HEADLINE and row["role"] == row["method"])]
-        sections += [f"## aa (APGD-CE + APGD-T, 100 iterations each, {args.aa_samples} images), seen classes\n\n" + results_table(aa_rows, "seen"),
+        sections += [f"## aa (APGD-CE + APGD-T, 100 iterations each) beside PGD-10 on the same {args.aa_samples} images, seen classes\n\n" + results_table(aa_rows, "seen"),
                      "## aa, unseen classes\n\n" + results_table(aa_rows, "unseen"),
-                     checks_summary(aa_rows) + " The aa checks are computed on the radii merged."]
+                     checks_summary(aa_rows) + " Checks on the merged records: across radii, and aa against PGD-10 on the same images."]
         saved_rows += [dict(row, stage=f"{row['stage']} (aa)") for row in aa_rows]
         write_report(out, sections, saved_rows, started)
 

@@ -28,8 +28,8 @@ def test_ablation_covers_the_whole_diw_by_balance_grid(bench):
     assert bench.grid_stage_name("cosine", "sigmoid") == "mmt-ard"  # the default is the headline student
 
 
-def _record(clean: float, eps: str, value: float, acc: float, zero: float) -> dict:
-    robust = [{"attack": "aa", "eps": eps, "eps_value": value, "steps": 100, "restarts": 1, "acc": acc}]
+def _record(clean: float, eps: str, value: float, acc: float, zero: float, attack: str = "aa") -> dict:
+    robust = [{"attack": attack, "eps": eps, "eps_value": value, "steps": 100, "restarts": 1, "acc": acc}]
     checks = {"robust_not_above_clean": True, "monotonic_in_eps": True, "stronger_attack_not_weaker": None,
               "zero_gradient_fraction": zero, "warnings": []}
     return {"clean_acc": clean, "robust": robust, "checks": checks, "seconds": 1.0, "eps_values": [eps]}
@@ -48,7 +48,7 @@ def test_each_radius_is_evaluated_alone_and_the_checks_see_all_radii(bench, monk
 
     monkeypatch.setattr(bench, "evaluate_stage", fake_evaluate_stage)
     scale = ProtocolScale(eval_attacks=("aa",), eval_eps=(1 / 255, 2 / 255))
-    row = bench.evaluate_each_eps(scale, {"stage": "s", "arch": "tiny-vit-s"}, tmp_path)
+    row = bench.evaluate_each_setting(scale, {"stage": "s", "arch": "tiny-vit-s"}, tmp_path)
     assert calls == [1 / 255, 2 / 255]
     seen = row["seen"]
     assert [e["acc"] for e in seen["robust"]] == [20.0, 30.0] and seen["eps_values"] == ["1/255", "2/255"]
@@ -63,8 +63,25 @@ def test_radii_evaluated_on_different_samples_are_refused(bench, monkeypatch, tm
 
     monkeypatch.setattr(bench, "evaluate_stage", fake_evaluate_stage)
     scale = ProtocolScale(eval_attacks=("aa",), eval_eps=(1 / 255, 2 / 255))
-    with pytest.raises(RuntimeError, match="clean accuracy differs"):
-        bench.evaluate_each_eps(scale, {"stage": "s", "arch": "tiny-vit-s"}, tmp_path)
+    with pytest.raises(RuntimeError, match="clean accuracy differs between settings"):
+        bench.evaluate_each_setting(scale, {"stage": "s", "arch": "tiny-vit-s"}, tmp_path)
+
+
+def test_aa_weaker_than_pgd_on_the_same_images_is_flagged(bench, monkeypatch, tmp_path):
+    acc = {"pgd": 30.0, "aa": 34.0}  # aa finds fewer errors than PGD-10: a broken attack or gradient masking
+    calls = []
+
+    def fake_evaluate_stage(scale, arch, model_file, progress):
+        (attack,), (eps,) = scale.eval_attacks, scale.eval_eps
+        calls.append((attack, eps))
+        return {split: _record(50.0, "4/255", eps, acc[attack], 0.0, attack) for split in ("seen", "unseen")}
+
+    monkeypatch.setattr(bench, "evaluate_stage", fake_evaluate_stage)
+    scale = ProtocolScale(eval_attacks=("pgd", "aa"), eval_eps=(4 / 255,))
+    row = bench.evaluate_each_setting(scale, {"stage": "s", "arch": "tiny-vit-s"}, tmp_path)
+    assert calls == [("pgd", 4 / 255), ("aa", 4 / 255)]
+    assert row["unseen"]["checks"]["stronger_attack_not_weaker"] is False
+    assert row["unseen"]["eps_values"] == ["4/255"]
 
 
 def test_grid_table_places_each_variant_in_its_cell(bench):
