@@ -182,7 +182,7 @@ def checks_summary(rows: list[dict]) -> str:
     """One line: the gradient-masking checks of every record above, or each warning with its model."""
     warnings = [f"{row['stage']} ({split}): {w}" for row in rows for split in ("seen", "unseen") for w in row[split]["checks"]["warnings"]]
     if not warnings:
-        return f"Gradient-masking checks (robust <= clean, monotonic in eps, zero-gradient share): all passed for the {len(rows)} models above."
+        return f"Gradient-masking checks (robust <= clean, monotonic in eps, a stronger attack not weaker on the same images, zero-gradient share): all passed for the {len(rows)} models above."
     return "Gradient-masking check warnings:\n\n" + "\n".join(f"- {w}" for w in warnings)
 
 
