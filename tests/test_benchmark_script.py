@@ -26,6 +26,7 @@ def test_ablation_covers_the_whole_diw_by_balance_grid(bench):
     for diw, balance in cells - {(bench.DEFAULT_DIW, bench.DEFAULT_BALANCE)}:
         assert bench.ABLATION[bench.grid_stage_name(diw, balance)] == {"method": "mmt-ard", "diw": diw, "balance": balance}
     assert bench.grid_stage_name("cosine", "sigmoid") == "mmt-ard"  # the default is the headline student
+    assert set(bench.CANDIDATES) <= set(bench.ABLATION)  # the candidates trained for every seed are ablation cells
 
 
 def _record(clean: float, eps: str, value: float, acc: float, zero: float, attack: str = "aa") -> dict:
