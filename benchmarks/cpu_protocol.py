@@ -242,8 +242,9 @@ def main(argv=None) -> None:
             headline = [r for r in rows if r["method"] in ("mmt-ard", "ard") and r["role"] == r["method"]]
             sections += [f"## Candidate defaults, seeds {args.seeds} (beside the spec-default mmt-ard and ard), seen\n\n" + headline_table(headline + candidates, "seen", eps_list),
                          "## Candidate defaults, unseen\n\n" + headline_table(headline + candidates, "unseen", eps_list)]
-        sections.append(checks_summary(ablation + candidates))
-        saved_rows += ablation + [r for r in candidates if r["seed"] != args.seeds[0]]
+        more_seeds = [r for r in candidates if r["seed"] != args.seeds[0]]  # seed 0 is already in the ablation
+        sections.append(checks_summary(ablation + more_seeds))
+        saved_rows += ablation + more_seeds
         write_report(out, sections, saved_rows, started)
     if "aa" not in args.skip:
         aa_scale = replace(scale, eval_attacks=("pgd", "aa"), eval_samples=args.aa_samples, eval_steps=None,
