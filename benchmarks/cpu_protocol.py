@@ -39,14 +39,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmtard.attacks.checks import check_robust_results  # noqa: E402
-from mmtard.eval.protocol_report import plot_robust_vs_eps, plot_training_curves, results_table  # noqa: E402
+from mmtard.eval.protocol_report import group_by_model, mean_std, plot_robust_vs_eps, plot_training_curves, results_table  # noqa: E402
 from mmtard.fileio import atomic_write_text  # noqa: E402
-from mmtard.protocol import ProtocolScale, evaluate_stage, run_protocol  # noqa: E402
+from mmtard.protocol import DISTILLATION_PRESETS, ProtocolScale, evaluate_stage, run_protocol  # noqa: E402
 from mmtard.units import parse_eps  # noqa: E402
 
 HEADLINE = ("mmt-ard", "ard", "tecoa")
 OTHERS = ("reference", "fare", "pmg-aft", "clean-ft")
-DISTILLATION = ("mmt-ard", "reference", "ard")
 DIW_MODES = ("none", "cosine", "confidence", "reference")
 BALANCES = ("fixed", "sigmoid", "ratio", "mtard")
 DEFAULT_DIW, DEFAULT_BALANCE = "cosine", "sigmoid"
@@ -96,12 +95,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def robust_at(record: dict, eps: str) -> float:
     return next(e["acc"] for e in record["robust"] if e["eps"] == eps)
 
@@ -112,7 +105,7 @@ def efficiency(out: Path, rows: list[dict], target_eps: str = "4/255") -> str:
              "|---|---|---|---|---|---|---|"]
     by_seed: dict[int, dict[str, dict]] = {}
     for row in rows:
-        if row["method"] in DISTILLATION and row["role"] == row["method"]:
+        if row["method"] in DISTILLATION_PRESETS and row["role"] == row["method"]:
             metrics = [json.loads(line) for line in (out / row["stage"] / "metrics.jsonl").read_text().splitlines() if line]
             evals = [json.loads(line) for line in (out / row["stage"] / "eval.jsonl").read_text().splitlines() if line]
             seconds = [m["samples_per_s"] and 1 / m["samples_per_s"] * row["batch_size"] for m in metrics]
@@ -134,12 +127,9 @@ def efficiency(out: Path, rows: list[dict], target_eps: str = "4/255") -> str:
 
 def headline_table(rows: list[dict], split: str, eps_list: list[str]) -> str:
     """Mean ± std over seeds for the headline students, single rows for everything else."""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(row["stage"].rsplit("-seed", 1)[0], []).append(row)
     head = "| model | seeds | clean | " + " | ".join(f"PGD-10 {e}" for e in eps_list) + " |"
     lines = [head, "|---|---|---|" + "---|" * len(eps_list)]
-    for name, group in groups.items():
+    for name, group in group_by_model(rows).items():
         cells = [mean_std([g[split]["clean_acc"] for g in group])]
         cells += [mean_std([robust_at(g[split], e) for g in group]) for e in eps_list]
         lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
@@ -148,7 +138,7 @@ def headline_table(rows: list[dict], split: str, eps_list: list[str]) -> str:
 
 def grid_table(rows: list[dict], split: str, eps: str = "4/255") -> str:
     """DIW x balance as a grid: each cell is ``clean / PGD-10 eps`` of that variant's student."""
-    by_stage = {row["stage"].rsplit("-seed", 1)[0]: row for row in rows}
+    by_stage = {name: group[0] for name, group in group_by_model(rows).items()}
     lines = ["| DIW \\ balance | " + " | ".join(BALANCES) + " |", "|---|" + "---|" * len(BALANCES)]
     for diw in DIW_MODES:
         cells = []
@@ -223,7 +213,7 @@ def main(argv=None) -> None:
         "## Training efficiency\n\n" + efficiency(out, rows),
     ]
     plot_robust_vs_eps([r for r in rows if r["seed"] == args.seeds[0]], out / "robust_vs_eps.png")
-    plot_training_curves(out, [r for r in rows if r["method"] in DISTILLATION and r["seed"] == args.seeds[0]], out / "training_curves.png")
+    plot_training_curves(out, [r for r in rows if r["method"] in DISTILLATION_PRESETS and r["seed"] == args.seeds[0]], out / "training_curves.png")
     saved_rows = list(rows)  # benchmark.json: every record of every table
     write_report(out, sections, saved_rows, started)
     if "ablation" not in args.skip:

@@ -26,7 +26,7 @@ def _columns(rows: Sequence[dict]) -> list[str]:
     return ["clean"] + [robust_column(entry) for entry in first["robust"]]
 
 
-def _group(rows: Sequence[dict]) -> dict[str, list[dict]]:
+def group_by_model(rows: Sequence[dict]) -> dict[str, list[dict]]:
     """Rows of the same model (all seeds of one student) together, in first-seen order."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
@@ -34,7 +34,8 @@ def _group(rows: Sequence[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def _cell(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
+    """One value as it is; several (one per seed) as ``mean ± std``."""
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
@@ -43,9 +44,9 @@ def _cell(values: list[float]) -> str:
 def results_table(rows: Sequence[dict], split: str) -> str:
     columns = _columns(rows)
     lines = ["| model | role | seeds | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
-    for name, group in _group(rows).items():
+    for name, group in group_by_model(rows).items():
         per_column = list(zip(*[_accuracies(row, split) for row in group]))
-        cells = [_cell(list(values)) for values in per_column]
+        cells = [mean_std(list(values)) for values in per_column]
         lines.append(f"| {name} | {group[0]['role']} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -58,7 +59,7 @@ def plot_robust_vs_eps(rows: Sequence[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, split, title in zip(axes, ("seen", "unseen"), ("seen classes (in-distribution)", "unseen classes (zero-shot)")):
-        for name, group in _group(rows).items():
+        for name, group in group_by_model(rows).items():
             record = group[0][split]
             eps = [0.0] + [entry["eps_value"] * 255 for entry in record["robust"]]
             values = [statistics.mean(v) for v in zip(*[_accuracies(row, split) for row in group])]

@@ -105,8 +105,8 @@ class LogitCache:
 
     Only correct when the image of an index never changes between epochs: enable it for deterministic
     pipelines (no random augmentation) only. Rows live in CPU memory (``N x K`` floats: 17.5k x 5 on the
-    CPU protocol, 1.28M x 1000 = 5 GB on ImageNet, which is why the paper configs leave it off). Not part of ``state_dict``: after a resume the
-    rows are recomputed, with the same values.
+    CPU protocol, 1.28M x 1000 = 5 GB on ImageNet, which is why the paper configs leave it off). Not part
+    of ``state_dict``: after a resume the rows are recomputed, with the same values.
     """
 
     def __init__(self) -> None:
