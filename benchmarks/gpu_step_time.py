@@ -53,8 +53,12 @@ def time_method(name: str, student_bundle, teachers, args, device, dtype) -> dic
         train_step(state, teachers, x, y, None, dtype, params, grad_clip=1.0)
     synchronize(device)
     seconds = (time.perf_counter() - started) / args.steps
-    return {"method": name, "seconds_per_step": seconds, "samples_per_s": args.batch / seconds,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    return {
+        "method": name,
+        "seconds_per_step": seconds,
+        "samples_per_s": args.batch / seconds,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
 
 
 def main() -> None:
@@ -62,8 +66,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=["ard", "mmt-ard", "ard", "mmt-ard"],
-                        help="timed in this order; repeats are averaged (alternating cancels warm-up drift)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["ard", "mmt-ard", "ard", "mmt-ard"],
+        help="timed in this order; repeats are averaged (alternating cancels warm-up drift)",
+    )
     parser.add_argument("--student", default="ViT-B-32")
     parser.add_argument("--teacher", default="ViT-L-14")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with tiny models)")
@@ -81,7 +89,10 @@ def main() -> None:
         freeze(bundle.model)
         teachers[role] = build_zero_shot_classifier(bundle, classnames, templates)
     results = [time_method(name, student_bundle, teachers, args, device, dtype) for name in args.methods]
-    seconds = {name: statistics.mean(r["seconds_per_step"] for r in results if r["method"] == name) for name in set(args.methods)}
+    seconds = {
+        name: statistics.mean(r["seconds_per_step"] for r in results if r["method"] == name)
+        for name in set(args.methods)
+    }
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "student": args.student,

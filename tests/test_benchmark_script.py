@@ -24,15 +24,24 @@ def test_ablation_covers_the_whole_diw_by_balance_grid(bench):
     cells = {(d, b) for d in bench.DIW_MODES for b in bench.BALANCES}
     assert len(cells) == 16
     for diw, balance in cells - {(bench.DEFAULT_DIW, bench.DEFAULT_BALANCE)}:
-        assert bench.ABLATION[bench.grid_stage_name(diw, balance)] == {"method": "mmt-ard", "diw": diw, "balance": balance}
+        assert bench.ABLATION[bench.grid_stage_name(diw, balance)] == {
+            "method": "mmt-ard",
+            "diw": diw,
+            "balance": balance,
+        }
     assert bench.grid_stage_name("cosine", "sigmoid") == "mmt-ard"  # the default is the headline student
     assert set(bench.CANDIDATES) <= set(bench.ABLATION)  # the candidates trained for every seed are ablation cells
 
 
 def _record(clean: float, eps: str, value: float, acc: float, zero: float, attack: str = "aa") -> dict:
     robust = [{"attack": attack, "eps": eps, "eps_value": value, "steps": 100, "restarts": 1, "acc": acc}]
-    checks = {"robust_not_above_clean": True, "monotonic_in_eps": True, "stronger_attack_not_weaker": None,
-              "zero_gradient_fraction": zero, "warnings": []}
+    checks = {
+        "robust_not_above_clean": True,
+        "monotonic_in_eps": True,
+        "stronger_attack_not_weaker": None,
+        "zero_gradient_fraction": zero,
+        "warnings": [],
+    }
     return {"clean_acc": clean, "robust": robust, "checks": checks, "seconds": 1.0, "eps_values": [eps]}
 
 
@@ -87,7 +96,10 @@ def test_aa_weaker_than_pgd_on_the_same_images_is_flagged(bench, monkeypatch, tm
 
 def test_grid_table_places_each_variant_in_its_cell(bench):
     def row(stage, clean, robust):
-        return {"stage": f"student-{stage}-seed0", "seen": {"clean_acc": clean, "robust": [{"eps": "4/255", "acc": robust}]}}
+        return {
+            "stage": f"student-{stage}-seed0",
+            "seen": {"clean_acc": clean, "robust": [{"eps": "4/255", "acc": robust}]},
+        }
 
     table = bench.grid_table([row("mmt-ard", 53.0, 12.0), row("diw=reference,balance=mtard", 49.0, 24.5)], "seen")
     lines = table.splitlines()

@@ -25,8 +25,22 @@ def _write_npz(folder, n_per_class=6, classes=CIFAR10, size=32):
 
 
 def test_registry_has_the_protocol_datasets():
-    protocol = {"imagenet", "cifar10", "cifar100", "stl10", "cars", "caltech101", "pets", "flowers", "dtd",
-                "eurosat", "fgvc_aircraft", "pcam", "imagenet-r", "imagenet_sketch"}
+    protocol = {
+        "imagenet",
+        "cifar10",
+        "cifar100",
+        "stl10",
+        "cars",
+        "caltech101",
+        "pets",
+        "flowers",
+        "dtd",
+        "eurosat",
+        "fgvc_aircraft",
+        "pcam",
+        "imagenet-r",
+        "imagenet_sketch",
+    }
     assert protocol <= set(list_datasets())
 
 

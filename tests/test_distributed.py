@@ -33,11 +33,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
-from mmtard.cli import main
 from test_train import MMT_ARD, REPO, make_npz_dir, read_metrics, same_weights
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed")
+from mmtard.cli import main
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
+)
 
 LAUNCHER = """
 import json, sys
@@ -60,8 +62,15 @@ def free_port() -> int:
 
 def overrides(data_dir: Path, out: Path, *extra: str) -> list[str]:
     """The CPU protocol config (tiny-vit-s student, tiny-vit-m teachers) at global batch 16, tiny eval."""
-    return [f"data.dir={data_dir}", f"output_dir={out}", "data.batch_size=16", "data.eval_samples=10", "eval.eps=[]",
-            "train.checkpoint_every=0", *extra]
+    return [
+        f"data.dir={data_dir}",
+        f"output_dir={out}",
+        "data.batch_size=16",
+        "data.eval_samples=10",
+        "eval.eps=[]",
+        "train.checkpoint_every=0",
+        *extra,
+    ]
 
 
 def argv(sets: list[str], *extra: str) -> list[str]:
@@ -78,13 +87,27 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     data_dir = make_npz_dir(root / "data")
     ddp = {name: root / f"ddp-{name}" for name in ("exact", "attack", "resumed")}
-    launches = [argv(overrides(data_dir, ddp["exact"], *EXACT)), argv(overrides(data_dir, ddp["attack"], *ATTACK)),
-                argv(overrides(data_dir, ddp["resumed"], *ATTACK), "--stop-after", "2"),
-                argv(overrides(data_dir, ddp["resumed"], *ATTACK), "--resume", "latest")]
+    launches = [
+        argv(overrides(data_dir, ddp["exact"], *EXACT)),
+        argv(overrides(data_dir, ddp["attack"], *ATTACK)),
+        argv(overrides(data_dir, ddp["resumed"], *ATTACK), "--stop-after", "2"),
+        argv(overrides(data_dir, ddp["resumed"], *ATTACK), "--resume", "latest"),
+    ]
     (root / "launch.py").write_text(LAUNCHER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(root / "launch.py"), json.dumps(launches)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(root / "launch.py"),
+        json.dumps(launches),
+    ]
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -104,7 +127,11 @@ def test_only_rank_0_writes(runs):
         assert [r["step"] for r in read_metrics(ddp[name])] == list(range(1, steps + 1)), name
     assert len(list((ddp["exact"] / "tensorboard").iterdir())) == 1
     assert len(list((ddp["attack"] / "tensorboard").iterdir())) == 1
-    assert sorted(p.name for p in (ddp["attack"] / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (ddp["attack"] / "checkpoints").iterdir()) == [
+        "latest",
+        "step_00000002",
+        "step_00000004",
+    ]
     assert not list((ddp["attack"] / "checkpoints").glob(".tmp*"))
     assert proc.stdout.count("held-out clean") == 1  # the exact run's final evaluation, printed by rank 0 only
 

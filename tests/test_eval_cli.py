@@ -8,14 +8,29 @@ import pytest
 
 from mmtard.cli import main
 
+
 def _run(tmp_path, *extra):
     out = tmp_path / "out"
-    argv = ["eval", "--model", "tiny-vit-s", "--pretrained", "none", "--dataset", "cifar10", "--no-progress", "--out", str(out), *extra]
+    argv = [
+        "eval",
+        "--model",
+        "tiny-vit-s",
+        "--pretrained",
+        "none",
+        "--dataset",
+        "cifar10",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return main(argv), out
 
 
 def test_eval_pgd_writes_results_with_schema(tmp_path, npz_dir, capsys):
-    code, out = _run(tmp_path, "--data-dir", str(npz_dir), "--samples", "20", "--attack", "pgd", "--eps", "1/255", "4/255")
+    code, out = _run(
+        tmp_path, "--data-dir", str(npz_dir), "--samples", "20", "--attack", "pgd", "--eps", "1/255", "4/255"
+    )
     assert code == 0
     record = json.loads((out / "results.json").read_text())
     for key in ("model", "pretrained", "dataset", "samples", "clean_acc", "robust", "checks"):
@@ -33,7 +48,9 @@ def test_eval_pgd_writes_results_with_schema(tmp_path, npz_dir, capsys):
 
 
 def test_eval_aa_on_the_shared_cifar10(tmp_path, cifar_dir):
-    code, out = _run(tmp_path, "--data-dir", str(cifar_dir), "--samples", "30", "--attack", "aa", "--eps", "4/255", "--steps", "20")
+    code, out = _run(
+        tmp_path, "--data-dir", str(cifar_dir), "--samples", "30", "--attack", "aa", "--eps", "4/255", "--steps", "20"
+    )
     assert code == 0
     record = json.loads((out / "results.json").read_text())
     assert record["robust"][0]["attack"] == "aa" and record["robust"][0]["steps"] == 20
@@ -41,8 +58,23 @@ def test_eval_aa_on_the_shared_cifar10(tmp_path, cifar_dir):
 
 def test_eval_several_datasets(tmp_path, npz_dir):
     out = tmp_path / "multi"
-    argv = ["eval", "--model", "tiny-vit-s", "--dataset", "cifar10", "npz", "--data-dir", str(npz_dir),
-            "--samples", "10", "--attack", "none", "--no-progress", "--out", str(out)]
+    argv = [
+        "eval",
+        "--model",
+        "tiny-vit-s",
+        "--dataset",
+        "cifar10",
+        "npz",
+        "--data-dir",
+        str(npz_dir),
+        "--samples",
+        "10",
+        "--attack",
+        "none",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     summary = json.loads((out / "results.json").read_text())
     assert [r["dataset"] for r in summary["results"]] == ["cifar10", "npz"]
@@ -69,5 +101,7 @@ def test_class_list_mismatch_is_one_clear_error(tmp_path, npz_dir, capsys):
 
 
 def test_unknown_model_is_one_clear_error(tmp_path, npz_dir, capsys):
-    code = main(["eval", "--model", "ViT-Nope", "--dataset", "cifar10", "--data-dir", str(npz_dir), "--out", str(tmp_path)])
+    code = main(
+        ["eval", "--model", "ViT-Nope", "--dataset", "cifar10", "--data-dir", str(npz_dir), "--out", str(tmp_path)]
+    )
     assert code == 2 and "unknown architecture 'ViT-Nope'" in capsys.readouterr().err

@@ -15,8 +15,16 @@ BATCHES = 5  # 40 images of the npz fixture, batch 8
 
 
 def _request(npz_dir, journal_dir, eps=(4 / 255,)):
-    return EvalRequest(datasets=["npz"], data_dirs=[str(npz_dir)], attacks=["pgd"], eps=eps, steps=2, batch_size=8,
-                       progress=False, journal_dir=str(journal_dir) if journal_dir else None)
+    return EvalRequest(
+        datasets=["npz"],
+        data_dirs=[str(npz_dir)],
+        attacks=["pgd"],
+        eps=eps,
+        steps=2,
+        batch_size=8,
+        progress=False,
+        journal_dir=str(journal_dir) if journal_dir else None,
+    )
 
 
 def _scores(record: dict) -> tuple:
@@ -88,6 +96,28 @@ def test_a_journal_with_another_identity_is_started_over(tmp_path):
 
 def test_cli_eval_removes_its_journal_once_results_are_written(npz_dir, tmp_path):
     out = tmp_path / "out"
-    main(["eval", "--model", "tiny-vit-s", "--pretrained", "none", "--dataset", "npz", "--data-dir", str(npz_dir),
-          "--attack", "pgd", "--steps", "1", "--eps", "4/255", "--batch-size", "16", "--no-progress", "--out", str(out)])
+    main(
+        [
+            "eval",
+            "--model",
+            "tiny-vit-s",
+            "--pretrained",
+            "none",
+            "--dataset",
+            "npz",
+            "--data-dir",
+            str(npz_dir),
+            "--attack",
+            "pgd",
+            "--steps",
+            "1",
+            "--eps",
+            "4/255",
+            "--batch-size",
+            "16",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert (out / "results.json").is_file() and not (out / "journal").exists()

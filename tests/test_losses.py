@@ -194,8 +194,12 @@ def test_mtard_balance_over_steps():
 def test_mtard_zero_guard():
     balance = MTARDBalance(("clean", "robust"), momentum=0.9, eta=0.5)
     balance.load_state_dict(
-        {"step": 1, "ema": {"clean": 0.0, "robust": 0.0}, "initial": {"clean": 1.0, "robust": 1.0},
-         "weights": {"clean": 0.3, "robust": 0.7}}
+        {
+            "step": 1,
+            "ema": {"clean": 0.0, "robust": 0.0},
+            "initial": {"clean": 1.0, "robust": 1.0},
+            "weights": {"clean": 0.3, "robust": 0.7},
+        }
     )
     lambdas = balance.update({"robust": 0.0, "clean": 0.0})  # r_R + r_C == 0: the target is 1/2
     assert abs(lambdas["clean"] - (0.3 - 0.5 * (0.3 - 0.5))) < TOL

@@ -25,7 +25,14 @@ EPS = 8 / 255
 ATTACK_STEPS = 3
 PRESETS = ["mmt-ard", "reference", "ard", "tecoa", "fare", "pmg-aft", "clean-ft"]
 TWO_TEACHER_METRICS = {
-    "L_R", "L_C", "lambda_R", "lambda_C", "robust_teacher_score", "clean_teacher_score", "acc_clean", "acc_adv"
+    "L_R",
+    "L_C",
+    "lambda_R",
+    "lambda_C",
+    "robust_teacher_score",
+    "clean_teacher_score",
+    "acc_clean",
+    "acc_adv",
 }
 EXPECTED_METRICS = {
     "mmt-ard": TWO_TEACHER_METRICS,

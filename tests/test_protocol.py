@@ -7,8 +7,18 @@ from dataclasses import replace
 from mmtard.eval.protocol_report import write_protocol_report
 from mmtard.protocol import DEMO_SCALE, protocol_stages, run_protocol
 
-TOY = replace(DEMO_SCALE, batch_size=16, foundation_steps=2, teacher_steps=2, student_steps=2, train_attack_steps=1,
-              eval_samples=10, eval_steps=1, eval_eps=(4 / 255,), train_samples=64)
+TOY = replace(
+    DEMO_SCALE,
+    batch_size=16,
+    foundation_steps=2,
+    teacher_steps=2,
+    student_steps=2,
+    train_attack_steps=1,
+    eval_samples=10,
+    eval_steps=1,
+    eval_eps=(4 / 255,),
+    train_samples=64,
+)
 
 
 def test_stages_reuse_foundations_and_teachers():
@@ -17,7 +27,10 @@ def test_stages_reuse_foundations_and_teachers():
     assert names[:4] == ["foundation-student", "foundation-teacher", "teacher-clean", "teacher-robust"]
     assert names.count("student-mmt-ard-seed1") == 1 and len(names) == 10
     mmt = next(stage for _, stage in stages if stage.name == "student-mmt-ard-seed0")
-    assert mmt.teachers == {"clean": "teacher-clean", "robust": "teacher-robust"} and mmt.pretrained == "@foundation-student"
+    assert (
+        mmt.teachers == {"clean": "teacher-clean", "robust": "teacher-robust"}
+        and mmt.pretrained == "@foundation-student"
+    )
 
 
 def test_demo_protocol_runs_writes_report_and_reuses_stages(tmp_path):

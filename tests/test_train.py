@@ -34,8 +34,19 @@ REPO = Path(__file__).resolve().parents[1]
 MMT_ARD = REPO / "configs" / "cpu" / "mmt-ard.yaml"
 PRESET_FILES = sorted((REPO / "configs" / "cpu").glob("*.yaml"))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-METRIC_KEYS = {"step", "loss", "L_R", "L_C", "lambda_R", "robust_teacher_score", "clean_teacher_score",
-               "acc_clean", "acc_adv", "lr", "samples_per_s"}
+METRIC_KEYS = {
+    "step",
+    "loss",
+    "L_R",
+    "L_C",
+    "lambda_R",
+    "robust_teacher_score",
+    "clean_teacher_score",
+    "acc_clean",
+    "acc_adv",
+    "lr",
+    "samples_per_s",
+}
 
 
 def make_npz_dir(folder: Path, train_per_class: int = 16, test_per_class: int = 4) -> Path:
@@ -55,12 +66,25 @@ def small(data_dir: Path, out: Path, *extra: str, config: Path = MMT_ARD) -> lis
     """``--set`` overrides for a tiny run of ``config``: 80 seen-class training images, batch 8, PGD-1 in
     training, tiny-vit-s teachers, clean-only held-out evaluation on 10 images."""
     teachers = [f"teachers.{role}.arch=tiny-vit-s" for role in load_config(config).teachers]
-    return [f"data.dir={data_dir}", f"output_dir={out}", "data.batch_size=8", "data.eval_samples=10", "method.steps=1",
-            "eval.eps=[]", "eval.steps=1", "eval.batch_size=16", "train.checkpoint_every=0", *teachers, *extra]
+    return [
+        f"data.dir={data_dir}",
+        f"output_dir={out}",
+        "data.batch_size=8",
+        "data.eval_samples=10",
+        "method.steps=1",
+        "eval.eps=[]",
+        "eval.steps=1",
+        "eval.batch_size=16",
+        "train.checkpoint_every=0",
+        *teachers,
+        *extra,
+    ]
 
 
 def as_argv(config: Path, overrides: list[str], *extra: str) -> list[str]:
-    return ["train", "--config", str(config), "--no-progress", *extra] + [a for item in overrides for a in ("--set", item)]
+    return ["train", "--config", str(config), "--no-progress", *extra] + [
+        a for item in overrides for a in ("--set", item)
+    ]
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -81,9 +105,15 @@ def data_dir(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("override, key", [("train.stepz=3", "train.stepz"), ("train.steps=abc", "train.steps"),
-                                           ("teachers.clean.archh=x", "teachers.clean.archh"),
-                                           ("method.stepz=2", "method.stepz")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.stepz=3", "train.stepz"),
+        ("train.steps=abc", "train.steps"),
+        ("teachers.clean.archh=x", "teachers.clean.archh"),
+        ("method.stepz=2", "method.stepz"),
+    ],
+)
 def test_bad_key_or_type_is_one_error_naming_the_key(override, key, tmp_path, capsys):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(MMT_ARD, [override])
@@ -117,22 +147,36 @@ def test_numbers_in_exponent_notation_are_numbers():
 
 def test_precedence_preset_then_yaml_then_set(tmp_path):
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text(textwrap.dedent("""\
+    yaml_file.write_text(
+        textwrap.dedent("""\
         teachers: {clean: {arch: tiny-vit-m}, robust: {arch: tiny-vit-m}}
         method: {name: reference, diw: confidence, lambda_clean: 2.0, lambda_robust: 3.0}
         train: {lr: 3.0e-4, steps: 7}
-        """))
+        """)
+    )
     cfg = load_config(yaml_file, ["method.lambda_clean=0.5", "train.steps=9"])
     assert cfg.method.balance == "fixed" and cfg.method.alpha == 1 / 255  # preset over the defaults
-    assert cfg.method.diw == "confidence" and cfg.method.lambda_robust == 3.0 and cfg.train.lr == 3e-4  # yaml over preset
+    assert (
+        cfg.method.diw == "confidence" and cfg.method.lambda_robust == 3.0 and cfg.train.lr == 3e-4
+    )  # yaml over preset
     assert cfg.method.lambda_clean == 0.5 and cfg.train.steps == 9  # --set over yaml
     assert cfg.method.beta == 5.0 and cfg.train.weight_decay == 1e-4  # nobody set them: the defaults
     assert load_config(yaml_file).method.lambda_clean == 2.0
 
 
 def test_saved_config_loads_back_to_the_same_run_config(tmp_path):
-    cfg = load_config(MMT_ARD, ["method.name=reference", "student.finetune=lora", "student.lora.alpha=32",
-                                "eval.eps=[1/255, 2/255]", "train.lr=3e-5", "data.samples=40", "method.logit_scale=model"])
+    cfg = load_config(
+        MMT_ARD,
+        [
+            "method.name=reference",
+            "student.finetune=lora",
+            "student.lora.alpha=32",
+            "eval.eps=[1/255, 2/255]",
+            "train.lr=3e-5",
+            "data.samples=40",
+            "method.logit_scale=model",
+        ],
+    )
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
 
@@ -145,8 +189,18 @@ def cli_run(data_dir, tmp_path_factory):
     """``mmtard train`` on the MMT-ARD CPU config (tiny-vit-m teachers): 8 steps, PGD-1, held-out eval
     PGD-2 on 20 images."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    overrides = [f"data.dir={data_dir}", f"output_dir={out}", "train.steps=8", "train.checkpoint_every=4", "data.batch_size=8",
-                 "method.steps=1", "data.eval_samples=20", "eval.eps=[4/255]", "eval.steps=2", "eval.batch_size=16"]
+    overrides = [
+        f"data.dir={data_dir}",
+        f"output_dir={out}",
+        "train.steps=8",
+        "train.checkpoint_every=4",
+        "data.batch_size=8",
+        "method.steps=1",
+        "data.eval_samples=20",
+        "eval.eps=[4/255]",
+        "eval.steps=2",
+        "eval.batch_size=16",
+    ]
     assert main(as_argv(MMT_ARD, overrides)) == 0
     return out, overrides
 
@@ -184,14 +238,53 @@ def test_student_loads_in_mmtard_eval_with_the_same_accuracy(finetune, steps, lr
     For LoRA the file holds the merged weights, while the run evaluated the unmerged adapters."""
     out = tmp_path / "run"
     config = REPO / "configs" / "cpu" / "clean-ft.yaml"
-    sets = [f"data.dir={data_dir}", f"output_dir={out}", f"train.steps={steps}", f"train.lr={lr}", f"student.finetune={finetune}",
-            "data.batch_size=16", "data.eval_samples=20", "eval.eps=[8/255]", "eval.steps=2", "eval.batch_size=16"]
+    sets = [
+        f"data.dir={data_dir}",
+        f"output_dir={out}",
+        f"train.steps={steps}",
+        f"train.lr={lr}",
+        f"student.finetune={finetune}",
+        "data.batch_size=16",
+        "data.eval_samples=20",
+        "eval.eps=[8/255]",
+        "eval.steps=2",
+        "eval.batch_size=16",
+    ]
     assert main(as_argv(config, sets)) == 0
     final = json.loads((out / "final_eval.json").read_text())
-    assert final["samples"] == 20 and 0 < final["robust"][0]["acc"] < final["clean_acc"] < 100, final  # informative numbers
-    argv = ["eval", "--model", "tiny-vit-s", "--pretrained", str(out / "model.safetensors"), "--dataset", "cifar10",
-            "--data-dir", str(data_dir), "--split", "test", "--classes", "seen", "--samples", "20", "--attack", "pgd",
-            "--eps", "8/255", "--steps", "2", "--batch-size", "16", "--seed", "0", "--no-progress", "--out", str(tmp_path / "eval")]
+    assert final["samples"] == 20 and 0 < final["robust"][0]["acc"] < final["clean_acc"] < 100, (
+        final
+    )  # informative numbers
+    argv = [
+        "eval",
+        "--model",
+        "tiny-vit-s",
+        "--pretrained",
+        str(out / "model.safetensors"),
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(data_dir),
+        "--split",
+        "test",
+        "--classes",
+        "seen",
+        "--samples",
+        "20",
+        "--attack",
+        "pgd",
+        "--eps",
+        "8/255",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--seed",
+        "0",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
     assert main(argv) == 0
     record = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert record["samples"] == final["samples"]
@@ -214,8 +307,12 @@ def recorded_teachers(monkeypatch) -> dict:
 
     def recording_build_teachers(*args, **kwargs):
         teachers = real_build_teachers(*args, **kwargs)
-        built.update({role: (model, {k: v.clone() for k, v in model.state_dict().items()}, model.prototypes.clone())
-                      for role, model in teachers.items()})
+        built.update(
+            {
+                role: (model, {k: v.clone() for k, v in model.state_dict().items()}, model.prototypes.clone())
+                for role, model in teachers.items()
+            }
+        )
         return teachers
 
     monkeypatch.setattr(trainer_module, "build_teachers", recording_build_teachers)
@@ -275,7 +372,9 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
-def test_stop_crash_and_resume_is_bitwise_the_uninterrupted_run(finetune, uninterrupted, data_dir, tmp_path, monkeypatch):
+def test_stop_crash_and_resume_is_bitwise_the_uninterrupted_run(
+    finetune, uninterrupted, data_dir, tmp_path, monkeypatch
+):
     """``--stop-after 2``; ``--resume latest`` crashes while writing the step-4 checkpoint; ``--resume latest``
     again finishes: the student and the logged metrics are those of the uninterrupted run."""
     out, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
@@ -330,8 +429,14 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(uninterrupted, data_dir,
     overrides = small(data_dir, out, *RESUME)
     # The reference ran in this process: the same thread count keeps CPU kernels bitwise comparable.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(MMT_ARD), *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(MMT_ARD), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == CHECKPOINT_1
@@ -342,9 +447,14 @@ def test_sigkill_while_writing_a_checkpoint_then_resume(uninterrupted, data_dir,
     assert not list(checkpoints.glob(".tmp_*"))  # cleaned up by the next checkpoint
 
 
-@pytest.mark.parametrize("change, message", [("student.lora.targets=[c_fc]", "do not match student.lora"),
-                                             ("student.lora.rank=4", "does not fit"),
-                                             ("student.finetune=full", "is a LoRA checkpoint")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("student.lora.targets=[c_fc]", "do not match student.lora"),
+        ("student.lora.rank=4", "does not fit"),
+        ("student.finetune=full", "is a LoRA checkpoint"),
+    ],
+)
 def test_resume_with_another_student_setup_is_one_clear_error(change, message, uninterrupted, data_dir, tmp_path):
     """A LoRA checkpoint resumed with other adapters must not silently train fresh ones."""
     out = tmp_path / "run"

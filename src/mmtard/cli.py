@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from mmtard.errors import ConfigError
 from mmtard.units import parse_eps
@@ -24,28 +24,52 @@ def _eps_arg(text: str) -> float:
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="clean and robust zero-shot accuracy of a CLIP model")
-    p.add_argument("--model", required=True, help="open_clip architecture (ViT-B-32, tiny-vit-s, ...) or hf-hub:ORG/REPO")
-    p.add_argument("--pretrained", default="none", help="pretrained tag (openai, ...), checkpoint file, or none (random weights)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)")
+    p.add_argument(
+        "--model", required=True, help="open_clip architecture (ViT-B-32, tiny-vit-s, ...) or hf-hub:ORG/REPO"
+    )
+    p.add_argument(
+        "--pretrained", default="none", help="pretrained tag (openai, ...), checkpoint file, or none (random weights)"
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)",
+    )
     p.add_argument("--dataset", nargs="+", required=True, help="one or more registered datasets (see README)")
     p.add_argument("--data-dir", nargs="+", default=[None], help="data folder per dataset (one for all, or one each)")
     p.add_argument("--split", default="test")
     p.add_argument("--classes", default="all", help="all | seen | unseen | comma-separated class names")
     p.add_argument("--samples", type=int, default=None, help="fixed class-balanced subset of N images")
-    p.add_argument("--attack", nargs="+", default=["pgd"], help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)")
-    p.add_argument("--eps", nargs="+", type=_eps_arg, default=[1 / 255, 2 / 255, 4 / 255], help="radii as fractions of the pixel range, e.g. 1/255 4/255")
+    p.add_argument(
+        "--attack", nargs="+", default=["pgd"], help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)"
+    )
+    p.add_argument(
+        "--eps",
+        nargs="+",
+        type=_eps_arg,
+        default=[1 / 255, 2 / 255, 4 / 255],
+        help="radii as fractions of the pixel range, e.g. 1/255 4/255",
+    )
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
     p.add_argument("--steps", type=int, default=None, help="attack iterations (default: PGD 10, APGD 100)")
     p.add_argument("--restarts", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--logit-scale", default="100", help="fixed scale (default 100) or 'model' for the model's learned scale")
+    p.add_argument(
+        "--logit-scale", default="100", help="fixed scale (default 100) or 'model' for the model's learned scale"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset (never done otherwise)")
+    p.add_argument(
+        "--download", action="store_true", help="let torchvision download the dataset (never done otherwise)"
+    )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="output folder for results.json and results.md (an interrupted run, "
-                   "rerun with the same arguments, continues from the journal in OUT/journal)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder for results.json and results.md (an interrupted run, "
+        "rerun with the same arguments, continues from the journal in OUT/journal)",
+    )
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -57,7 +81,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
     if len(args.data_dir) not in (1, len(args.dataset)):
-        raise ConfigError(f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), got {len(args.data_dir)}")
+        raise ConfigError(
+            f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
+            f"got {len(args.data_dir)}"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
     bundle = load_clip(args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint)
@@ -94,10 +121,18 @@ def run_eval(args: argparse.Namespace) -> int:
 def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a student (MMT-ARD, a baseline) or a teacher from a YAML config")
     p.add_argument("--config", required=True, help="YAML run config, e.g. configs/cpu/mmt-ard.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.steps=20 --set method.eps=2/255 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.steps=20 --set method.eps=2/255 (repeatable)",
+    )
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
-    p.add_argument("--stop-after", type=int, default=None, help="stop with a checkpoint after N steps of this invocation")
+    p.add_argument(
+        "--stop-after", type=int, default=None, help="stop with a checkpoint after N steps of this invocation"
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -109,13 +144,21 @@ def run_train(args: argparse.Namespace) -> int:
     final = train(config, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     if final:
         robust = ", ".join(f"{e['attack']} {e['eps']} ({e['steps']} steps) {e['acc']:.1f}%" for e in final["robust"])
-        print(f"{config.method.name}: held-out clean {final['clean_acc']:.1f}%, robust {robust} on {final['samples']} images")
-        print(f"student weights: {config.output_dir}/model.safetensors (mmtard eval --model {config.student.arch} --pretrained {config.output_dir}/model.safetensors)")
+        print(
+            f"{config.method.name}: held-out clean {final['clean_acc']:.1f}%, "
+            f"robust {robust} on {final['samples']} images"
+        )
+        print(
+            f"student weights: {config.output_dir}/model.safetensors "
+            f"(mmtard eval --model {config.student.arch} --pretrained {config.output_dir}/model.safetensors)"
+        )
     return 0
 
 
 def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the CPU-scale protocol in minutes: foundations, teachers, TeCoA / ARD / MMT-ARD students, report")
+    p = sub.add_parser(
+        "demo", help="the CPU-scale protocol in minutes: foundations, teachers, TeCoA / ARD / MMT-ARD students, report"
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (report.md, plots, every stage's run)")
     p.add_argument("--dataset", default="digits", help="digits (ships with scikit-learn, default) or cifar10")
     p.add_argument("--data-dir", default=None, help="data folder, e.g. ../shared/data/cifar10 for --dataset cifar10")
@@ -135,10 +178,16 @@ def run_demo(args: argparse.Namespace) -> int:
         scale = replace(scale, train_samples=5000)
     started = time.perf_counter()
     rows = run_protocol(args.out, scale, progress=not args.no_progress)
-    scale_text = (f"foundations {scale.foundation_steps} steps, teachers {scale.teacher_steps}, students {scale.student_steps} "
-                  f"(batch {scale.batch_size}, training PGD-{scale.train_attack_steps} at eps 4/255); {scale.eval_samples} test "
-                  f"images per column; whole run {time.perf_counter() - started:.0f} s")
-    command = "mmtard demo " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("out", args.out), ("dataset", args.dataset), ("data_dir", args.data_dir)) if v)
+    scale_text = (
+        f"foundations {scale.foundation_steps} steps, teachers {scale.teacher_steps}, students {scale.student_steps} "
+        f"(batch {scale.batch_size}, training PGD-{scale.train_attack_steps} at eps 4/255); {scale.eval_samples} test "
+        f"images per column; whole run {time.perf_counter() - started:.0f} s"
+    )
+    command = "mmtard demo " + " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in (("out", args.out), ("dataset", args.dataset), ("data_dir", args.data_dir))
+        if v
+    )
     report = write_protocol_report(args.out, rows, command, scale_text)
     print("seen classes (in-distribution)\n" + results_table(rows, "seen"))
     print("\nunseen classes (zero-shot)\n" + results_table(rows, "unseen"))
@@ -161,7 +210,9 @@ COMMANDS = {"eval": run_eval, "train": run_train, "demo": run_demo}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, FileNotFoundError) as exc:

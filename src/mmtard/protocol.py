@@ -12,9 +12,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 from mmtard.eval.run import EvalRequest, evaluate_bundle
 from mmtard.fileio import atomic_write_text
@@ -89,13 +89,30 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path) -> RunConfig
         output_dir=str(out / stage.name),
         device=scale.device,
         student=StudentConfig(arch=stage.arch, pretrained=stage.pretrained),
-        teachers={role: ModelConfig(arch=scale.teacher_arch, pretrained=str(out / src / "model.safetensors")) for role, src in stage.teachers.items()},
+        teachers={
+            role: ModelConfig(arch=scale.teacher_arch, pretrained=str(out / src / "model.safetensors"))
+            for role, src in stage.teachers.items()
+        },
         method=method_config(stage.method, **overrides),
-        data=DataConfig(dataset=scale.dataset, dir=scale.data_dir, classes=stage.classes, samples=scale.train_samples,
-                        eval_classes=stage.classes, eval_samples=min(scale.eval_samples, 100), batch_size=scale.batch_size),
-        train=OptimConfig(steps=stage.steps, lr=stage.lr, weight_decay=stage.weight_decay, seed=stage.seed,
-                          checkpoint_every=max(stage.steps // 2, 1)),
-        eval=EvalConfig(every=stage.eval_every, eps=[scale.train_eps], steps=scale.eval_steps or 10, final=stage.eval_every > 0),
+        data=DataConfig(
+            dataset=scale.dataset,
+            dir=scale.data_dir,
+            classes=stage.classes,
+            samples=scale.train_samples,
+            eval_classes=stage.classes,
+            eval_samples=min(scale.eval_samples, 100),
+            batch_size=scale.batch_size,
+        ),
+        train=OptimConfig(
+            steps=stage.steps,
+            lr=stage.lr,
+            weight_decay=stage.weight_decay,
+            seed=stage.seed,
+            checkpoint_every=max(stage.steps // 2, 1),
+        ),
+        eval=EvalConfig(
+            every=stage.eval_every, eps=[scale.train_eps], steps=scale.eval_steps or 10, final=stage.eval_every > 0
+        ),
     ).validate()
 
 
@@ -109,7 +126,10 @@ def run_stage(scale: ProtocolScale, stage: StageSpec, out: Path, progress: bool)
     resume = "latest" if (out / stage.name / "checkpoints" / "latest").is_file() else None
     started = time.perf_counter()
     train(cfg, resume=resume, progress=progress)
-    atomic_write_text(out / stage.name / "train_time.json", json.dumps({"seconds": time.perf_counter() - started, "steps": stage.steps}))
+    atomic_write_text(
+        out / stage.name / "train_time.json",
+        json.dumps({"seconds": time.perf_counter() - started, "steps": stage.steps}),
+    )
     return model_file
 
 
@@ -123,9 +143,17 @@ def evaluate_stage(scale: ProtocolScale, arch: str, model_file: Path, progress: 
     results = {}
     journal = model_file.parent / "eval_journal"  # an interrupted evaluation continues from its last batch
     for split in ("seen", "unseen"):
-        request = EvalRequest(datasets=[scale.dataset], data_dirs=[scale.data_dir], classes=split, samples=scale.eval_samples,
-                              attacks=scale.eval_attacks, eps=scale.eval_eps, steps=scale.eval_steps, progress=progress,
-                              journal_dir=str(journal))
+        request = EvalRequest(
+            datasets=[scale.dataset],
+            data_dirs=[scale.data_dir],
+            classes=split,
+            samples=scale.eval_samples,
+            attacks=scale.eval_attacks,
+            eps=scale.eval_eps,
+            steps=scale.eval_steps,
+            progress=progress,
+            journal_dir=str(journal),
+        )
         (results[split],) = evaluate_bundle(bundle, request)
     atomic_write_text(cache, json.dumps(results, indent=2))
     shutil.rmtree(journal, ignore_errors=True)
@@ -138,7 +166,9 @@ def _auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def protocol_stages(scale: ProtocolScale, methods: Sequence[str], seeds: Sequence[int] = (0,), variants: dict[str, dict] | None = None) -> list[tuple[str, StageSpec]]:
+def protocol_stages(
+    scale: ProtocolScale, methods: Sequence[str], seeds: Sequence[int] = (0,), variants: dict[str, dict] | None = None
+) -> list[tuple[str, StageSpec]]:
     """``(role, stage)`` in training order: foundations, teachers, then one student per method and seed.
 
     ``variants`` adds students named ``<name>`` with method overrides, e.g. ablations of DIW x balance:
@@ -146,10 +176,56 @@ def protocol_stages(scale: ProtocolScale, methods: Sequence[str], seeds: Sequenc
     """
     fs, ft = "foundation-student", "foundation-teacher"
     stages = [
-        ("foundation", StageSpec(fs, scale.student_arch, "clean-ft", "none", "all", scale.foundation_steps, scale.foundation_lr, weight_decay=0.05)),
-        ("foundation", StageSpec(ft, scale.teacher_arch, "clean-ft", "none", "all", scale.foundation_steps, scale.foundation_lr, weight_decay=0.05)),
-        ("teacher", StageSpec("teacher-clean", scale.teacher_arch, "clean-ft", _model(ft), "seen", scale.teacher_steps, scale.finetune_lr)),
-        ("teacher", StageSpec("teacher-robust", scale.teacher_arch, "tecoa", _model(ft), "seen", scale.teacher_steps, scale.finetune_lr)),
+        (
+            "foundation",
+            StageSpec(
+                fs,
+                scale.student_arch,
+                "clean-ft",
+                "none",
+                "all",
+                scale.foundation_steps,
+                scale.foundation_lr,
+                weight_decay=0.05,
+            ),
+        ),
+        (
+            "foundation",
+            StageSpec(
+                ft,
+                scale.teacher_arch,
+                "clean-ft",
+                "none",
+                "all",
+                scale.foundation_steps,
+                scale.foundation_lr,
+                weight_decay=0.05,
+            ),
+        ),
+        (
+            "teacher",
+            StageSpec(
+                "teacher-clean",
+                scale.teacher_arch,
+                "clean-ft",
+                _model(ft),
+                "seen",
+                scale.teacher_steps,
+                scale.finetune_lr,
+            ),
+        ),
+        (
+            "teacher",
+            StageSpec(
+                "teacher-robust",
+                scale.teacher_arch,
+                "tecoa",
+                _model(ft),
+                "seen",
+                scale.teacher_steps,
+                scale.finetune_lr,
+            ),
+        ),
     ]
     students = {name: {"method": name} for name in methods}
     students.update(variants or {})
@@ -159,8 +235,19 @@ def protocol_stages(scale: ProtocolScale, methods: Sequence[str], seeds: Sequenc
         roles = create_method(method_config(method, **spec)).teacher_roles  # "original" is the trainer's copy
         teachers = {role: f"teacher-{role}" for role in roles if role != "original"}
         for seed in seeds:
-            stage = StageSpec(f"student-{name}-seed{seed}", scale.student_arch, method, _model(fs), "seen", scale.student_steps,
-                              scale.finetune_lr, teachers, spec, seed, scale.eval_every if name in DISTILLATION_PRESETS else 0)
+            stage = StageSpec(
+                f"student-{name}-seed{seed}",
+                scale.student_arch,
+                method,
+                _model(fs),
+                "seen",
+                scale.student_steps,
+                scale.finetune_lr,
+                teachers,
+                spec,
+                seed,
+                scale.eval_every if name in DISTILLATION_PRESETS else 0,
+            )
             stages.append((name, stage))
     return stages
 
@@ -172,8 +259,14 @@ def _model(stage: str) -> str:
     return f"@{stage}"  # resolved against the run folder in run_protocol
 
 
-def run_protocol(out: str | Path, scale: ProtocolScale, methods: Sequence[str] = ("tecoa", "ard", "mmt-ard"), seeds: Sequence[int] = (0,),
-                 variants: dict[str, dict] | None = None, progress: bool = True) -> list[dict]:
+def run_protocol(
+    out: str | Path,
+    scale: ProtocolScale,
+    methods: Sequence[str] = ("tecoa", "ard", "mmt-ard"),
+    seeds: Sequence[int] = (0,),
+    variants: dict[str, dict] | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Run every stage and evaluate every model; one row per model with seen and unseen results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,8 +276,22 @@ def run_protocol(out: str | Path, scale: ProtocolScale, methods: Sequence[str] =
             stage = replace(stage, pretrained=str(out / stage.pretrained[1:] / "model.safetensors"))
         model_file = run_stage(scale, stage, out, progress)
         results = evaluate_stage(scale, stage.arch, model_file, progress)
-        timing = json.loads((out / stage.name / "train_time.json").read_text()) if (out / stage.name / "train_time.json").is_file() else {}
-        rows.append({"stage": stage.name, "role": role, "method": stage.method, "seed": stage.seed, "arch": stage.arch,
-                     "train_seconds": timing.get("seconds"), "steps": stage.steps, **results})
+        timing = (
+            json.loads((out / stage.name / "train_time.json").read_text())
+            if (out / stage.name / "train_time.json").is_file()
+            else {}
+        )
+        rows.append(
+            {
+                "stage": stage.name,
+                "role": role,
+                "method": stage.method,
+                "seed": stage.seed,
+                "arch": stage.arch,
+                "train_seconds": timing.get("seconds"),
+                "steps": stage.steps,
+                **results,
+            }
+        )
     atomic_write_text(out / "rows.json", json.dumps(rows, indent=2))
     return rows

@@ -17,7 +17,9 @@ def parse_eps(value: str | float | int, field: str = "eps") -> float:
     try:
         number = float(Fraction(text)) if "/" in text else float(text)
     except (ValueError, ZeroDivisionError):
-        raise ConfigError(f"{field}: cannot read {value!r}; write a fraction of the pixel range such as 4/255") from None
+        raise ConfigError(
+            f"{field}: cannot read {value!r}; write a fraction of the pixel range such as 4/255"
+        ) from None
     if number > 1:
         raise ConfigError(
             f"{field}: {value!r} is larger than the whole pixel range [0, 1]; radii are fractions of the "

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

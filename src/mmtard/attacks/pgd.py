@@ -8,7 +8,7 @@ eps-ball. After every step the image is clipped to ``[0, 1]``. Shapes: ``x`` is 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -81,7 +81,9 @@ def pgd(
     """
     check_norm(norm)
     if eps < 0 or alpha <= 0 or steps < 0 or restarts < 1:
-        raise ConfigError(f"pgd: need eps >= 0, alpha > 0, steps >= 0, restarts >= 1 (got {eps}, {alpha}, {steps}, {restarts})")
+        raise ConfigError(
+            f"pgd: need eps >= 0, alpha > 0, steps >= 0, restarts >= 1 (got {eps}, {alpha}, {steps}, {restarts})"
+        )
     x = x.detach()
     best = x.clone()
     best_loss = torch.full((x.shape[0],), -float("inf"), device=x.device)

@@ -6,7 +6,8 @@ Adding an attack means adding one module with a registered ``Attack`` subclass a
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from mmtard.attacks.base import Attack
 from mmtard.errors import ConfigError

@@ -8,9 +8,9 @@ Formats: the npz folder (``train.npz`` / ``test.npz`` with ``x`` uint8 ``(N, H, 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,10 +51,14 @@ def load_npz_folder(root: str | Path, split: str, download: bool = False) -> Raw
     with np.load(path) as arrays:
         missing = {"x", "y"} - set(arrays.files)
         if missing:
-            raise ConfigError(f"data_dir: '{path}' lacks arrays {sorted(missing)}; expected x uint8 (N, H, W, 3) and y int (N,)")
+            raise ConfigError(
+                f"data_dir: '{path}' lacks arrays {sorted(missing)}; expected x uint8 (N, H, W, 3) and y int (N,)"
+            )
         images, labels = arrays["x"], arrays["y"]
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ConfigError(f"data_dir: '{path}' array x has shape {images.shape} and dtype {images.dtype}; expected uint8 (N, H, W, 3)")
+        raise ConfigError(
+            f"data_dir: '{path}' array x has shape {images.shape} and dtype {images.dtype}; expected uint8 (N, H, W, 3)"
+        )
     if len(images) != len(labels):
         raise ConfigError(f"data_dir: '{path}' has {len(images)} images but {len(labels)} labels")
     classes_file = root / "classes.txt"
@@ -77,7 +81,9 @@ def _from_torchvision(dataset_cls: Callable, root: Path, download: bool, **kwarg
         data = data.transpose(0, 2, 3, 1)
     labels = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels)
     classnames = [c.replace("_", " ") for c in ds.classes]
-    return RawImages(torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels.astype(np.int64)), classnames)
+    return RawImages(
+        torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels.astype(np.int64)), classnames
+    )
 
 
 def load_cifar(root: str | Path, split: str, download: bool = False, num_classes: int = 10) -> RawImages:
@@ -122,7 +128,9 @@ def load_image_folder(root: str | Path, split: str, download: bool = False) -> R
     if not paths:
         raise FileNotFoundError(f"data_dir: no image files under '{base}'")
     names = [f.name for f in folders]
-    return RawImages(paths, torch.tensor(labels, dtype=torch.int64), [n.replace("_", " ") for n in names], folder_names=names)
+    return RawImages(
+        paths, torch.tensor(labels, dtype=torch.int64), [n.replace("_", " ") for n in names], folder_names=names
+    )
 
 
 def load_sklearn_digits(root: str | Path | None = None, split: str = "test", download: bool = False) -> RawImages:

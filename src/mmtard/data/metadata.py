@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from open_clip import zero_shot_metadata
 
 
-@lru_cache(maxsize=None)
+@cache
 def _clip_benchmark_json(name: str) -> dict:
     spec = importlib.util.find_spec("clip_benchmark")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the clip-benchmark package is needed for zero-shot class names and templates: pip install clip-benchmark")
+        raise ImportError(
+            "the clip-benchmark package is needed for zero-shot class names and templates: pip install clip-benchmark"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / name
     with open(path, encoding="utf-8") as f:
         return json.load(f)

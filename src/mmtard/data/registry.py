@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cache, partial
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -58,7 +58,7 @@ def get_dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _imagenet_wnids() -> list[str]:
     """The 1,000 ImageNet WordNet ids in class order, read from clip-benchmark's builder (not imported:
     importing it pulls in optional dependencies)."""
@@ -78,7 +78,9 @@ def _imagenet_family(root, split, download=False) -> RawImages:
     names = metadata.imagenet_classnames()
     unknown = [f for f in raw.folder_names if f not in index]
     if unknown:
-        raise ConfigError(f"data_dir: folders {unknown[:3]} are not ImageNet WordNet ids (expected n0xxxxxxx class folders)")
+        raise ConfigError(
+            f"data_dir: folders {unknown[:3]} are not ImageNet WordNet ids (expected n0xxxxxxx class folders)"
+        )
     raw.classnames = [names[index[f]] for f in raw.folder_names]
     return raw
 
@@ -130,7 +132,10 @@ def resolve_classes(classes: str | Sequence[str] | None, classnames: Sequence[st
     lookup = {name: i for i, name in enumerate(classnames)}
     unknown = [n for n in names if n not in lookup]
     if unknown:
-        raise ConfigError(f"classes: {unknown} are not classes of this dataset; expected all, seen, unseen or names from {list(classnames)}")
+        raise ConfigError(
+            f"classes: {unknown} are not classes of this dataset; "
+            f"expected all, seen, unseen or names from {list(classnames)}"
+        )
     return [lookup[n] for n in names]
 
 
@@ -201,11 +206,14 @@ def create_dataset(
     raw = spec.load(data_dir, split, download=download)
     names = list(classnames) if classnames is not None else (spec.classnames() if spec.classnames else raw.classnames)
     if names is None:
-        raise ConfigError(f"classnames: dataset {name} has no class names in '{data_dir}' (add classes.txt or pass classnames)")
+        raise ConfigError(
+            f"classnames: dataset {name} has no class names in '{data_dir}' (add classes.txt or pass classnames)"
+        )
     num_labels = int(raw.labels.max()) + 1 if len(raw.labels) else 0
     if len(names) != num_labels:
         raise ConfigError(
-            f"classnames: {len(names)} class names given for {name}, but the labels in '{data_dir}' run 0..{num_labels - 1} "
+            f"classnames: {len(names)} class names given for {name}, "
+            f"but the labels in '{data_dir}' run 0..{num_labels - 1} "
             f"({num_labels} classes); the list must have one name per label, in label order"
         )
     chosen = resolve_classes(classes, names)

@@ -9,8 +9,8 @@ import json
 import platform
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mmtard.eval.report import robust_column
 from mmtard.fileio import atomic_path, atomic_write_text
@@ -58,12 +58,20 @@ def plot_robust_vs_eps(rows: Sequence[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, split, title in zip(axes, ("seen", "unseen"), ("seen classes (in-distribution)", "unseen classes (zero-shot)")):
+    for ax, split, title in zip(
+        axes, ("seen", "unseen"), ("seen classes (in-distribution)", "unseen classes (zero-shot)")
+    ):
         for name, group in group_by_model(rows).items():
             record = group[0][split]
             eps = [0.0] + [entry["eps_value"] * 255 for entry in record["robust"]]
             values = [statistics.mean(v) for v in zip(*[_accuracies(row, split) for row in group])]
-            ax.plot(eps, values, marker="o", label=name, linestyle="--" if group[0]["role"] in ("foundation", "teacher") else "-")
+            ax.plot(
+                eps,
+                values,
+                marker="o",
+                label=name,
+                linestyle="--" if group[0]["role"] in ("foundation", "teacher") else "-",
+            )
         attack = record["robust"][0] if record["robust"] else {"attack": "", "steps": ""}
         ax.set_title(title)
         ax.set_xlabel(f"eps (x/255), {attack['attack']}-{attack['steps']} L-inf")
@@ -113,7 +121,7 @@ def write_protocol_report(out: str | Path, rows: Sequence[dict], command: str, s
     text = f"""# MMT-ARD on the CPU-scale protocol
 
 Command: `{command}`
-Machine: {platform.node() or 'unknown'} ({platform.machine()}, {platform.processor() or 'cpu'}), dataset `{rows[0]['seen']['dataset']}`.
+Machine: {platform.node() or "unknown"} ({platform.machine()}, {platform.processor() or "cpu"}), dataset `{rows[0]["seen"]["dataset"]}`.
 Scale: {scale_text}
 
 Accuracy in percent. Robust columns name the attack, eps (L-inf, fraction of the pixel range), steps

@@ -10,7 +10,8 @@ from mmtard.fileio import atomic_write_text
 
 def robust_column(entry: dict) -> str:
     """Column title naming everything that produced a robust number: attack, eps, steps, restarts."""
-    return f"{entry['attack']} {entry['eps']} ({entry['steps']} steps, {entry['restarts']} restart{'s' if entry['restarts'] != 1 else ''})"
+    plural = "s" if entry["restarts"] != 1 else ""
+    return f"{entry['attack']} {entry['eps']} ({entry['steps']} steps, {entry['restarts']} restart{plural})"
 
 
 def markdown_table(records: list[dict]) -> str:

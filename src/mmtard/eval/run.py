@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -54,7 +54,9 @@ class EvalRequest:
 def build_attacks(request: EvalRequest) -> list[Attack]:
     names = [a for a in request.attacks if a != "none"]
     return [
-        create_attack(name, eps=eps, norm=request.norm, steps=request.steps, restarts=request.restarts, seed=request.seed)
+        create_attack(
+            name, eps=eps, norm=request.norm, steps=request.steps, restarts=request.restarts, seed=request.seed
+        )
         for name in names
         for eps in request.eps
     ]

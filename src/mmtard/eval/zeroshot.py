@@ -86,7 +86,9 @@ def evaluate_classifier(
     for index, batch in enumerate(tqdm(loader, desc=f"eval {name}", disable=not progress, leave=False)):
         counts = journal.done.get(index) if journal is not None else None
         if counts is None:
-            counts = _evaluate_batch(classifier, attacks, batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True))
+            counts = _evaluate_batch(
+                classifier, attacks, batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            )
             if journal is not None:
                 journal.record(dict(counts, batch=index))
         else:
@@ -124,5 +126,10 @@ def _evaluate_batch(classifier: nn.Module, attacks: list[Attack], x: torch.Tenso
                 x_adv = attack(classifier, x_ok, y_ok)
                 with torch.no_grad():
                     robust[i] = int((classifier(x_adv).argmax(1) == y_ok).sum())
-    return {"images": len(y), "clean": int(correct.sum()), "robust": robust, "zero_grad": zero_grad,
-            "seconds": time.perf_counter() - start}
+    return {
+        "images": len(y),
+        "clean": int(correct.sum()),
+        "robust": robust,
+        "zero_grad": zero_grad,
+        "seconds": time.perf_counter() - start,
+    }

@@ -14,9 +14,9 @@ wrapper is called exactly for the training forwards whose outputs the loss uses.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ def student_forward_pair(student: nn.Module, x: torch.Tensor, x_adv: torch.Tenso
     if has_batch_norm(unwrap(student).visual):
         return student(x), student(x_adv)
     logits = student(torch.cat([x, x_adv]))
-    return logits[: x.shape[0]], logits[x.shape[0]:]
+    return logits[: x.shape[0]], logits[x.shape[0] :]
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

@@ -49,8 +49,15 @@ def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{field}: expected one of {', '.join(allowed)}; got {value!r}")
 
 
-def _number(field: str, value: object, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False) -> None:
+def _number(
+    field: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """Check that ``value`` is a finite real number in the given interval."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{field}: expected a finite number, got {value!r}")

@@ -9,7 +9,7 @@ No labels are used, so no accuracy is reported.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

@@ -8,7 +8,7 @@ work on python floats, so that their state is exact to save and restore.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,9 @@ def per_sample_kl(target_logits: torch.Tensor, student_logits: torch.Tensor, tem
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
-def cross_entropy_objective(model: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def cross_entropy_objective(
+    model: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The ``ce`` inner objective: ``x' -> CE(z(x'), y)`` per sample, for PGD to maximise (TeCoA, PMG-AFT)."""
     return lambda x_adv: F.cross_entropy(model(x_adv), y, reduction="none")
 
@@ -67,7 +69,9 @@ def true_class_probability(logits: torch.Tensor, y: torch.Tensor, temperature: f
     return F.softmax(logits.detach().float() / temperature, dim=-1).gather(1, y.view(-1, 1)).squeeze(1)
 
 
-def normalize_by_batch_mean(signal: torch.Tensor, batch_mean: Callable[[torch.Tensor], torch.Tensor] = torch.mean) -> torch.Tensor:
+def normalize_by_batch_mean(
+    signal: torch.Tensor, batch_mean: Callable[[torch.Tensor], torch.Tensor] = torch.mean
+) -> torch.Tensor:
     """``signal / mean(signal)`` so the weights average 1; all ones when the batch mean is 0.
 
     ``batch_mean`` computes the mean; under DistributedDataParallel the trainer passes the mean over the

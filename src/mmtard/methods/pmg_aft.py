@@ -9,7 +9,7 @@ clean distribution is a training output, not a fixed target.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F

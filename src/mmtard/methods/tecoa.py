@@ -6,7 +6,7 @@ Robustness for Large-Scale Models", ICLR 2023).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F

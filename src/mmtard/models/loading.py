@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import open_clip
 import torch
@@ -96,8 +96,12 @@ def check_architecture(name: str) -> None:
     if name.startswith(("hf-hub:", "local-dir:")):
         return
     if name not in open_clip.list_models():
-        known = ", ".join(m for m in open_clip.list_models() if m.startswith("tiny-")) + ", ViT-B-32, ViT-L-14, RN50, ..."
-        raise ConfigError(f"model: unknown architecture '{name}'. Expected an open_clip name ({known}) or 'hf-hub:ORG/REPO'.")
+        known = (
+            ", ".join(m for m in open_clip.list_models() if m.startswith("tiny-")) + ", ViT-B-32, ViT-L-14, RN50, ..."
+        )
+        raise ConfigError(
+            f"model: unknown architecture '{name}'. Expected an open_clip name ({known}) or 'hf-hub:ORG/REPO'."
+        )
 
 
 def load_clip(

@@ -6,7 +6,7 @@ normalisation, ``T`` the ``(K, D)`` cached text prototypes and ``s`` the logit s
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -4,7 +4,8 @@ Layout of ``<run>/checkpoints/step_00000100/``:
 
 - ``model.safetensors``: the student's full open_clip state dict (LoRA merged): a plain CLIP checkpoint.
 - ``adapter.safetensors``: LoRA students only, the adapter weights to resume from.
-- ``trainer_state.pt``: optimizer, scheduler, grad scaler, RNG states (a list, one per process), step and method (balance)
+- ``trainer_state.pt``: optimizer, scheduler, grad scaler, RNG states (a list, one per process), step and method
+  (balance)
   state; tensors and plain containers only, read back with ``torch.load(weights_only=True)``.
 
 A checkpoint is assembled in a temporary folder and renamed into place; only then is
@@ -102,7 +103,9 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
     if resume == "latest":
         pointer = output_dir / "checkpoints" / "latest"
         if not pointer.is_file():
-            raise FileNotFoundError(f"--resume latest: no checkpoint in '{output_dir / 'checkpoints'}' (nothing to resume)")
+            raise FileNotFoundError(
+                f"--resume latest: no checkpoint in '{output_dir / 'checkpoints'}' (nothing to resume)"
+            )
         path = output_dir / "checkpoints" / pointer.read_text().strip()
     else:
         path = Path(resume)

@@ -11,9 +11,10 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -117,14 +118,22 @@ class RunConfig:
         method = create_method(self.method)
         missing = [role for role in method.teacher_roles if role != "original" and role not in self.teachers]
         if missing:
-            raise ConfigError(f"teachers: method {self.method.name} needs teacher(s) {missing}; add teachers.<role>.arch and .pretrained")
+            raise ConfigError(
+                f"teachers: method {self.method.name} needs teacher(s) {missing}; "
+                "add teachers.<role>.arch and .pretrained"
+            )
         if self.student.finetune not in ("full", "lora"):
             raise ConfigError(f"student.finetune: expected full or lora, got {self.student.finetune!r}")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision: expected auto, fp32, bf16 or fp16, got {self.train.precision!r}")
-        for name, value, low in (("train.steps", self.train.steps, 1), ("data.batch_size", self.data.batch_size, 1),
-                                 ("train.checkpoint_every", self.train.checkpoint_every, 0), ("eval.every", self.eval.every, 0),
-                                 ("train.log_every", self.train.log_every, 1), ("train.keep_checkpoints", self.train.keep_checkpoints, 1)):
+        for name, value, low in (
+            ("train.steps", self.train.steps, 1),
+            ("data.batch_size", self.data.batch_size, 1),
+            ("train.checkpoint_every", self.train.checkpoint_every, 0),
+            ("eval.every", self.eval.every, 0),
+            ("train.log_every", self.train.log_every, 1),
+            ("train.keep_checkpoints", self.train.keep_checkpoints, 1),
+        ):
             if value < low:
                 raise ConfigError(f"{name}: expected a whole number >= {low}, got {value}")
         if not self.train.lr > 0:
@@ -216,7 +225,9 @@ def _build_method(data: Any, path: str) -> MethodConfig:
     for name, value in data.items():
         if name not in hints:
             raise ConfigError(f"unknown config key '{path}.{name}'; expected one of: {', '.join(hints)}")
-        checked[name] = value if name == "logit_scale" and value == "model" else _check_type(f"{path}.{name}", value, hints[name])
+        checked[name] = (
+            value if name == "logit_scale" and value == "model" else _check_type(f"{path}.{name}", value, hints[name])
+        )
     try:
         return method_config(preset, **checked)
     except ConfigError as exc:

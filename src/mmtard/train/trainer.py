@@ -11,9 +11,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -28,7 +28,6 @@ from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.fileio import atomic_write_text
 from mmtard.methods import Method, create_method, freeze
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier, load_clip
-from mmtard.models.zeroshot import resolve_logit_scale
 from mmtard.train import checkpoint as ckpt
 from mmtard.train.config import RunConfig, save_config
 from mmtard.train.distributed import DistEnv, all_reduce_mean, barrier, gather_objects, init_distributed
@@ -68,11 +67,15 @@ def build_student(cfg: RunConfig, bundle: CLIPBundle) -> None:
         from peft import LoraConfig, get_peft_model
 
         lora = cfg.student.lora
-        peft_config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets))
+        peft_config = LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets)
+        )
         try:
             bundle.model.visual = get_peft_model(bundle.model.visual, peft_config)
         except ValueError as exc:
-            raise ConfigError(f"student.lora.targets: {lora.targets} match no layer of {bundle.name}'s image tower ({exc})") from None
+            raise ConfigError(
+                f"student.lora.targets: {lora.targets} match no layer of {bundle.name}'s image tower ({exc})"
+            ) from None
     else:
         bundle.model.visual.requires_grad_(True)
 
@@ -100,12 +103,18 @@ def adapter_state(bundle: CLIPBundle) -> dict[str, torch.Tensor] | None:
 def build_datasets(cfg: RunConfig, image_size: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
     data = cfg.data
     common = dict(image_size=image_size, seed=seed)
-    train_set = create_dataset(data.dataset, data.dir, split=data.split, classes=data.classes, samples=data.samples, **common)
-    eval_set = create_dataset(data.dataset, data.dir, split=data.eval_split, classes=data.eval_classes, samples=data.eval_samples, **common)
+    train_set = create_dataset(
+        data.dataset, data.dir, split=data.split, classes=data.classes, samples=data.samples, **common
+    )
+    eval_set = create_dataset(
+        data.dataset, data.dir, split=data.eval_split, classes=data.eval_classes, samples=data.eval_samples, **common
+    )
     return train_set, eval_set
 
 
-def build_teachers(cfg: RunConfig, method: Method, student: CLIPBundle, dataset: ImageDataset, device) -> dict[str, ZeroShotClassifier]:
+def build_teachers(
+    cfg: RunConfig, method: Method, student: CLIPBundle, dataset: ImageDataset, device
+) -> dict[str, ZeroShotClassifier]:
     """Frozen classifiers for every role the method needs; ``original`` is a copy of the starting student."""
     teachers = {}
     for role in method.teacher_roles:
@@ -117,7 +126,9 @@ def build_teachers(cfg: RunConfig, method: Method, student: CLIPBundle, dataset:
             spec = cfg.teachers[role]
             bundle = load_clip(spec.arch, spec.pretrained, device=device, trust_checkpoint=spec.trust_checkpoint)
         freeze(bundle.model)
-        teachers[role] = build_zero_shot_classifier(bundle, dataset.classnames, dataset.templates, cfg.method.logit_scale)
+        teachers[role] = build_zero_shot_classifier(
+            bundle, dataset.classnames, dataset.templates, cfg.method.logit_scale
+        )
         freeze(teachers[role])
     return teachers
 
@@ -147,12 +158,16 @@ def batches(dataset: ImageDataset, cfg: RunConfig, env: DistEnv, start_step: int
     """
     global_batch = cfg.data.batch_size
     if global_batch % env.world_size:
-        raise ConfigError(f"data.batch_size: the global batch {global_batch} must divide by the {env.world_size} processes")
+        raise ConfigError(
+            f"data.batch_size: the global batch {global_batch} must divide by the {env.world_size} processes"
+        )
     local_batch = global_batch // env.world_size
     per_epoch = len(dataset) // global_batch
     if per_epoch == 0:
         raise ConfigError(f"data.batch_size: {global_batch} is larger than the {len(dataset)} training images")
-    sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    sampler = DistributedSampler(
+        dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+    )
     epoch, skip = divmod(start_step, per_epoch)
     while True:
         sampler.set_epoch(epoch)
@@ -161,8 +176,13 @@ def batches(dataset: ImageDataset, cfg: RunConfig, env: DistEnv, start_step: int
         # Its own generator: creating a DataLoader iterator draws a worker base seed, and a draw from the
         # global RNG would shift the attack's random starts after a resume (a new loader mid-epoch).
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + epoch)
-        loader = DataLoader(dataset, batch_sampler=chunks, num_workers=cfg.data.workers, pin_memory=env.device.type == "cuda",
-                            generator=generator)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=chunks,
+            num_workers=cfg.data.workers,
+            pin_memory=env.device.type == "cuda",
+            generator=generator,
+        )
         for batch in loader:
             yield epoch, batch
         epoch, skip = epoch + 1, 0
@@ -183,7 +203,9 @@ class MetricsLog:
             return
         for path in (self.metrics_path, self.eval_path):  # drop lines logged after the checkpoint resumed from
             if path.exists():
-                kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+                kept = [
+                    line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+                ]
                 atomic_write_text(path, "".join(line + "\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -223,15 +245,21 @@ def global_metrics(metrics: dict, env: DistEnv) -> dict:
     if not env.distributed:
         return metrics
     names = [name for name, value in metrics.items() if isinstance(value, (int, float))]
-    means = all_reduce_mean(torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=env.device))
+    means = all_reduce_mean(
+        torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=env.device)
+    )
     return {**metrics, **dict(zip(names, means.tolist()))}
 
 
 def evaluate_student(cfg: RunConfig, bundle: CLIPBundle, eval_set: ImageDataset, progress: bool) -> dict:
     """Clean and PGD robust accuracy of the student on the held-out split, through the evaluation code."""
     classifier = build_zero_shot_classifier(bundle, eval_set.classnames, eval_set.templates, cfg.method.logit_scale)
-    attacks = [create_attack(cfg.eval.attack, eps=eps, steps=cfg.eval.steps, seed=cfg.train.seed) for eps in cfg.eval.eps]
-    return evaluate_classifier(classifier, eval_set, attacks, batch_size=cfg.eval.batch_size, progress=progress).to_dict()
+    attacks = [
+        create_attack(cfg.eval.attack, eps=eps, steps=cfg.eval.steps, seed=cfg.train.seed) for eps in cfg.eval.eps
+    ]
+    return evaluate_classifier(
+        classifier, eval_set, attacks, batch_size=cfg.eval.batch_size, progress=progress
+    ).to_dict()
 
 
 def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run_dir: Path, env: DistEnv) -> Path | None:
@@ -248,7 +276,12 @@ def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run_dir: Path, e
         "method": state.method.state_dict(),
     }
     return ckpt.save_checkpoint(
-        run_dir / "checkpoints", state.step, merged_student_state(bundle), trainer_state, adapter_state(bundle), cfg.train.keep_checkpoints
+        run_dir / "checkpoints",
+        state.step,
+        merged_student_state(bundle),
+        trainer_state,
+        adapter_state(bundle),
+        cfg.train.keep_checkpoints,
     )
 
 
@@ -262,8 +295,10 @@ def restore(state: TrainState, bundle: CLIPBundle, path: Path, cfg: RunConfig, e
             loaded = bundle.model.visual.load_state_dict(adapter, strict=False)
             missing = [k for k in loaded.missing_keys if "lora_" in k]
             if loaded.unexpected_keys or missing:
-                raise ConfigError(f"--resume: the LoRA adapters in '{path}' do not match student.lora "
-                                  f"(not in the model: {loaded.unexpected_keys[:2]}, not in the checkpoint: {missing[:2]})")
+                raise ConfigError(
+                    f"--resume: the LoRA adapters in '{path}' do not match student.lora "
+                    f"(not in the model: {loaded.unexpected_keys[:2]}, not in the checkpoint: {missing[:2]})"
+                )
         else:
             bundle.model.load_state_dict(model_state)
     except RuntimeError as exc:  # shapes of another architecture or LoRA rank
@@ -278,8 +313,12 @@ def restore(state: TrainState, bundle: CLIPBundle, path: Path, cfg: RunConfig, e
     if len(rng) == env.world_size:
         ckpt.set_rng_state(rng[env.rank])
     else:  # another number of processes: the run continues, but not as the uninterrupted one would
-        logger.warning("checkpoint %s was written by %d process(es), this run has %d: attack random starts are reseeded",
-                       path, len(rng), env.world_size)
+        logger.warning(
+            "checkpoint %s was written by %d process(es), this run has %d: attack random starts are reseeded",
+            path,
+            len(rng),
+            env.world_size,
+        )
         torch.manual_seed((cfg.train.seed + env.rank) * 1_000_003 + state.step)
 
 
@@ -300,8 +339,10 @@ def train_step(
         output = state.method(state.student, teachers, x, y, index)
     loss = output.total()
     if all_reduce_mean(torch.isfinite(loss.detach()).float()).item() < 1:
-        raise FloatingPointError(f"step {state.step + 1}: the loss is not finite on some process (here {loss.item()}, "
-                                 f"terms {output.metrics}); lower train.lr or check the teachers")
+        raise FloatingPointError(
+            f"step {state.step + 1}: the loss is not finite on some process (here {loss.item()}, "
+            f"terms {output.metrics}); lower train.lr or check the teachers"
+        )
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if grad_clip:
@@ -331,20 +372,28 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    student_bundle = load_clip(cfg.student.arch, cfg.student.pretrained, device=env.device, trust_checkpoint=cfg.student.trust_checkpoint)
+    student_bundle = load_clip(
+        cfg.student.arch, cfg.student.pretrained, device=env.device, trust_checkpoint=cfg.student.trust_checkpoint
+    )
     train_set, eval_set = build_datasets(cfg, student_bundle.image_size, cfg.train.seed)
     method = create_method(cfg.method)
     method.mean_across_processes = all_reduce_mean
     teachers = build_teachers(cfg, method, student_bundle, train_set, env.device)
     build_student(cfg, student_bundle)
-    student = build_zero_shot_classifier(student_bundle, train_set.classnames, train_set.templates, cfg.method.logit_scale)
+    student = build_zero_shot_classifier(
+        student_bundle, train_set.classnames, train_set.templates, cfg.method.logit_scale
+    )
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(cfg, params)
     autocast_dtype = build_precision(cfg, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=autocast_dtype == torch.float16)
     torch.manual_seed(cfg.train.seed + env.rank)  # each process its own attack random starts
-    wrapped = DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.distributed else student
+    wrapped = (
+        DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        if env.distributed
+        else student
+    )
     state = TrainState(0, wrapped, optimizer, scheduler, scaler, method)
 
     if resume:
@@ -352,7 +401,12 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
         logger.info("resumed from step %d", state.step)
     log = MetricsLog(run_dir, env.is_main, state.step)
     last_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, state.step + stop_after)
-    bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"train {cfg.method.name}", disable=not (progress and env.is_main))
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=state.step,
+        desc=f"train {cfg.method.name}",
+        disable=not (progress and env.is_main),
+    )
     stream = batches(train_set, cfg, env, state.step)
     while state.step < last_step:
         started = time.perf_counter()
@@ -364,8 +418,14 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
 
         if state.step % cfg.train.log_every == 0 or state.step == last_step:
             seconds = time.perf_counter() - started
-            record = {"step": state.step, "epoch": epoch, "loss": all_reduce_mean(loss.detach()).item(), **global_metrics(output.metrics, env),
-                      "lr": lr, "samples_per_s": cfg.data.batch_size / seconds}
+            record = {
+                "step": state.step,
+                "epoch": epoch,
+                "loss": all_reduce_mean(loss.detach()).item(),
+                **global_metrics(output.metrics, env),
+                "lr": lr,
+                "samples_per_s": cfg.data.batch_size / seconds,
+            }
             log.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
