@@ -138,6 +138,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from mmtard.train.config import load_config
+    from mmtard.train.rundir import RunDir
     from mmtard.train.trainer import train
 
     config = load_config(args.config, args.overrides)
@@ -148,10 +149,8 @@ def run_train(args: argparse.Namespace) -> int:
             f"{config.method.name}: held-out clean {final['clean_acc']:.1f}%, "
             f"robust {robust} on {final['samples']} images"
         )
-        print(
-            f"student weights: {config.output_dir}/model.safetensors "
-            f"(mmtard eval --model {config.student.arch} --pretrained {config.output_dir}/model.safetensors)"
-        )
+        model_file = RunDir(config.output_dir).model
+        print(f"student weights: {model_file} (mmtard eval --model {config.student.arch} --pretrained {model_file})")
     return 0
 
 

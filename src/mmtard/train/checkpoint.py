@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from mmtard.errors import ConfigError
 from mmtard.fileio import atomic_write_text
+from mmtard.train.rundir import LATEST_FILE, MODEL_FILE, RunDir
 
-MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "trainer_state.pt"
 
@@ -81,7 +81,7 @@ def save_checkpoint(
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_text(checkpoints_dir / "latest", final.name + "\n")
+    atomic_write_text(checkpoints_dir / LATEST_FILE, final.name + "\n")
     for replaced in [checkpoints_dir / name, *checkpoints_dir.glob(f"{name}_*")]:  # earlier saves of this step
         if replaced != final:
             shutil.rmtree(replaced, ignore_errors=True)
@@ -100,13 +100,11 @@ def save_model_file(path: Path, model_state: dict[str, torch.Tensor]) -> None:
 
 def resolve_resume(output_dir: Path, resume: str) -> Path:
     """``latest`` -> the checkpoint ``latest`` names; otherwise a checkpoint folder path."""
+    run = RunDir(output_dir)
     if resume == "latest":
-        pointer = output_dir / "checkpoints" / "latest"
-        if not pointer.is_file():
-            raise FileNotFoundError(
-                f"--resume latest: no checkpoint in '{output_dir / 'checkpoints'}' (nothing to resume)"
-            )
-        path = output_dir / "checkpoints" / pointer.read_text().strip()
+        if not run.latest.is_file():
+            raise FileNotFoundError(f"--resume latest: no checkpoint in '{run.checkpoints}' (nothing to resume)")
+        path = run.checkpoint(run.latest.read_text().strip())
     else:
         path = Path(resume)
     if not (path / STATE_FILE).is_file():

@@ -7,6 +7,7 @@ lives in ``TrainState`` and goes into each checkpoint.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classi
 from mmtard.train import checkpoint as ckpt
 from mmtard.train.config import RunConfig, save_config
 from mmtard.train.distributed import DistEnv, all_reduce_mean, barrier, gather_objects, init_distributed
+from mmtard.train.rundir import RunDir, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -192,24 +194,24 @@ def batches(dataset: ImageDataset, cfg: RunConfig, env: DistEnv, start_step: int
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one object per logged step), ``eval.jsonl`` and TensorBoard, on rank 0 only."""
+    """``metrics.jsonl`` (one object per logged step), ``eval.jsonl`` and TensorBoard, on rank 0 only.
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int):
+    TensorBoard is optional (``pip install mmtard[tensorboard]``): without it the run logs a warning once
+    and writes the JSON logs alone, which hold every number TensorBoard would show.
+    """
+
+    def __init__(self, run: RunDir, enabled: bool, resume_step: int):
         self.enabled = enabled
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.eval_path = run_dir / "eval.jsonl"
+        self.metrics_path = run.metrics
+        self.eval_path = run.eval_log
         self.writer = None
         if not enabled:
             return
         for path in (self.metrics_path, self.eval_path):  # drop lines logged after the checkpoint resumed from
             if path.exists():
-                kept = [
-                    line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
-                ]
-                atomic_write_text(path, "".join(line + "\n" for line in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+                kept = [record for record in read_jsonl(path) if record["step"] <= resume_step]
+                atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+        self.writer = tensorboard_writer(run, resume_step)
 
     def _append(self, path: Path, record: dict) -> None:
         with open(path, "a") as f:
@@ -219,6 +221,8 @@ class MetricsLog:
         if not self.enabled:
             return
         self._append(self.metrics_path, record)
+        if self.writer is None:
+            return
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"train/{key}", value, record["step"])
@@ -227,6 +231,8 @@ class MetricsLog:
         if not self.enabled:
             return
         self._append(self.eval_path, {"step": step, **result})
+        if self.writer is None:
+            return
         self.writer.add_scalar("eval/clean_acc", result["clean_acc"], step)
         for entry in result["robust"]:
             self.writer.add_scalar(f"eval/{entry['attack']}_{entry['eps']}", entry["acc"], step)
@@ -234,6 +240,19 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def tensorboard_writer(run: RunDir, resume_step: int):
+    """A TensorBoard ``SummaryWriter`` on ``run.tensorboard``, or None (with a warning) without tensorboard."""
+    if importlib.util.find_spec("tensorboard") is None:
+        logger.warning(
+            "tensorboard is not installed: no TensorBoard events (metrics.jsonl and eval.jsonl hold every number); "
+            "pip install 'mmtard[tensorboard]' to have them"
+        )
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run.tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
 
 # ------------------------------------------------------------------------------------------------- loop
@@ -262,7 +281,7 @@ def evaluate_student(cfg: RunConfig, bundle: CLIPBundle, eval_set: ImageDataset,
     ).to_dict()
 
 
-def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run_dir: Path, env: DistEnv) -> Path | None:
+def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run: RunDir, env: DistEnv) -> Path | None:
     """Write a checkpoint from rank 0; every process must call it (it gathers each one's RNG state)."""
     rng = gather_objects(ckpt.rng_state())  # one per process: each draws its own attack random starts
     if not env.is_main:
@@ -276,7 +295,7 @@ def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run_dir: Path, e
         "method": state.method.state_dict(),
     }
     return ckpt.save_checkpoint(
-        run_dir / "checkpoints",
+        run.checkpoints,
         state.step,
         merged_student_state(bundle),
         trainer_state,
@@ -366,11 +385,11 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
         progress: show tqdm bars on rank 0.
     """
     env = init_distributed(cfg.device)
-    run_dir = Path(cfg.output_dir)
+    run = RunDir(cfg.output_dir)
     torch.manual_seed(cfg.train.seed)  # the same random initial weights on every process
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config)
 
     student_bundle = load_clip(
         cfg.student.arch, cfg.student.pretrained, device=env.device, trust_checkpoint=cfg.student.trust_checkpoint
@@ -397,9 +416,9 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
     state = TrainState(0, wrapped, optimizer, scheduler, scaler, method)
 
     if resume:
-        restore(state, student_bundle, ckpt.resolve_resume(run_dir, resume), cfg, env)
+        restore(state, student_bundle, ckpt.resolve_resume(run.path, resume), cfg, env)
         logger.info("resumed from step %d", state.step)
-    log = MetricsLog(run_dir, env.is_main, state.step)
+    log = MetricsLog(run, env.is_main, state.step)
     last_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, state.step + stop_after)
     bar = tqdm(
         total=cfg.train.steps,
@@ -433,17 +452,17 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
                 log.log_eval(state.step, evaluate_student(cfg, student_bundle, eval_set, progress=False))
             barrier()
         if (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or state.step == last_step:
-            save(state, student_bundle, cfg, run_dir, env)
+            save(state, student_bundle, cfg, run, env)
             barrier()
     bar.close()
 
     final: dict = {}
     if env.is_main and state.step == cfg.train.steps:
-        ckpt.save_model_file(run_dir / "model.safetensors", merged_student_state(student_bundle))
+        ckpt.save_model_file(run.model, merged_student_state(student_bundle))
         if cfg.eval.final:
             final = evaluate_student(cfg, student_bundle, eval_set, progress=progress)
             log.log_eval(state.step, final)
-            atomic_write_text(run_dir / "final_eval.json", json.dumps(final, indent=2))
+            atomic_write_text(run.final_eval, json.dumps(final, indent=2))
     log.close()
     barrier()
     return final
