@@ -32,7 +32,7 @@ from mmtard.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 MMT_ARD = REPO / "configs" / "cpu" / "mmt-ard.yaml"
-PRESET_FILES = sorted((REPO / "configs" / "cpu").glob("*.yaml"))
+PRESET_FILES = sorted(p for p in (REPO / "configs" / "cpu").glob("*.yaml") if not p.name.startswith("_"))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 METRIC_KEYS = {
     "step",

@@ -1,13 +1,16 @@
 """Run configuration: YAML file, then ``--set a.b=value`` overrides, validated into typed dataclasses.
 
-Order of precedence: dataclass defaults < the method preset (``method.name``) < the YAML file < ``--set``.
-Units are never rewritten after parsing: ``eps: 4/255`` is read once into the float ``0.01568...``.
-The resolved config is saved as ``config.yaml`` in the run directory.
+Order of precedence: dataclass defaults < the method preset (``method.name``) < the YAML file (merged over
+the files its ``defaults:`` key names, in order) < ``--set``. Units are never rewritten after parsing:
+``eps: 4/255`` is read once (by :func:`mmtard.units.parse_eps`) into the float ``0.01568...``.
+Everything is checked when the config is loaded, before any model is built; the resolved config is
+saved as ``config.yaml`` in the run directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -21,6 +24,11 @@ import yaml
 from mmtard.errors import ConfigError
 from mmtard.methods.config import MethodConfig, method_config
 from mmtard.units import parse_eps
+
+DEFAULTS_KEY = "defaults"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FINETUNE_MODES = ("full", "lora")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -71,7 +79,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a cosine schedule after a linear warm-up of ``warmup`` (fraction of the steps)."""
+    """AdamW with a cosine schedule after a linear warm-up of ``warmup`` (fraction of the steps).
+
+    ``on_nonfinite``: what a step whose loss is NaN or infinite does: ``stop`` (the default) ends the run
+    with an error naming the step and the last good checkpoint; ``skip`` drops that batch's update and
+    counts it (``skipped_steps`` in ``metrics.jsonl``). ``dist_timeout_s``: under torchrun, how long a
+    process waits for the others in a collective before the run ends with an error (a stalled or dead
+    worker); raise it if a held-out evaluation, which rank 0 runs alone, takes longer.
+    """
 
     steps: int = 100
     lr: float = 2e-5
@@ -84,6 +99,8 @@ class OptimConfig:
     log_every: int = 1
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -113,34 +130,110 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> RunConfig:
-        from mmtard.methods import create_method
-
-        method = create_method(self.method)
-        missing = [role for role in method.teacher_roles if role != "original" and role not in self.teachers]
-        if missing:
-            raise ConfigError(
-                f"teachers: method {self.method.name} needs teacher(s) {missing}; "
-                "add teachers.<role>.arch and .pretrained"
-            )
-        if self.student.finetune not in ("full", "lora"):
-            raise ConfigError(f"student.finetune: expected full or lora, got {self.student.finetune!r}")
-        if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision: expected auto, fp32, bf16 or fp16, got {self.train.precision!r}")
+        """Check every field; raise a :class:`ConfigError` naming the first bad one. Returns ``self``."""
+        _check_teachers(self)
+        _choice("student.finetune", self.student.finetune, FINETUNE_MODES)
+        _choice("train.precision", self.train.precision, PRECISIONS)
+        _choice("train.on_nonfinite", self.train.on_nonfinite, NONFINITE_POLICIES)
         for name, value, low in (
             ("train.steps", self.train.steps, 1),
             ("data.batch_size", self.data.batch_size, 1),
+            ("data.workers", self.data.workers, 0),
+            ("data.samples", self.data.samples, 1),
+            ("data.eval_samples", self.data.eval_samples, 1),
             ("train.checkpoint_every", self.train.checkpoint_every, 0),
-            ("eval.every", self.eval.every, 0),
             ("train.log_every", self.train.log_every, 1),
             ("train.keep_checkpoints", self.train.keep_checkpoints, 1),
+            ("eval.every", self.eval.every, 0),
+            ("eval.steps", self.eval.steps, 1),
+            ("eval.batch_size", self.eval.batch_size, 1),
+            ("student.lora.rank", self.student.lora.rank, 1),
         ):
-            if value < low:
+            if value is not None and value < low:
                 raise ConfigError(f"{name}: expected a whole number >= {low}, got {value}")
-        if not self.train.lr > 0:
-            raise ConfigError(f"train.lr: expected a positive learning rate, got {self.train.lr}")
-        if not 0 <= self.train.warmup < 1:
-            raise ConfigError(f"train.warmup: expected a fraction of the steps in [0, 1), got {self.train.warmup}")
+        _positive("train.lr", self.train.lr, "a positive learning rate")
+        _positive("train.dist_timeout_s", self.train.dist_timeout_s, "a positive number of seconds")
+        _positive("student.lora.alpha", self.student.lora.alpha, "a positive scale")
+        if self.train.grad_clip is not None:
+            _positive("train.grad_clip", self.train.grad_clip, "a positive gradient norm (or null for none)")
+        _in_range("train.warmup", self.train.warmup, 0, 1, "a fraction of the steps in [0, 1)")
+        _in_range("train.weight_decay", self.train.weight_decay, 0, math.inf, "a number >= 0")
+        _in_range("student.lora.dropout", self.student.lora.dropout, 0, 1, "a probability in [0, 1)")
+        if len(self.train.betas) != 2:
+            raise ConfigError(f"train.betas: expected two numbers [beta1, beta2], got {self.train.betas}")
+        for i, beta in enumerate(self.train.betas):
+            _in_range(f"train.betas[{i}]", beta, 0, 1, "a number in [0, 1)")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir: expected a folder for the run, got an empty path")
+        _check_device_name(self.device)
+        _check_dataset(self.data.dataset)
+        _check_eval_attacks(self)
         return self
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive(name: str, value: float, expected: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}: expected {expected}, got {value}")
+
+
+def _in_range(name: str, value: float, low: float, high: float, expected: str) -> None:
+    """``low <= value < high`` (``value`` finite)."""
+    if not (math.isfinite(value) and low <= value < high):
+        raise ConfigError(f"{name}: expected {expected}, got {value}")
+
+
+def _check_teachers(cfg: RunConfig) -> None:
+    from mmtard.methods import create_method
+
+    method = create_method(cfg.method)
+    missing = [role for role in method.teacher_roles if role != "original" and role not in cfg.teachers]
+    if missing:
+        raise ConfigError(
+            f"teachers: method {cfg.method.name} needs teacher(s) {missing}; add teachers.<role>.arch and .pretrained"
+        )
+
+
+def _check_device_name(device: str) -> None:
+    """The device string parses (``auto``, ``cpu``, ``cuda``, ``cuda:1``...); whether it exists here is
+    checked when the run starts (:func:`mmtard.train.preflight.check_device`)."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+
+
+def _check_dataset(name: str) -> None:
+    from mmtard.data import list_datasets
+
+    if name not in list_datasets():
+        raise ConfigError(f"data.dataset: unknown dataset {name!r}; expected one of {', '.join(list_datasets())}")
+
+
+def _check_eval_attacks(cfg: RunConfig) -> None:
+    """``eval.attack`` / ``eval.eps`` / ``eval.steps`` build the held-out attacks (as the trainer will)."""
+    from mmtard.attacks import list_attacks
+
+    _choice("eval.attack", cfg.eval.attack, list_attacks())
+    try:
+        build_eval_attacks(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"eval.attack: {exc}") from None
+
+
+def build_eval_attacks(cfg: RunConfig) -> list:
+    """The held-out evaluation's attacks: ``eval.attack`` at each radius of ``eval.eps``."""
+    from mmtard.attacks import create_attack
+
+    return [create_attack(cfg.eval.attack, eps=eps, steps=cfg.eval.steps, seed=cfg.train.seed) for eps in cfg.eval.eps]
 
 
 # Attack radii and step sizes: fractions of the pixel range, written like 4/255.
@@ -148,8 +241,10 @@ EPS_FIELDS = {"method.eps", "method.alpha", "eval.eps"}
 DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _check_type(path: str, value: Any, annotation: Any) -> Any:
-    """Return ``value`` converted to ``annotation`` or raise a ConfigError naming ``path``."""
+def _check_type(path: str, value: Any, annotation: Any, norm: str = "linf") -> Any:
+    """Return ``value`` converted to ``annotation`` or raise a ConfigError naming ``path``.
+
+    Radii (:data:`EPS_FIELDS`) are read by :func:`parse_eps` in the given ``norm``."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -158,7 +253,7 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
         errors = []
         for option in (o for o in options if o is not type(None)):
             try:
-                return _check_type(path, value, option)
+                return _check_type(path, value, option, norm)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {annotation}, got {value!r}")
@@ -166,10 +261,10 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
             value = [value]
-        return [_check_type(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+        return [_check_type(f"{path}[{i}]", v, item, norm) for i, v in enumerate(value)]
     if annotation is float:
         if path.split("[")[0] in EPS_FIELDS:
-            return parse_eps(value, path)
+            return parse_eps(value, path, norm)
         if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as text, not a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -218,15 +313,27 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 
 def _build_method(data: Any, path: str) -> MethodConfig:
-    data = dict(data or {})
+    from mmtard.methods import list_methods
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields, got {data!r}")
+    data = dict(data)
     preset = data.pop("name", "mmt-ard")
+    if preset not in list_methods():
+        raise ConfigError(f"{path}.name: unknown method {preset!r}; expected one of {', '.join(list_methods())}")
     hints = typing.get_type_hints(MethodConfig)
+    norm = data.get("norm", MethodConfig.norm)
+    norm = norm if isinstance(norm, str) else MethodConfig.norm  # a wrong type is reported as method.norm
     checked = {}
     for name, value in data.items():
         if name not in hints:
             raise ConfigError(f"unknown config key '{path}.{name}'; expected one of: {', '.join(hints)}")
         checked[name] = (
-            value if name == "logit_scale" and value == "model" else _check_type(f"{path}.{name}", value, hints[name])
+            value
+            if name == "logit_scale" and value == "model"
+            else _check_type(f"{path}.{name}", value, hints[name], norm)
         )
     try:
         return method_config(preset, **checked)
@@ -246,20 +353,71 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"--set {key}: cannot read {raw!r} as a value (YAML: a number, text, [a, b]...)"
+            ) from None
     return data
 
 
+def read_yaml(path: Path, field: str = "--config") -> dict:
+    """A YAML file holding a mapping; a missing file, a parse error or another shape is one error."""
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{field}: '{path}' {what}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{field}: '{path}' is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{field}: cannot read '{path}' ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{field}: '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict, override: dict) -> dict:
+    """``override`` over ``base``: mappings merge key by key, any other value replaces the base's."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_file(path: str | Path, field: str = "--config", _chain: tuple[Path, ...] = ()) -> dict:
+    """A run config file merged over the files its ``defaults:`` names (one path or a list, relative to
+    the file; later ones win, the file itself wins over all). The result has no ``defaults`` key."""
+    path = Path(path)
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{DEFAULTS_KEY}: '{path}' includes itself ({cycle})")
+    data = read_yaml(path, field)
+    includes = data.pop(DEFAULTS_KEY, None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(item, str) for item in includes):
+        raise ConfigError(f"{DEFAULTS_KEY}: in '{path}', expected a file name or a list of them, got {includes!r}")
+    merged: dict = {}
+    for include in includes:
+        base = read_config_file(path.parent / include, f"{DEFAULTS_KEY} of '{path}'", (*_chain, path.resolve()))
+        merged = merge(merged, base)
+    return merge(merged, data)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply overrides, validate; every error names the offending key."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config: file '{path}' does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config: '{path}' must hold a mapping of sections")
+    """Read a YAML run config (and its ``defaults:`` chain), apply overrides, validate; every error names the
+    offending key."""
+    data = read_config_file(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     return _build(RunConfig, data, "").validate()
 
