@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtard.attacks.pgd import pgd
+from mmtard.attacks.functional import pgd
 from mmtard.errors import ConfigError
 from mmtard.methods import MethodConfig, create_method, list_methods, method_config
 from mmtard.models.zeroshot import ZeroShotClassifier

@@ -20,9 +20,22 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mmtard.attacks.pgd import check_norm
 from mmtard.errors import ConfigError
 from mmtard.units import format_eps, parse_eps
+
+#: the norms every attack supports: ``"linf"`` (per-pixel box) and ``"l2"`` (whole-image ball)
+NORMS = ("linf", "l2")
+
+
+def check_norm(norm: str) -> str:
+    """``norm`` itself if it is one of ``NORMS``.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"norm: expected one of {NORMS}, got {norm!r}")
+    return norm
 
 
 @contextlib.contextmanager

@@ -1,5 +1,8 @@
-"""Projected gradient descent (Madry et al., "Towards Deep Learning Models Resistant to Adversarial
-Attacks", ICLR 2018) in ``[0, 1]`` pixel space, for any per-sample loss.
+"""The PGD engine: projected gradient descent (Madry et al., "Towards Deep Learning Models Resistant to
+Adversarial Attacks", ICLR 2018) in ``[0, 1]`` pixel space, for any per-sample loss.
+
+Functions, not attacks: the registered ``"pgd"`` attack (``mmtard.attacks.pgd``) and the training methods'
+inner maximisation both call :func:`pgd` with their own loss.
 
 L-inf: sign-gradient step, projection onto the eps-box. L2: normalised-gradient step, projection onto the
 eps-ball. After every step the image is clipped to ``[0, 1]``. Shapes: ``x`` is ``(B, C, H, W)``;
@@ -12,16 +15,10 @@ from collections.abc import Callable
 
 import torch
 
+from mmtard.attacks.base import check_norm
 from mmtard.errors import ConfigError
 
-NORMS = ("linf", "l2")
 LossFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def check_norm(norm: str) -> str:
-    if norm not in NORMS:
-        raise ConfigError(f"norm: expected one of {NORMS}, got {norm!r}")
-    return norm
 
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtard.attacks.base import Attack
-from mmtard.attacks.pgd import pgd
+from mmtard.attacks.functional import pgd
 from mmtard.attacks.registry import register_attack
 
 DEFAULT_ALPHA_FRACTION = 0.25  # alpha = eps / 4
@@ -21,7 +21,7 @@ DEFAULT_ALPHA_FRACTION = 0.25  # alpha = eps / 4
 
 @register_attack("pgd")
 class PGDAttack(Attack):
-    """Cross-entropy PGD in ``[0, 1]`` pixel space; see ``mmtard.attacks.pgd.pgd`` for the steps."""
+    """Cross-entropy PGD in ``[0, 1]`` pixel space; see ``mmtard.attacks.functional.pgd`` for the steps."""
 
     default_steps = 10
     default_restarts = 1

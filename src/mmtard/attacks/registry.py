@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from mmtard.attacks.base import Attack
-from mmtard.errors import ConfigError
+from mmtard.registry import Registry
 
-_ATTACKS: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry("attack")
 AttackClass = TypeVar("AttackClass", bound=type[Attack])
 
 
@@ -20,16 +20,15 @@ def register_attack(name: str) -> Callable[[AttackClass], AttackClass]:
     """Class decorator that registers an ``Attack`` subclass under ``name`` and sets its ``name``.
 
     Raises:
+        TypeError: the decorated object is not an ``Attack`` subclass.
         ValueError: ``name`` is already registered to another class.
     """
 
     def decorator(cls: AttackClass) -> AttackClass:
         if not (isinstance(cls, type) and issubclass(cls, Attack)):
             raise TypeError(f"register_attack('{name}'): {cls!r} is not an Attack subclass")
-        if name in _ATTACKS and _ATTACKS[name] is not cls:
-            raise ValueError(f"attack '{name}' is already registered to {_ATTACKS[name].__qualname__}")
+        ATTACKS.add(name, cls)
         cls.name = name
-        _ATTACKS[name] = cls
         return cls
 
     return decorator
@@ -37,7 +36,7 @@ def register_attack(name: str) -> Callable[[AttackClass], AttackClass]:
 
 def list_attacks() -> list[str]:
     """Names of every registered attack, sorted."""
-    return sorted(_ATTACKS)
+    return ATTACKS.names()
 
 
 def create_attack(
@@ -64,6 +63,5 @@ def create_attack(
     Raises:
         ConfigError: unknown name, eps outside ``[0, 1]``, or a setting the attack does not take.
     """
-    if name not in _ATTACKS:
-        raise ConfigError(f"attack: unknown attack {name!r}; expected one of {', '.join(list_attacks())}")
-    return _ATTACKS[name](eps=eps, norm=norm, steps=steps, restarts=restarts, alpha=alpha, seed=seed)
+    attack_class = ATTACKS.get(name)
+    return attack_class(eps=eps, norm=norm, steps=steps, restarts=restarts, alpha=alpha, seed=seed)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mmtard.attacks.pgd import pgd
+from mmtard.attacks.functional import pgd
 from mmtard.errors import ConfigError
 from mmtard.methods.config import MethodConfig
 from mmtard.models.zeroshot import ZeroShotClassifier

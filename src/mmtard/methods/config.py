@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from mmtard.attacks.pgd import NORMS
+from mmtard.attacks.base import NORMS
 from mmtard.errors import ConfigError
 from mmtard.methods.losses import BALANCE_MODES, DIW_MODES
 from mmtard.units import parse_eps
