@@ -223,6 +223,24 @@ def test_create_attack_rejects_bad_input():
         create_attack("autoattack", eps=4 / 255, steps=10)
 
 
+@pytest.mark.parametrize("eps", [float("nan"), float("inf"), "nan", "inf", "-1/255"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_create_attack_refuses_non_finite_and_negative_eps(eps, norm):
+    with pytest.raises(ConfigError, match="pgd: eps"):
+        create_attack("pgd", eps=eps, norm=norm)
+
+
+def test_l2_radius_above_one_is_accepted(toy_model):
+    """An L2 radius is the length of the whole image's perturbation: 2 is a legal radius for 3x8x8 images."""
+    attack = create_attack("pgd", eps=2, norm="l2", steps=2)
+    assert attack.eps == 2.0
+    x, y = make_batch(toy_model, 2)
+    delta = (attack(toy_model, x, y) - x).flatten(1)
+    assert delta.norm(dim=1).max().item() <= 2 + 1e-5
+    with pytest.raises(ConfigError, match="larger than the whole pixel range"):
+        create_attack("pgd", eps=2, norm="linf")
+
+
 def test_register_attack_refuses_a_taken_name():
     with pytest.raises(ValueError, match="already registered"):
 

@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from mmtard.errors import ConfigError
-from mmtard.units import format_eps, parse_eps
+from mmtard.units import NORMS, format_eps, parse_eps
 
-#: the norms every attack supports: ``"linf"`` (per-pixel box) and ``"l2"`` (whole-image ball)
-NORMS = ("linf", "l2")
+__all__ = ["NORMS", "Attack", "check_norm", "frozen_parameters", "isolated_rng", "num_classes"]
 
 
 def check_norm(norm: str) -> str:
-    """``norm`` itself if it is one of ``NORMS``.
+    """``norm`` itself if it is one of ``NORMS``: ``"linf"`` (per-pixel box) or ``"l2"`` (whole-image ball).
 
     Raises:
         ConfigError: any other value.
@@ -76,7 +75,8 @@ class Attack:
     """Base class of all attacks. Subclasses set the class attributes and implement ``_perturb``.
 
     Args:
-        eps: radius as a fraction of the pixel range (float in ``[0, 1]`` or a string such as ``"4/255"``).
+        eps: radius in ``[0, 1]`` pixel units (a float or a string such as ``"4/255"``): at most 1 for
+            ``linf``, any finite value ``>= 0`` for ``l2`` (the length of the whole image's perturbation).
         norm: ``"linf"`` or ``"l2"``.
         steps: iterations per run; ``None`` takes the attack's ``default_steps``.
         restarts: random restarts; ``None`` takes the attack's ``default_restarts``.
@@ -86,7 +86,7 @@ class Attack:
 
     Attributes:
         name: the registry name, set by ``register_attack``.
-        eps: the radius as a float in ``[0, 1]``.
+        eps: the radius as a float.
         norm: ``"linf"`` or ``"l2"``.
         steps: resolved iteration count.
         restarts: resolved restart count.
@@ -111,10 +111,8 @@ class Attack:
         seed: int = 0,
     ):
         label = self.name or type(self).__name__
-        self.eps = parse_eps(eps, field=f"{label}: eps")
-        if not math.isfinite(self.eps):
-            raise ConfigError(f"{label}: eps must be a finite number in [0, 1], got {eps!r}")
         self.norm = check_norm(norm)
+        self.eps = parse_eps(eps, field=f"{label}: eps", norm=self.norm)
         if self.fixed_settings and (steps is not None or restarts is not None):
             raise ConfigError(
                 f"{label}: steps and restarts are fixed by this attack's protocol; leave them unset "

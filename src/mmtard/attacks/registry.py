@@ -53,7 +53,8 @@ def create_attack(
 
     Args:
         name: a name from ``list_attacks()``.
-        eps: radius as a fraction of the pixel range in ``[0, 1]`` (``4/255``, or the string ``"4/255"``).
+        eps: radius in ``[0, 1]`` pixel units (``4/255``, or the string ``"4/255"``); at most 1 for ``linf``,
+            any finite value ``>= 0`` for ``l2``.
         norm: ``"linf"`` or ``"l2"``.
         steps: iterations; ``None`` for the attack's default.
         restarts: random restarts; ``None`` for the attack's default.
@@ -61,7 +62,8 @@ def create_attack(
         seed: seed of the attack's randomness.
 
     Raises:
-        ConfigError: unknown name, eps outside ``[0, 1]``, or a setting the attack does not take.
+        ConfigError: unknown name, an unreadable, NaN, infinite or negative eps (or above 1 for ``linf``),
+            or a setting the attack does not take.
     """
     attack_class = ATTACKS.get(name)
     return attack_class(eps=eps, norm=norm, steps=steps, restarts=restarts, alpha=alpha, seed=seed)
