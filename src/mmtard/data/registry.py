@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from mmtard.data import loaders, metadata
 from mmtard.data.loaders import RawImages
 from mmtard.errors import ConfigError
+from mmtard.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -40,22 +41,30 @@ class DatasetSpec:
     splits: tuple[str, ...] = ("train", "test")
 
 
-DATASETS: dict[str, DatasetSpec] = {}
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    DATASETS[spec.name] = spec
-    return spec
+    """Register ``spec`` under ``spec.name``.
+
+    Raises:
+        ValueError: the name is already registered to another spec.
+    """
+    return DATASETS.add(spec.name, spec)
 
 
 def list_datasets() -> list[str]:
-    return sorted(DATASETS)
+    """Every registered dataset name, sorted."""
+    return DATASETS.names()
 
 
 def get_dataset_spec(name: str) -> DatasetSpec:
-    if name not in DATASETS:
-        raise ConfigError(f"dataset: unknown dataset '{name}'; known: {', '.join(list_datasets())}")
-    return DATASETS[name]
+    """The spec of ``name``.
+
+    Raises:
+        ConfigError: unknown name; the message lists the known ones.
+    """
+    return DATASETS.get(name)
 
 
 @cache
