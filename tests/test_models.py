@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmtard.errors import ConfigError
-from mmtard.models import CheckpointError, build_zero_shot_classifier, list_tiny_models, load_clip
+from mmtard.models import CheckpointError, build_zero_shot_classifier, list_tiny_models, load_clip, text_prototypes
 
 
 def test_tiny_models_are_registered_with_distinct_sizes():
@@ -56,8 +56,8 @@ def test_prototypes_are_computed_once(tiny_bundle, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(tiny_bundle.model, "encode_text", counting)
-    first = tiny_bundle.text_prototypes(("p", "q"), ("x {}.",))
-    second = tiny_bundle.text_prototypes(("p", "q"), ("x {}.",))
+    first = text_prototypes(tiny_bundle, ("p", "q"), ("x {}.",))
+    second = text_prototypes(tiny_bundle, ("p", "q"), ("x {}.",))
     assert len(calls) == 1 and first is second
 
 
@@ -148,7 +148,7 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_bundle, tmp_path):
 def test_plain_open_clip_loads_a_saved_model(tiny_bundle, tmp_path):
     path = tmp_path / "student.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_bundle.model.state_dict().items()}, str(path))
-    from mmtard.models.registry import TINY_CONFIG_DIR
+    from mmtard.models.tiny import TINY_CONFIG_DIR
 
     open_clip.add_model_config(TINY_CONFIG_DIR)
     model = open_clip.create_model("tiny-vit-s", pretrained=str(path)).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +48,6 @@ class EvalRequest:
     progress: bool = True
     classnames: Sequence[str] | None = None
     journal_dir: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def build_attacks(request: EvalRequest) -> list[Attack]:

@@ -1,8 +1,14 @@
-"""Models: loading (names, tags, hf-hub, files), tiny architectures, the zero-shot classifier."""
+"""Models: loading (names, tags, hf-hub, files: ``loading``), tiny architectures (``tiny``), the zero-shot
+classifier and its text prototypes (``zeroshot``)."""
 
 from mmtard.models.loading import CheckpointError, CLIPBundle, check_architecture, load_checkpoint_into, load_clip
-from mmtard.models.registry import list_models, list_tiny_models
-from mmtard.models.zeroshot import DEFAULT_LOGIT_SCALE, ZeroShotClassifier, build_zero_shot_classifier
+from mmtard.models.tiny import list_models, list_tiny_models
+from mmtard.models.zeroshot import (
+    DEFAULT_LOGIT_SCALE,
+    ZeroShotClassifier,
+    build_zero_shot_classifier,
+    text_prototypes,
+)
 
 __all__ = [
     "CLIPBundle",
@@ -15,4 +21,5 @@ __all__ = [
     "list_tiny_models",
     "load_checkpoint_into",
     "load_clip",
+    "text_prototypes",
 ]

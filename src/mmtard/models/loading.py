@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mmtard.errors import ConfigError
-from mmtard.models.registry import ensure_tiny_models_registered
+from mmtard.models.tiny import ensure_tiny_models_registered
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ class CLIPBundle:
         mean: per-channel normalisation mean the image tower expects.
         std: per-channel normalisation std the image tower expects.
         image_size: input side length in pixels.
+
+    The bundle also holds the text prototypes of every label set it was used with, filled by
+    ``mmtard.models.zeroshot.text_prototypes`` (the text tower is frozen, so they are computed once).
     """
 
     model: nn.Module
@@ -57,28 +60,6 @@ class CLIPBundle:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @torch.no_grad()
-    def text_prototypes(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-        """``(K, D)`` class prototypes ``t_k = normalize(mean_j normalize(g(p_j(c_k))))``, cached.
-
-        The text tower is frozen, so the prototypes of a label set are computed once per model.
-        """
-        key = (tuple(classnames), tuple(templates))
-        if key not in self._prototype_cache:
-            was_training = self.model.training
-            self.model.eval()
-            weights = open_clip.build_zero_shot_classifier(
-                self.model,
-                self.tokenizer,
-                classnames=list(classnames),
-                templates=list(templates),
-                num_classes_per_batch=10,
-                device=self.device,
-            )
-            self.model.train(was_training)
-            self._prototype_cache[key] = weights.T.float().contiguous()
-        return self._prototype_cache[key]
 
 
 def _image_size(model: nn.Module) -> int:

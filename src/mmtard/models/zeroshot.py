@@ -1,13 +1,15 @@
 """Zero-shot classifier: ``[0, 1]`` pixels -> class logits, so any attack works on any CLIP model.
 
 ``z(x) = s * normalize(f(norm(x))) @ T^T`` with ``f`` the image tower, ``norm`` the model's own mean/std
-normalisation, ``T`` the ``(K, D)`` cached text prototypes and ``s`` the logit scale (spec section 1).
+normalisation, ``T`` the ``(K, D)`` cached text prototypes ``t_k = normalize(mean_j normalize(g(p_j(c_k))))``
+and ``s`` the logit scale (spec section 1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,33 @@ from mmtard.errors import ConfigError
 from mmtard.models.loading import CLIPBundle
 
 DEFAULT_LOGIT_SCALE = 100.0
+#: classes whose prompts go through the text tower in one batch
+PROTOTYPE_CLASSES_PER_BATCH = 10
+
+
+@torch.no_grad()
+def text_prototypes(bundle: CLIPBundle, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """``(K, D)`` class prototypes ``t_k = normalize(mean_j normalize(g(p_j(c_k))))`` (spec section 1).
+
+    ``g`` is the text tower and ``p_j(c_k)`` template ``j`` filled with class name ``c_k``. The text tower is
+    frozen, so the prototypes of a label set are computed once per bundle and cached on it.
+    """
+    key = (tuple(classnames), tuple(templates))
+    cache = bundle._prototype_cache
+    if key not in cache:
+        was_training = bundle.model.training
+        bundle.model.eval()
+        weights = open_clip.build_zero_shot_classifier(
+            bundle.model,
+            bundle.tokenizer,
+            classnames=list(classnames),
+            templates=list(templates),
+            num_classes_per_batch=PROTOTYPE_CLASSES_PER_BATCH,
+            device=bundle.device,
+        )
+        bundle.model.train(was_training)
+        cache[key] = weights.T.float().contiguous()
+    return cache[key]
 
 
 class ZeroShotClassifier(nn.Module):
@@ -90,7 +119,7 @@ def build_zero_shot_classifier(
     logit_scale: float | str = DEFAULT_LOGIT_SCALE,
 ) -> ZeroShotClassifier:
     """The zero-shot classifier of ``bundle`` for one label set (prototypes cached on the bundle)."""
-    prototypes = bundle.text_prototypes(classnames, templates)
+    prototypes = text_prototypes(bundle, classnames, templates)
     return ZeroShotClassifier(
         bundle.model.visual, bundle.mean, bundle.std, prototypes, resolve_logit_scale(bundle, logit_scale)
     ).to(bundle.device)

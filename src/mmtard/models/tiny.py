@@ -34,4 +34,5 @@ def list_models() -> list[str]:
 
 
 def list_tiny_models() -> list[str]:
+    """The tiny architecture names, sorted."""
     return sorted(p.stem for p in TINY_CONFIG_DIR.glob("*.json"))
