@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from PIL import Image
 
 from mmtard.data import balanced_subset, create_dataset, list_datasets, resolve_classes
 from mmtard.data.metadata import imagenet_classnames, imagenet_templates
-from mmtard.errors import ConfigError
+from mmtard.errors import ConfigError, MissingExtraError
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -141,3 +143,9 @@ def test_digits_ship_with_scikit_learn():
 def test_real_cifar10_seen_split(cifar_dir):
     ds = create_dataset("cifar10", cifar_dir, split="test", image_size=32, classes="seen", samples=100)
     assert ds.classnames == CIFAR10[:5] and torch.bincount(ds.labels).tolist() == [20] * 5
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # the import fails as if it were not installed
+    with pytest.raises(MissingExtraError, match=r"sklearn: not installed.*mmtard\[demo\]"):
+        create_dataset("digits", None, image_size=32)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from mmtard.errors import ConfigError
+from mmtard.errors import ConfigError, import_optional
 
 
 @dataclass
@@ -137,10 +137,12 @@ def load_sklearn_digits(root: str | Path | None = None, split: str = "test", dow
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images), as RGB uint8.
 
     A fixed split: every fifth image (index % 5 == 0) is ``test``, the rest ``train``.
-    """
-    from sklearn.datasets import load_digits
 
-    digits = load_digits()
+    Raises:
+        MissingExtraError: scikit-learn is not installed (it comes with ``mmtard[demo]``).
+    """
+    sklearn_datasets = import_optional("sklearn.datasets", "demo", "the digits dataset")
+    digits = sklearn_datasets.load_digits()
     images = (digits.images / 16.0 * 255).round().astype(np.uint8)
     images = np.repeat(images[..., None], 3, axis=-1)
     keep = (np.arange(len(images)) % 5 == 0) if split == "test" else (np.arange(len(images)) % 5 != 0)
