@@ -1,0 +1,131 @@
+"""``export_model``: a run folder or checkpoint -> an open_clip or Hugging Face folder with its model card."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from mmtard.errors import ConfigError
+from mmtard.export.card import CARD_FILE, CardInput, git_commit, read_results, render_card
+from mmtard.export.hf import HF_FILES, check_hf_convertible, import_transformers, write_hf_folder
+from mmtard.export.openclip import OPEN_CLIP_FILES, check_open_clip_exportable, write_open_clip_folder
+from mmtard.export.source import preprocess_config, resolve_source
+from mmtard.fileio import atomic_write_text
+from mmtard.models import load_clip
+from mmtard.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One output format.
+
+    Attributes:
+        library_name: the library that loads it (the model card's ``library_name``).
+        files: the files it writes, besides the model card.
+        check: raises a ConfigError for an architecture it cannot hold, before any weights are read.
+        write: ``(arch, model, preprocess, out) -> paths written``.
+    """
+
+    library_name: str
+    files: tuple[str, ...]
+    check: Callable[[str], object]
+    write: Callable[[str, nn.Module, dict, Path], list[Path]]
+
+
+def _check_hf(arch: str) -> None:
+    check_hf_convertible(arch)
+    import_transformers()
+
+
+FORMATS: Registry[ExportFormat] = Registry("--format")
+FORMATS.add("open_clip", ExportFormat("open_clip", OPEN_CLIP_FILES, check_open_clip_exportable, write_open_clip_folder))
+FORMATS.add("hf", ExportFormat("transformers", HF_FILES, _check_hf, write_hf_folder))
+
+
+def list_formats() -> list[str]:
+    return FORMATS.names()
+
+
+def _check_out_folder(out: Path, files: Sequence[str]) -> None:
+    """Refuse a folder holding anything but the files this export writes (a re-export overwrites them)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: '{out}' is a file; give a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in files) if out.is_dir() else []
+    if foreign:
+        raise ConfigError(
+            f"--out: '{out}' already holds {', '.join(foreign[:5])}, which this export does not write; "
+            "give a new or empty folder"
+        )
+
+
+def _versions(format_name: str) -> dict[str, str]:
+    versions = {"torch": torch.__version__, "open_clip": open_clip.__version__}
+    if format_name == "hf":
+        versions["transformers"] = import_transformers().__version__
+    return versions
+
+
+def export_model(
+    model: str,
+    pretrained: str | Path,
+    out: str | Path,
+    *,
+    format: str = "hf",
+    results: Sequence[str | Path] = (),
+    license: str | None = None,
+    trust_checkpoint: bool = False,
+) -> list[Path]:
+    """Write a model as an open_clip or Hugging Face ``transformers`` folder with a model card.
+
+    Args:
+        model: the open_clip architecture (``ViT-B-32``, ``ViT-L-14-336``, ``tiny-vit-s``...).
+        pretrained: a run folder (``model.safetensors`` + ``config.yaml``; its ``final_eval.json`` goes
+            into the card), a checkpoint file, an open_clip pretrained tag, or ``none`` (random weights).
+        out: the export folder; new, empty, or holding only a previous export of the same format.
+        format: ``open_clip`` (``model.safetensors`` + ``open_clip_config.json``) or ``hf``
+            (``config.json`` + ``model.safetensors`` + ``preprocessor_config.json``).
+        results: ``results.json`` files of ``mmtard eval`` whose tables go into the card.
+        license: a license identifier for the card's metadata (left out when ``None``).
+        trust_checkpoint: allow full unpickling of a ``.pt`` checkpoint (only for your own files).
+
+    Returns:
+        The files written, the model card (``README.md``) last.
+
+    Raises:
+        ConfigError: an unknown format, an architecture the format cannot hold (naming ``--model``), a
+            run of another architecture, an ``out`` folder with other files, transformers missing for ``hf``.
+        FileNotFoundError: a missing checkpoint, run file or results file.
+    """
+    export_format = FORMATS.get(format)
+    export_format.check(model)
+    source = resolve_source(model, pretrained)
+    results_read = [(Path(path), read_results(path)) for path in results]
+    out = Path(out)
+    _check_out_folder(out, (*export_format.files, CARD_FILE))
+
+    bundle = load_clip(model, source.weights, trust_checkpoint=trust_checkpoint)
+    preprocess = preprocess_config(bundle, source.base_tag)
+    files = export_format.write(model, bundle.model, preprocess, out)
+    card = CardInput(
+        source=source,
+        format_name=format,
+        library_name=export_format.library_name,
+        folder=out,
+        files=files,
+        preprocess=preprocess,
+        results=results_read,
+        license=license,
+        versions=_versions(format),
+        commit=git_commit(),
+    )
+    atomic_write_text(out / CARD_FILE, render_card(card))
+    logger.info("exported %s (%s) to %s", model, format, out)
+    return [*files, out / CARD_FILE]
