@@ -194,6 +194,39 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a run or checkpoint as an open_clip or Hugging Face folder with a model card")
+    p.add_argument("--model", required=True, help="open_clip architecture (ViT-B-32, ViT-L-14-336, tiny-vit-s, ...)")
+    p.add_argument(
+        "--pretrained", required=True, help="run folder (model.safetensors + config.yaml), checkpoint file, or tag"
+    )
+    p.add_argument("--format", default="hf", choices=["open_clip", "hf"], help="hf: transformers CLIPModel folder")
+    p.add_argument("--out", required=True, help="export folder (new, or holding a previous export of this format)")
+    p.add_argument("--results", nargs="+", default=[], metavar="FILE", help="results.json files for the model card")
+    p.add_argument("--license", default=None, help="license identifier for the model card metadata, e.g. mit")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)",
+    )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mmtard.export import export_model
+
+    paths = export_model(
+        args.model,
+        args.pretrained,
+        args.out,
+        format=args.format,
+        results=args.results,
+        license=args.license,
+        trust_checkpoint=args.trust_checkpoint,
+    )
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtard", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -201,10 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_train_parser(sub)
     _add_demo_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
-COMMANDS = {"eval": run_eval, "train": run_train, "demo": run_demo}
+COMMANDS = {"eval": run_eval, "train": run_train, "demo": run_demo, "export": run_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
