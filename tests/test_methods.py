@@ -33,11 +33,13 @@ TWO_TEACHER_METRICS = {
     "clean_teacher_score",
     "acc_clean",
     "acc_adv",
+    "shortfall_R",
+    "shortfall_C",
 }
 EXPECTED_METRICS = {
     "mmt-ard": TWO_TEACHER_METRICS,
     "reference": TWO_TEACHER_METRICS,
-    "ard": {"L_R", "lambda_R", "robust_teacher_score", "acc_adv"},
+    "ard": {"L_R", "lambda_R", "robust_teacher_score", "shortfall_R", "acc_adv"},
     "tecoa": {"ce", "acc_adv"},
     "fare": {"fare"},
     "pmg-aft": {"ce", "kl_original", "kl_clean_adv", "acc_clean", "acc_adv"},
@@ -214,6 +216,62 @@ def test_confidence_diw_score_is_true_class_probability():
     assert abs(out.metrics["clean_teacher_score"] - prob.mean().item()) < TOL
 
 
+def hand_shortfall(teacher_logits: torch.Tensor, student_logits: torch.Tensor, y: torch.Tensor) -> float:
+    t = (teacher_logits.argmax(1) == y).float().mean().item()
+    s = (student_logits.argmax(1) == y).float().mean().item()
+    return max(t - s, 0.0) / t if t > 0 else 0.0
+
+
+@pytest.mark.parametrize("inner", ["kl-clean-teacher", "kl-robust-teacher"])
+def test_robust_target_clean_distils_the_robust_teacher_on_clean_images(inner):
+    """RSLAD's target: l_R,i = KL(P_R(x_i) || P_S(x'_i)); DIW reads the robust teacher on x."""
+    out, _, student, teachers, x, y = run_method("mmt-ard", robust_target="clean", inner=inner)
+    rows = torch.arange(B)
+    with torch.no_grad():
+        target = hand_logits(teachers["clean" if inner == "kl-clean-teacher" else "robust"], x)
+    torch.manual_seed(0)
+    expected_x_adv = pgd(lambda xa: hand_kl(target, hand_logits(student, xa)), x, eps=EPS, alpha=EPS / 4, steps=3)
+    assert torch.allclose(out.x_adv, expected_x_adv, atol=1e-6)
+    with torch.no_grad():
+        s_clean, s_adv = hand_logits(student, x), hand_logits(student, out.x_adv)
+        robust_clean = hand_logits(teachers["robust"], x)
+        l_r = weighted_term(hand_kl(robust_clean, s_adv), hand_cos(teachers["robust"], x)[rows, y], "cosine", 0)
+        clean_logits = hand_logits(teachers["clean"], x)
+        l_c = weighted_term(hand_kl(clean_logits, s_clean), hand_cos(teachers["clean"], x)[rows, y], "cosine", 0)
+        lambda_r = 1 / (1 + math.exp(-5.0 * (l_r - l_c) / (l_r + l_c)))
+    assert abs(out.total().item() - (lambda_r * l_r + (1 - lambda_r) * l_c).item()) < TOL
+    assert abs(out.metrics["shortfall_R"] - hand_shortfall(robust_clean, s_adv, y)) < TOL
+
+
+def test_ard_with_the_clean_target_is_rslad():
+    out, _, student, teachers, x, y = run_method("ard", robust_target="clean")
+    with torch.no_grad():
+        expected = hand_kl(hand_logits(teachers["robust"], x), hand_logits(student, out.x_adv)).mean()
+    assert abs(out.total().item() - expected.item()) < TOL
+
+
+@pytest.mark.parametrize("rho", [1.0, 9.0])
+def test_gap_balance_weights_the_first_step_by_the_accuracy_shortfalls(rho):
+    """lambda_R = sigmoid(beta * (s_R - s_C) + log rho) at the first step (EMA = first values)."""
+    out, _, student, teachers, x, y = run_method("mmt-ard", balance="gap", rho=rho, diw="none", beta=3.0)
+    with torch.no_grad():
+        s_clean, s_adv = hand_logits(student, x), hand_logits(student, out.x_adv)
+        robust_adv, clean_logits = hand_logits(teachers["robust"], out.x_adv), hand_logits(teachers["clean"], x)
+        s_r, s_c = hand_shortfall(robust_adv, s_adv, y), hand_shortfall(clean_logits, s_clean, y)
+        l_r, l_c = hand_kl(robust_adv, s_adv).mean(), hand_kl(clean_logits, s_clean).mean()
+    lambda_r = 1 / (1 + math.exp(-(3.0 * (s_r - s_c) + math.log(rho))))
+    assert abs(out.metrics["shortfall_R"] - s_r) < TOL and abs(out.metrics["shortfall_C"] - s_c) < TOL
+    assert abs(out.metrics["lambda_R"] - lambda_r) < TOL
+    assert abs(out.total().item() - (lambda_r * l_r + (1 - lambda_r) * l_c).item()) < TOL
+
+
+def test_sigmoid_with_a_robust_prior_at_the_first_step():
+    out, *_ = run_method("mmt-ard", rho=9.0)
+    m = out.metrics
+    expected = 1 / (1 + math.exp(-(5.0 * (m["L_R"] - m["L_C"]) / (m["L_R"] + m["L_C"]) + math.log(9.0))))
+    assert abs(m["lambda_R"] - expected) < TOL
+
+
 # ---------------------------------------------------------------- teachers frozen, forwards counted
 
 
@@ -245,6 +303,38 @@ def test_teacher_forward_counts(preset):
     run_method(preset, teachers=teachers)
     assert {role: len(log) for role, log in logs.items()} == EXPECTED_TEACHER_FORWARDS[preset]
     assert all(size == B and not training for log in logs.values() for size, training in log)
+
+
+@pytest.mark.parametrize(
+    "preset,overrides,expected",
+    [
+        ("mmt-ard", {"robust_target": "clean"}, {"clean": 1, "robust": 1, "original": 0}),
+        ("mmt-ard", {"robust_target": "clean", "inner": "kl-robust-teacher"}, {"clean": 1, "robust": 1, "original": 0}),
+        ("mmt-ard", {"inner": "kl-robust-teacher"}, {"clean": 1, "robust": 2, "original": 0}),
+        ("ard", {"robust_target": "clean"}, {"clean": 0, "robust": 1, "original": 0}),
+    ],
+)
+def test_teacher_forward_counts_of_the_robust_target(preset, overrides, expected):
+    """P_R(x) is computed once per step whether the inner objective, the robust term or both use it."""
+    teachers = make_teachers()
+    logs = {role: [] for role in teachers}
+    for role, teacher in teachers.items():
+        count_forwards(teacher.visual, logs[role])
+    run_method(preset, teachers=teachers, **overrides)
+    assert {role: len(log) for role, log in logs.items()} == expected
+
+
+def test_robust_teacher_cache_serves_the_clean_target():
+    teachers = make_teachers()
+    log = []
+    count_forwards(teachers["robust"].visual, log)
+    cfg = method_config("mmt-ard", eps=EPS, steps=ATTACK_STEPS, robust_target="clean", cache_clean_teacher=True)
+    method = create_method(cfg)
+    x, y = make_batch()
+    index = torch.arange(B)
+    method(fake_classifier(0, 6), teachers, x, y, index)
+    method(fake_classifier(0, 6), teachers, x, y, index)
+    assert len(log) == 1
 
 
 def test_ard_without_attack_runs_the_robust_teacher_once():
@@ -358,7 +448,10 @@ def test_create_method_rejects_unknown_name():
         create_method("trades")
 
 
-@pytest.mark.parametrize("field,value", [("diw", "entropy"), ("balance", "softmax"), ("inner", "kl"), ("norm", "l1")])
+@pytest.mark.parametrize(
+    "field,value",
+    [("diw", "entropy"), ("balance", "softmax"), ("inner", "kl"), ("norm", "l1"), ("robust_target", "teacher")],
+)
 def test_validate_rejects_bad_choice(field, value):
     with pytest.raises(ConfigError, match=field) as info:
         MethodConfig(**{field: value}).validate()
@@ -366,7 +459,8 @@ def test_validate_rejects_bad_choice(field, value):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("temperature", 0.0), ("ema_momentum", 1.0), ("steps", -1), ("eps", 2.0), ("logit_scale", "x")]
+    "field,value",
+    [("temperature", 0.0), ("ema_momentum", 1.0), ("steps", -1), ("eps", 2.0), ("logit_scale", "x"), ("rho", 0.0)],
 )
 def test_validate_rejects_bad_number(field, value):
     with pytest.raises(ConfigError, match=field):
@@ -390,6 +484,12 @@ def test_method_config_presets_and_errors():
         create_method(method_config("tecoa", inner="fare"))
 
 
+@pytest.mark.parametrize("balance", ["fixed", "mtard"])
+def test_a_robust_prior_needs_a_softmax_balance(balance):
+    with pytest.raises(ConfigError, match="rho"):
+        method_config("mmt-ard", balance=balance, rho=9.0)
+
+
 def test_missing_teacher_role_is_an_error():
     x, y = make_batch()
     with pytest.raises(ConfigError, match="robust"):
@@ -399,7 +499,7 @@ def test_missing_teacher_role_is_an_error():
 # ---------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("balance", ["sigmoid", "ratio", "mtard"])
+@pytest.mark.parametrize("balance", ["sigmoid", "ratio", "gap", "mtard"])
 def test_state_dict_round_trip_gives_identical_lambdas(balance):
     student, teachers = fake_classifier(0, 6), make_teachers()
     cfg = method_config("mmt-ard", steps=0, balance=balance)

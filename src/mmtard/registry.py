@@ -30,10 +30,12 @@ class Registry(Generic[Entry]):
     Args:
         field: the config field or flag that selects an entry (``"balance"``, ``"attack"``...); error
             messages name it.
+        kind: what an entry is, for messages (defaults to ``field``): ``Registry("name", kind="method")``.
     """
 
-    def __init__(self, field: str):
+    def __init__(self, field: str, kind: str | None = None):
         self.field = field
+        self.kind = kind or field
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str) -> Callable[[Entry], Entry]:
@@ -63,7 +65,7 @@ class Registry(Generic[Entry]):
             ConfigError: unknown name; the message names the field and lists the known names.
         """
         if name not in self._entries:
-            raise ConfigError(f"{self.field}: unknown {self.field} {name!r}; expected one of {', '.join(self.names())}")
+            raise ConfigError(f"{self.field}: unknown {self.kind} {name!r}; expected one of {', '.join(self.names())}")
         return self._entries[name]
 
     def names(self) -> list[str]:

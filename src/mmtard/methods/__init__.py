@@ -1,21 +1,29 @@
-"""Training methods: MMT-ARD and its baselines, their losses (KL, DIW, balance) and one registry.
+"""Training methods: MMT-ARD and its baselines, their building blocks and one registry per extension kind.
+
+- ``registry``: methods and their presets (``@register_method(name, **preset)``);
+- ``weighting``: DIW modes (``DIW_MODES``); ``balance``: balance rules (``BALANCES``); ``inner``: inner
+  objectives (``INNER_OBJECTIVES``); ``losses``: pure tensor functions.
 
 Importing this package registers every method: ``mmt-ard``, ``reference``, ``ard``, ``tecoa``, ``fare``,
 ``pmg-aft``, ``clean-ft``.
 """
 
 from mmtard.methods import clean_ft, fare, mmt_ard, pmg_aft, tecoa  # noqa: F401  (fill the registry)
+from mmtard.methods.balance import BALANCES, Balance, create_balance
 from mmtard.methods.base import TEACHER_ROLES, Method, MethodOutput, freeze, unwrap
-from mmtard.methods.config import INNER_OBJECTIVES, PRESETS, MethodConfig, method_config
-from mmtard.methods.losses import BALANCE_MODES, DIW_MODES, create_balance, importance_weights, per_sample_kl
-from mmtard.methods.registry import create_method, list_methods, register_method
+from mmtard.methods.config import MethodConfig
+from mmtard.methods.inner import INNER_OBJECTIVES
+from mmtard.methods.losses import per_sample_kl
+from mmtard.methods.registry import METHODS, create_method, list_methods, method_config, presets, register_method
+from mmtard.methods.weighting import DIW_MODES, importance_weights
 
 __all__ = [
-    "BALANCE_MODES",
+    "BALANCES",
     "DIW_MODES",
     "INNER_OBJECTIVES",
-    "PRESETS",
+    "METHODS",
     "TEACHER_ROLES",
+    "Balance",
     "Method",
     "MethodConfig",
     "MethodOutput",
@@ -26,6 +34,7 @@ __all__ = [
     "list_methods",
     "method_config",
     "per_sample_kl",
+    "presets",
     "register_method",
     "unwrap",
 ]

@@ -14,7 +14,7 @@ wrapper is called exactly for the training forwards whose outputs the loss uses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -24,10 +24,10 @@ from torch import nn
 from mmtard.attacks.functional import pgd
 from mmtard.errors import ConfigError
 from mmtard.methods.config import MethodConfig
+from mmtard.methods.inner import INNER_OBJECTIVES, InnerContext, LossFn
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 TEACHER_ROLES = ("clean", "robust", "original")
-LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -126,6 +126,45 @@ class LogitCache:
         return torch.stack([self._rows[key] for key in keys]).to(x.device, non_blocking=True)
 
 
+class CleanImageOutputs:
+    """The frozen models' outputs on one step's clean images ``x``, each computed at most once.
+
+    Args:
+        teachers: frozen models by role.
+        x: ``(B, 3, H, W)`` clean images.
+        index: ``(B,)`` dataset indices, or ``None``.
+        caches: role -> :class:`LogitCache` for the roles whose clean-image logits are cached across steps
+            (used when ``index`` is given).
+    """
+
+    def __init__(
+        self,
+        teachers: Mapping[str, nn.Module],
+        x: torch.Tensor,
+        index: torch.Tensor | None = None,
+        caches: Mapping[str, LogitCache] | None = None,
+    ):
+        self.teachers, self.x, self.index, self.caches = teachers, x, index, caches or {}
+        self._logits: dict[str, torch.Tensor] = {}
+        self._features: dict[str, torch.Tensor] = {}
+
+    def logits(self, role: str) -> torch.Tensor:
+        """Teacher ``role``'s logits on ``x``."""
+        if role not in self._logits:
+            cache = self.caches.get(role)
+            if cache is not None and self.index is not None:
+                self._logits[role] = cache.logits(self.teachers[role], self.x, self.index)
+            else:
+                self._logits[role] = teacher_forward(self.teachers[role], self.x)
+        return self._logits[role]
+
+    def features(self, role: str) -> torch.Tensor:
+        """Model ``role``'s unnormalised image features on ``x``."""
+        if role not in self._features:
+            self._features[role] = teacher_forward(self.teachers[role], self.x, return_features=True)
+        return self._features[role]
+
+
 class Method:
     """One training step's loss. Subclasses set ``teacher_roles`` and ``inner_objectives``, implement ``step``.
 
@@ -211,6 +250,19 @@ class Method:
         with eval_mode(model):
             cfg = self.cfg
             return pgd(loss_fn, x, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, norm=cfg.norm)
+
+    def adversarial(self, model: nn.Module, clean: CleanImageOutputs, y: torch.Tensor) -> torch.Tensor:
+        """``x'`` by PGD on the config's inner objective (spec 2.2), or ``x`` itself when not attacking.
+
+        Args:
+            model: the unwrapped student.
+            clean: the frozen models' outputs on the clean images, which the objective may use.
+            y: ``(B,)`` labels.
+        """
+        if not self.attacking:
+            return clean.x
+        context = InnerContext(model, y, self.cfg.temperature, clean.logits, clean.features)
+        return self.attack(model, INNER_OBJECTIVES.get(self.cfg.inner)(context), clean.x)
 
     def state_dict(self) -> dict:
         """State that must survive a resume (empty for stateless methods)."""

@@ -13,7 +13,7 @@ from mmtard.methods.registry import register_method
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 
-@register_method("clean-ft")
+@register_method("clean-ft", inner="none", diw="none", balance="fixed", steps=0)
 class CleanFineTuning(Method):
     """Zero-shot cross-entropy on clean images. Metrics: ``ce``, ``acc_clean``."""
 

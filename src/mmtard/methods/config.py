@@ -1,47 +1,23 @@
-"""Method configuration: one typed dataclass, validated, and the presets of spec section 3.
+"""Method configuration: one typed dataclass, validated.
 
-The defaults are the product's MMT-ARD (spec section 2). Each preset is a set of overrides of those
-defaults; optimizer settings (learning rate, schedule) belong to the trainer, not here.
+The defaults are the product's MMT-ARD (spec section 2). Each preset (spec section 3) is a set of overrides of
+those defaults, registered with its method class (``register_method(name, **preset)``); optimizer settings
+(learning rate, schedule) belong to the trainer, not here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from mmtard.attacks.base import NORMS
 from mmtard.errors import ConfigError
-from mmtard.methods.losses import BALANCE_MODES, DIW_MODES
+from mmtard.methods.balance import BALANCES
+from mmtard.methods.inner import INNER_OBJECTIVES
+from mmtard.methods.weighting import DIW_MODES
 from mmtard.units import parse_eps
 
-INNER_OBJECTIVES = ("kl-clean-teacher", "kl-robust-teacher", "ce", "fare", "none")
-
-PRESETS: dict[str, dict] = {
-    "mmt-ard": {},
-    "reference": {
-        "inner": "kl-clean-teacher",
-        "diw": "reference",
-        "balance": "fixed",
-        "lambda_robust": 1.0,
-        "lambda_clean": 1.0,
-        "alpha": 1 / 255,
-    },
-    # Single teacher: the "fixed" balance with lambda_robust 1 gives loss = mean_i l_R,i.
-    "ard": {"inner": "kl-robust-teacher", "diw": "none", "balance": "fixed", "lambda_robust": 1.0},
-    # The baselines have no teacher terms; diw/balance are set to their neutral values so the saved
-    # resolved config does not suggest a weighting that is not applied.
-    "tecoa": {"inner": "ce", "diw": "none", "balance": "fixed"},
-    "fare": {"inner": "fare", "diw": "none", "balance": "fixed"},
-    "pmg-aft": {"inner": "ce", "diw": "none", "balance": "fixed"},
-    "clean-ft": {"inner": "none", "diw": "none", "balance": "fixed", "steps": 0},
-}
-
-
-def _method_names() -> tuple[str, ...]:
-    """Registered method names (imported late: the registry imports this module)."""
-    from mmtard.methods.registry import list_methods
-
-    return tuple(list_methods())
+ROBUST_TARGETS = ("adversarial", "clean")
 
 
 def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -82,12 +58,16 @@ class MethodConfig:
             ``fare`` (squared embedding distance to the original model), ``none`` (no attack).
         diw: dynamic importance weighting: ``cosine``, ``confidence``, ``reference`` or ``none``.
         diw_temperature: ``tau_w`` of the ``confidence`` weighting.
-        balance: balance between teacher terms: ``sigmoid``, ``ratio``, ``mtard`` or ``fixed``.
-        beta: sharpness of the ``sigmoid`` and ``ratio`` balances.
+        balance: balance between teacher terms: ``sigmoid``, ``ratio``, ``gap``, ``mtard`` or ``fixed``.
+        beta: sharpness of the ``sigmoid``, ``ratio`` and ``gap`` balances.
+        rho: prior odds toward the robust teacher of the softmax balances (``sigmoid``, ``ratio``, ``gap``):
+            ``log rho`` is added to the robust teacher's logit; 1 means no prior.
         ema_momentum: momentum of the moving average of each teacher term.
         eta: step of the ``mtard`` balance update.
         lambda_robust: robust-teacher weight of the ``fixed`` balance.
         lambda_clean: clean-teacher weight of the ``fixed`` balance.
+        robust_target: what the robust term distils: ``adversarial`` (``P_R(x')``, spec 2.5) or ``clean``
+            (``P_R(x)``, the robust teacher on the clean images, as RSLAD).
         temperature: ``tau`` in ``P = softmax(z / tau)``.
         logit_scale: ``s`` of every zero-shot classifier, or ``"model"`` for each model's learned scale.
             Stored here; the trainer resolves it when it builds the classifiers.
@@ -96,7 +76,8 @@ class MethodConfig:
         alpha: PGD step size; ``None`` means ``eps / 4``.
         steps: PGD steps; 0 means no attack (``x' = x``).
         norm: ``linf`` or ``l2``.
-        cache_clean_teacher: reuse the clean teacher's logits per dataset index (spec 2.1). Only valid
+        cache_clean_teacher: reuse the teachers' logits on clean images per dataset index (spec 2.1): the clean
+            teacher's, and the robust teacher's when a term or the inner objective uses ``P_R(x)``. Only valid
             for a deterministic data pipeline (no random augmentation); the trainer decides.
         reference_robust_scale: robust-teacher constant of the ``reference`` weighting (50).
         reference_clean_scale: clean-teacher constant of the ``reference`` weighting (5).
@@ -108,10 +89,12 @@ class MethodConfig:
     diw_temperature: float = 1.0
     balance: str = "sigmoid"
     beta: float = 5.0
+    rho: float = 1.0
     ema_momentum: float = 0.9
     eta: float = 0.025
     lambda_robust: float = 1.0
     lambda_clean: float = 1.0
+    robust_target: str = "adversarial"
     temperature: float = 1.0
     logit_scale: float | str = 100.0
     eps: float = 4 / 255
@@ -123,10 +106,11 @@ class MethodConfig:
     reference_clean_scale: float = 5.0
 
     def __post_init__(self) -> None:
+        norm = self.norm if self.norm in NORMS else "linf"  # a wrong norm is reported by validate()
         if isinstance(self.eps, str):
-            self.eps = parse_eps(self.eps, "eps")
+            self.eps = parse_eps(self.eps, "eps", norm)
         if isinstance(self.alpha, str):
-            self.alpha = parse_eps(self.alpha, "alpha")
+            self.alpha = parse_eps(self.alpha, "alpha", norm)
 
     @property
     def step_size(self) -> float:
@@ -135,13 +119,16 @@ class MethodConfig:
 
     def validate(self) -> MethodConfig:
         """Check every field; raise :class:`ConfigError` naming the first bad one. Returns ``self``."""
-        _choice("name", self.name, _method_names())
-        _choice("inner", self.inner, INNER_OBJECTIVES)
-        _choice("diw", self.diw, DIW_MODES)
-        _choice("balance", self.balance, BALANCE_MODES)
+        _choice("inner", self.inner, tuple(INNER_OBJECTIVES.names()))
+        _choice("diw", self.diw, tuple(DIW_MODES.names()))
+        _choice("balance", self.balance, tuple(BALANCES.names()))
+        _choice("robust_target", self.robust_target, ROBUST_TARGETS)
         _choice("norm", self.norm, NORMS)
         _number("diw_temperature", self.diw_temperature, low=0, low_open=True)
         _number("beta", self.beta)
+        _number("rho", self.rho, low=0, low_open=True)
+        if self.rho != 1 and not BALANCES.get(self.balance).uses_prior:
+            raise ConfigError(f"rho: the '{self.balance}' balance has no prior; expected 1, got {self.rho!r}")
         _number("ema_momentum", self.ema_momentum, low=0, high=1, high_open=True)
         _number("eta", self.eta, low=0, high=1, low_open=True)
         _number("lambda_robust", self.lambda_robust, low=0)
@@ -149,9 +136,9 @@ class MethodConfig:
         _number("temperature", self.temperature, low=0, low_open=True)
         if self.logit_scale != "model":
             _number("logit_scale", self.logit_scale, low=0, low_open=True)
-        _number("eps", self.eps, low=0, high=1)
-        if self.alpha is not None:
-            _number("alpha", self.alpha, low=0, high=1, low_open=True)
+        parse_eps(self.eps, "eps", self.norm)
+        if self.alpha is not None and parse_eps(self.alpha, "alpha", self.norm) == 0:
+            raise ConfigError(f"alpha: expected a step size > 0, got {self.alpha!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ConfigError(f"steps: expected a whole number >= 0, got {self.steps!r}")
         if not isinstance(self.cache_clean_teacher, bool):
@@ -159,20 +146,3 @@ class MethodConfig:
         _number("reference_robust_scale", self.reference_robust_scale)
         _number("reference_clean_scale", self.reference_clean_scale)
         return self
-
-
-def method_config(preset: str, **overrides: object) -> MethodConfig:
-    """The validated config of ``preset`` with ``overrides`` applied on top.
-
-    ``preset`` is any registered method name; its overrides come from :data:`PRESETS` (none if absent).
-
-    Raises:
-        ConfigError: unknown preset, unknown field, or an invalid value.
-    """
-    _choice("method", preset, _method_names())
-    known = {f.name for f in fields(MethodConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"method: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
-    values = {"name": preset, **PRESETS.get(preset, {}), **overrides}
-    return MethodConfig(**values).validate()

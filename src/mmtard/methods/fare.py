@@ -14,13 +14,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from mmtard.methods.base import Method, MethodOutput, teacher_forward, unwrap
+from mmtard.methods.base import CleanImageOutputs, Method, MethodOutput, unwrap
 from mmtard.methods.losses import squared_distance
 from mmtard.methods.registry import register_method
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 
-@register_method("fare")
+@register_method("fare", inner="fare", diw="none", balance="fixed")
 class FARE(Method):
     """Embedding-space adversarial fine-tuning against the frozen original model. Metric: ``fare``."""
 
@@ -35,12 +35,8 @@ class FARE(Method):
         y: torch.Tensor,
         index: torch.Tensor | None,
     ) -> MethodOutput:
-        model = unwrap(student)
-        original_features = teacher_forward(teachers["original"], x, return_features=True)
-        x_adv = x
-        if self.attacking:
-            x_adv = self.attack(
-                model, lambda x_pert: squared_distance(model(x_pert, return_features=True), original_features), x
-            )
+        clean = CleanImageOutputs(teachers, x)
+        original_features = clean.features("original")
+        x_adv = self.adversarial(unwrap(student), clean, y)
         loss = squared_distance(student(x_adv, return_features=True), original_features).mean()
         return MethodOutput(losses={"fare": loss}, metrics={"fare": loss.item()}, x_adv=x_adv.detach())

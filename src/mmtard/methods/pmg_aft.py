@@ -15,13 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtard.methods.base import Method, MethodOutput, accuracy, student_forward_pair, teacher_forward, unwrap
-from mmtard.methods.losses import cross_entropy_objective, per_sample_kl
+from mmtard.methods.base import (
+    CleanImageOutputs,
+    Method,
+    MethodOutput,
+    accuracy,
+    student_forward_pair,
+    teacher_forward,
+    unwrap,
+)
+from mmtard.methods.losses import per_sample_kl
 from mmtard.methods.registry import register_method
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 
-@register_method("pmg-aft")
+@register_method("pmg-aft", inner="ce", diw="none", balance="fixed")
 class PMGAFT(Method):
     """Metrics: ``ce``, ``kl_original``, ``kl_clean_adv``, ``acc_clean``, ``acc_adv``."""
 
@@ -36,10 +44,7 @@ class PMGAFT(Method):
         y: torch.Tensor,
         index: torch.Tensor | None,
     ) -> MethodOutput:
-        model = unwrap(student)
-        x_adv = x
-        if self.attacking:
-            x_adv = self.attack(model, cross_entropy_objective(model, y), x)
+        x_adv = self.adversarial(unwrap(student), CleanImageOutputs(teachers, x), y)
         original_adv = teacher_forward(teachers["original"], x_adv)
         student_clean, student_adv = student_forward_pair(student, x, x_adv)
         tau = self.cfg.temperature

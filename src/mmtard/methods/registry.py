@@ -1,23 +1,44 @@
-"""The method registry: ``@register_method(name)``, ``create_method(cfg)``, ``list_methods()``."""
+"""The method registry: ``@register_method(name, **preset)``, ``method_config``, ``create_method``, ``list_methods``.
+
+A preset (spec section 3) is a name plus overrides of :class:`MethodConfig`'s defaults, registered on the class
+that computes it; one class may serve several presets (``mmt-ard`` and ``reference``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from types import MappingProxyType
 
 from mmtard.errors import ConfigError
 from mmtard.methods.base import Method
-from mmtard.methods.config import MethodConfig, method_config
+from mmtard.methods.config import MethodConfig
+from mmtard.registry import Registry
 
-_METHODS: dict[str, type[Method]] = {}
+
+@dataclass(frozen=True)
+class Preset:
+    """A registered method name: its class and its overrides of the config defaults."""
+
+    method: type[Method]
+    overrides: Mapping[str, object]
 
 
-def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: make ``name`` create this method. One class may serve several names (presets)."""
+METHODS: Registry[Preset] = Registry("name", kind="method")
+
+
+def register_method(name: str, **overrides: object) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make ``name`` create this method with ``overrides`` of the :class:`MethodConfig` defaults.
+
+    Raises:
+        ValueError: ``name`` is taken, or an override is not a config field (programming errors).
+    """
+    unknown = set(overrides) - {f.name for f in fields(MethodConfig)}
+    if unknown:
+        raise ValueError(f"register_method('{name}'): {sorted(unknown)} are not MethodConfig fields")
 
     def decorator(cls: type[Method]) -> type[Method]:
-        if name in _METHODS:
-            raise ValueError(f"register_method: '{name}' is already registered to {_METHODS[name].__name__}")
-        _METHODS[name] = cls
+        METHODS.add(name, Preset(cls, MappingProxyType(dict(overrides))))
         return cls
 
     return decorator
@@ -25,7 +46,26 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
 def list_methods() -> list[str]:
     """Every registered method name, sorted."""
-    return sorted(_METHODS)
+    return METHODS.names()
+
+
+def presets() -> dict[str, dict[str, object]]:
+    """Each method name's overrides of the config defaults."""
+    return {name: dict(preset.overrides) for name, preset in METHODS.items()}
+
+
+def method_config(preset: str, **overrides: object) -> MethodConfig:
+    """The validated config of ``preset`` with ``overrides`` applied on top of the preset's own.
+
+    Raises:
+        ConfigError: unknown preset, unknown field, or an invalid value.
+    """
+    known = {f.name for f in fields(MethodConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"method: unknown field(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+    values = {**METHODS.get(preset).overrides, **overrides, "name": preset}
+    return MethodConfig(**values).validate()
 
 
 def create_method(cfg: MethodConfig | str) -> Method:
@@ -35,9 +75,5 @@ def create_method(cfg: MethodConfig | str) -> Method:
         ConfigError: unknown name (the message lists the known ones) or an invalid config.
     """
     if isinstance(cfg, str):
-        if cfg not in _METHODS:
-            raise ConfigError(f"method: unknown method '{cfg}'; expected one of {', '.join(list_methods())}")
         cfg = method_config(cfg)
-    if cfg.name not in _METHODS:
-        raise ConfigError(f"name: unknown method '{cfg.name}'; expected one of {', '.join(list_methods())}")
-    return _METHODS[cfg.name](cfg)
+    return METHODS.get(cfg.name).method(cfg)

@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmtard.methods.base import Method, MethodOutput, accuracy, unwrap
-from mmtard.methods.losses import cross_entropy_objective
+from mmtard.methods.base import CleanImageOutputs, Method, MethodOutput, accuracy, unwrap
 from mmtard.methods.registry import register_method
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 
-@register_method("tecoa")
+@register_method("tecoa", inner="ce", diw="none", balance="fixed")
 class TeCoA(Method):
     """Adversarial fine-tuning on the zero-shot cross-entropy. Metrics: ``ce``, ``acc_adv``."""
 
@@ -33,10 +32,7 @@ class TeCoA(Method):
         y: torch.Tensor,
         index: torch.Tensor | None,
     ) -> MethodOutput:
-        model = unwrap(student)
-        x_adv = x
-        if self.attacking:
-            x_adv = self.attack(model, cross_entropy_objective(model, y), x)
+        x_adv = self.adversarial(unwrap(student), CleanImageOutputs(teachers, x), y)
         logits = student(x_adv)
         ce = F.cross_entropy(logits, y)
         return MethodOutput(

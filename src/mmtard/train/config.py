@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from mmtard.errors import ConfigError
-from mmtard.methods.config import MethodConfig, method_config
+from mmtard.methods import MethodConfig, method_config
 from mmtard.units import parse_eps
 
 DEFAULTS_KEY = "defaults"
