@@ -85,7 +85,7 @@ def open_clip_model_config(arch: str) -> dict:
         ConfigError: ``arch`` is not a built-in open_clip or tiny architecture name.
     """
     ensure_tiny_models_registered()
-    config = open_clip.get_model_config(arch)
+    config = None if arch.startswith(("hf-hub:", "local-dir:")) else open_clip.get_model_config(arch)
     if config is None:
         raise ConfigError(
             f"--model: '{arch}' is not a built-in open_clip architecture (ViT-B-32, ViT-L-14, tiny-vit-s, ...); "
