@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 
 import open_clip
@@ -10,7 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 from mmtard.errors import ConfigError
-from mmtard.models import CheckpointError, build_zero_shot_classifier, list_tiny_models, load_clip, text_prototypes
+from mmtard.models import (
+    CheckpointError,
+    build_zero_shot_classifier,
+    check_checkpoint_file,
+    list_tiny_models,
+    load_clip,
+    text_prototypes,
+)
 
 
 def test_tiny_models_are_registered_with_distinct_sizes():
@@ -155,3 +163,105 @@ def test_plain_open_clip_loads_a_saved_model(tiny_bundle, tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(x), tiny_bundle.model.encode_image(x))
+
+
+@pytest.fixture(scope="module")
+def tiny_state(tiny_bundle):
+    return {k: v.contiguous() for k, v in tiny_bundle.model.state_dict().items()}
+
+
+def _safetensors_bytes(state, tmp_path) -> bytes:
+    save_file(state, str(tmp_path / "source.safetensors"))
+    return (tmp_path / "source.safetensors").read_bytes()
+
+
+def _torch_bytes(obj, tmp_path, legacy: bool = False) -> bytes:
+    torch.save(obj, tmp_path / "source.pt", _use_new_zipfile_serialization=not legacy)
+    return (tmp_path / "source.pt").read_bytes()
+
+
+def _header_only(raw: bytes) -> bytes:
+    return raw[: 8 + int.from_bytes(raw[:8], "little")]
+
+
+BAD_CHECKPOINTS = {
+    # name: (file name, bytes from (state, tmp_path), expected message)
+    "pickle-named-safetensors": (
+        "w.safetensors",
+        lambda s, t: _torch_bytes(s, t),
+        "is a PyTorch file .*not safetensors",
+    ),
+    "truncated-safetensors": ("w.safetensors", lambda s, t: _safetensors_bytes(s, t)[:-1000], "is truncated"),
+    "header-only-safetensors": ("w.safetensors", lambda s, t: _header_only(_safetensors_bytes(s, t)), "is truncated"),
+    "empty-safetensors": ("w.safetensors", lambda s, t: b"", "is empty"),
+    "garbage-safetensors": ("w.safetensors", lambda s, t: bytes(range(256)) * 4, "is not a safetensors file"),
+    "text-safetensors": ("w.safetensors", lambda s, t: b"\x05\x00\x00\x00\x00\x00\x00\x00hello", "header is not JSON"),
+    "truncated-pt": ("w.pt", lambda s, t: _torch_bytes(s, t)[:-1000], "is truncated or corrupt"),
+    "truncated-legacy-pt": ("w.pt", lambda s, t: _torch_bytes(s, t, legacy=True)[:5000], "not a readable checkpoint"),
+    "garbage-pt": ("w.pt", lambda s, t: bytes(range(256)) * 4, "not a readable checkpoint"),
+    "empty-pt": ("w.pt", lambda s, t: b"", "is empty"),
+    "tensor-not-state-dict": ("w.pt", lambda s, t: _torch_bytes(torch.zeros(3), t), "expected a state dict"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_unusable_checkpoint_is_one_clear_error(case, tiny_state, tmp_path):
+    file_name, make, message = BAD_CHECKPOINTS[case]
+    path = tmp_path / file_name
+    path.write_bytes(make(tiny_state, tmp_path))
+    with pytest.raises(CheckpointError, match=message) as checked:
+        check_checkpoint_file(path, "teachers.robust.pretrained")
+    assert str(checked.value).startswith(f"teachers.robust.pretrained: '{path}' ")
+    with pytest.raises(CheckpointError, match=message) as loaded:
+        load_clip("tiny-vit-s", str(path))
+    assert str(loaded.value).startswith("pretrained: ") and "does not fit" not in str(loaded.value)
+
+
+def test_folder_given_as_checkpoint(tmp_path):
+    folder = tmp_path / "weights.safetensors"
+    folder.mkdir()
+    for path in (folder, tmp_path):
+        with pytest.raises(CheckpointError, match="is a folder, expected a file"):
+            load_clip("tiny-vit-s", str(path))
+
+
+def test_check_checkpoint_file_accepts_readable_weights(tiny_state, tmp_path):
+    (tmp_path / "w.safetensors").write_bytes(_safetensors_bytes(tiny_state, tmp_path))
+    (tmp_path / "w.pt").write_bytes(_torch_bytes({"state_dict": tiny_state, "epoch": 3}, tmp_path))
+    (tmp_path / "legacy.bin").write_bytes(_torch_bytes(tiny_state, tmp_path, legacy=True))
+    for name in ("w.safetensors", "w.pt", "legacy.bin"):
+        assert check_checkpoint_file(str(tmp_path / name)) == tmp_path / name
+    with pytest.raises(FileNotFoundError, match="pretrained: checkpoint file .* does not exist"):
+        check_checkpoint_file(tmp_path / "absent.pt")
+
+
+def test_check_checkpoint_file_does_not_run_a_trusted_pickle(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": _RunsCodeOnLoad()}, path)
+    assert check_checkpoint_file(path, trust_checkpoint=True) == path
+    with pytest.raises(CheckpointError, match="needs code execution"):
+        check_checkpoint_file(path)
+    assert "this pickle ran code" not in capsys.readouterr().out
+
+
+def test_hub_id_not_cached_while_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="model: 'hf-hub:mmtard-tests/absent': offline .*this id is not cached"):
+        load_clip("hf-hub:mmtard-tests/absent", cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="names no repository"):
+        load_clip("hf-hub:")
+
+
+def test_open_clip_random_init_warning_is_silenced(tiny_state, tmp_path, caplog):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(_safetensors_bytes(tiny_state, tmp_path))
+    filters_before = list(logging.getLogger().filters)
+    with caplog.at_level(logging.WARNING):
+        load_clip("tiny-vit-s", str(path))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_clip("tiny-vit-s", "none")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "the weights are random" in warnings[0]
+    assert logging.getLogger().filters == filters_before

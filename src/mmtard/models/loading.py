@@ -8,27 +8,44 @@ unpickling (it could run code on load) is refused unless ``trust_checkpoint=True
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from mmtard.errors import ConfigError
+from mmtard.models.checkpoint_file import CheckpointError, CheckpointNotFoundError, check_checkpoint_file
 from mmtard.models.tiny import ensure_tiny_models_registered
+
+__all__ = [
+    "CLIPBundle",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "check_architecture",
+    "check_checkpoint_file",
+    "check_hub_id",
+    "load_checkpoint_into",
+    "load_clip",
+]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 RANDOM_INIT = ("none", "random", "")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint file could not be read safely or does not fit the architecture."""
+HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+HUB_CONFIG_FILE = "open_clip_config.json"
+HUB_WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's order
+OPEN_CLIP_RANDOM_INIT_WARNING = "No pretrained weights loaded"
 
 
 @dataclass
@@ -74,7 +91,7 @@ def _is_path_like(pretrained: str) -> bool:
 def check_architecture(name: str) -> None:
     """Raise a clear error for an architecture open_clip does not know."""
     ensure_tiny_models_registered()
-    if name.startswith(("hf-hub:", "local-dir:")):
+    if name.startswith((HUB_PREFIX, LOCAL_DIR_PREFIX)):
         return
     if name not in open_clip.list_models():
         known = (
@@ -85,6 +102,63 @@ def check_architecture(name: str) -> None:
         )
 
 
+def _hub_offline() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return bool(hub_constants.HF_HUB_OFFLINE) or flag in {"1", "ON", "YES", "TRUE"}
+
+
+def check_hub_id(name: str, cache_dir: str | None = None, field: str = "model") -> None:
+    """Check an ``hf-hub:ORG/REPO`` or ``local-dir:PATH`` model before open_clip is asked to build it.
+
+    Offline (``HF_HUB_OFFLINE=1``), the repository's config and weights must be in the Hugging Face cache;
+    a ``local-dir:`` must be a folder.
+
+    Raises:
+        ConfigError: the id is empty, not cached while offline, or the folder does not exist.
+    """
+    if name.startswith(LOCAL_DIR_PREFIX):
+        folder = Path(name[len(LOCAL_DIR_PREFIX) :])
+        if not folder.is_dir():
+            raise ConfigError(f"{field}: '{name}': '{folder}' is not a folder (expected {HUB_CONFIG_FILE} and weights)")
+        return
+    repo_id = name[len(HUB_PREFIX) :]
+    if not repo_id:
+        raise ConfigError(f"{field}: '{name}' names no repository; expected hf-hub:ORG/REPO")
+    if not _hub_offline():
+        return
+    config = try_to_load_from_cache(repo_id, HUB_CONFIG_FILE, cache_dir=cache_dir)
+    weights = [try_to_load_from_cache(repo_id, f, cache_dir=cache_dir) for f in HUB_WEIGHTS_FILES]
+    if not isinstance(config, str) or not any(isinstance(w, str) for w in weights):
+        missing = "its config" if not isinstance(config, str) else "its weights"
+        raise ConfigError(
+            f"{field}: '{name}': offline (HF_HUB_OFFLINE=1), this id is not cached ({missing} missing); "
+            "run once with internet access, or give a local checkpoint file with --pretrained"
+        )
+
+
+class _DropOpenClipRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(OPEN_CLIP_RANDOM_INIT_WARNING)
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" (it logs on the root logger):
+    a checkpoint file is loaded right after, and random weights have the project's own warning."""
+    root = logging.getLogger()
+    quiet = _DropOpenClipRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def _create_unloaded_model(name: str, device: str | torch.device) -> nn.Module:
+    with _quiet_random_init():
+        return open_clip.create_model(name, pretrained=None, device=device)
+
+
 def load_clip(
     name: str,
     pretrained: str | None = "none",
@@ -92,6 +166,7 @@ def load_clip(
     device: str | torch.device = "cpu",
     trust_checkpoint: bool = False,
     cache_dir: str | None = None,
+    field: str = "pretrained",
 ) -> CLIPBundle:
     """Create an open_clip model and load its weights.
 
@@ -103,41 +178,42 @@ def load_clip(
         device: where the model lives.
         trust_checkpoint: allow full unpickling of a ``.pt`` file. Only for files you made yourself.
         cache_dir: open_clip's download cache.
+        field: the flag or config field ``pretrained`` came from; error messages start with it.
 
     Returns:
         The model in eval mode with its tokenizer and preprocessing constants.
 
     Raises:
-        ConfigError: unknown architecture or pretrained tag.
-        FileNotFoundError: a checkpoint path that does not exist.
-        CheckpointError: a checkpoint that needs code execution to load, or that does not fit.
+        ConfigError: unknown architecture or pretrained tag, or an ``hf-hub:`` id that is not cached while
+            offline.
+        CheckpointNotFoundError: a checkpoint path that does not exist (also a ``FileNotFoundError``).
+        CheckpointError: a folder, an unreadable, truncated or corrupt file, a checkpoint that needs code
+            execution to load, or one that does not fit the architecture.
     """
     check_architecture(name)
     pretrained = "none" if pretrained is None else str(pretrained)
-    is_hub = name.startswith(("hf-hub:", "local-dir:"))
+    is_hub = name.startswith((HUB_PREFIX, LOCAL_DIR_PREFIX))
     checkpoint: Path | None = None
 
     if is_hub:
-        model = open_clip.create_model(name, device=device, cache_dir=cache_dir)
+        model = _create_hub_model(name, device, cache_dir)
         pretrained = name
     elif pretrained.lower() in RANDOM_INIT:
         logger.warning("model %s: pretrained 'none', the weights are random (fine for tests, not for results)", name)
-        model = open_clip.create_model(name, pretrained=None, device=device)
+        model = _create_unloaded_model(name, device)
         pretrained = "none"
     elif Path(pretrained).exists() or _is_path_like(pretrained):
-        checkpoint = Path(pretrained)
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"pretrained: checkpoint file '{checkpoint}' does not exist")
-        model = open_clip.create_model(name, pretrained=None, device=device)
-        load_checkpoint_into(model, checkpoint, trust_checkpoint=trust_checkpoint)
+        checkpoint = check_checkpoint_file(pretrained, field, trust_checkpoint=trust_checkpoint)
+        model = _create_unloaded_model(name, device)
+        load_checkpoint_into(model, checkpoint, trust_checkpoint=trust_checkpoint, field=field)
     else:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise ConfigError(
-                f"pretrained: '{pretrained}' is neither an existing file nor a pretrained tag of {name} "
+                f"{field}: '{pretrained}' is neither an existing file nor a pretrained tag of {name} "
                 f"(tags: {', '.join(tags) or 'none'}). Use 'none' for random weights."
             )
-        model = open_clip.create_model(name, pretrained=pretrained, device=device, cache_dir=cache_dir)
+        model = _create_tagged_model(name, pretrained, device, cache_dir, field)
 
     model.eval()
     cfg = open_clip.get_model_preprocess_cfg(model)
@@ -152,21 +228,65 @@ def load_clip(
     )
 
 
-def load_checkpoint_into(model: nn.Module, path: Path, *, trust_checkpoint: bool = False) -> None:
+def _create_hub_model(name: str, device: str | torch.device, cache_dir: str | None) -> nn.Module:
+    check_hub_id(name, cache_dir)
+    try:
+        return open_clip.create_model(name, device=device, cache_dir=cache_dir)
+    except (RuntimeError, ValueError, OSError) as exc:
+        if not _is_fetch_error(exc):
+            raise
+        raise ConfigError(f"model: cannot load '{name}': {_first_line(exc)}") from exc
+
+
+def _create_tagged_model(
+    name: str, tag: str, device: str | torch.device, cache_dir: str | None, field: str
+) -> nn.Module:
+    try:
+        return open_clip.create_model(name, pretrained=tag, device=device, cache_dir=cache_dir)
+    except RuntimeError as exc:
+        if not _is_fetch_error(exc):
+            raise
+        offline = " (offline: HF_HUB_OFFLINE=1, and they are not cached)" if _hub_offline() else ""
+        raise ConfigError(
+            f"{field}: cannot get the weights of tag '{tag}' for {name}{offline}: {_first_line(exc)}"
+        ) from exc
+
+
+#: how open_clip's messages start when it could not fetch or read a model's config or weights
+OPEN_CLIP_FETCH_ERRORS = (
+    "Failed initial config/weights load",
+    "Failed to download",
+    "Could not load valid config",
+    "'local-dir:' specified",
+)
+
+
+def _is_fetch_error(exc: BaseException) -> bool:
+    return str(exc).startswith(OPEN_CLIP_FETCH_ERRORS)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+
+
+def load_checkpoint_into(
+    model: nn.Module, path: Path, *, trust_checkpoint: bool = False, field: str = "pretrained"
+) -> None:
     """Load a CLIP state dict file into ``model`` through open_clip's converter.
 
     ``.safetensors`` holds tensors only. Other files are read with ``weights_only=True`` unless
-    ``trust_checkpoint`` is set; a file that needs code execution to unpickle is refused.
+    ``trust_checkpoint`` is set; a file that needs code execution to unpickle is refused. Call
+    :func:`check_checkpoint_file` first for a precise error on unreadable files.
     """
     try:
         open_clip.load_checkpoint(model, str(path), weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"pretrained: '{path}' is a pickle that needs code execution to load, so it was refused "
+            f"{field}: '{path}' is a pickle that needs code execution to load, so it was refused "
             "(a checkpoint from the internet is data, not code). Convert it to .safetensors, or pass "
             "--trust-checkpoint if you made this file yourself."
         ) from exc
     except (RuntimeError, AssertionError, KeyError) as exc:
         # open_clip reports a state dict of another architecture as size mismatches, missing keys or
         # failed shape assertions while resizing position embeddings.
-        raise CheckpointError(f"pretrained: '{path}' does not fit this architecture: {exc}") from exc
+        raise CheckpointError(f"{field}: '{path}' does not fit this architecture: {exc}") from exc
