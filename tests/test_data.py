@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
@@ -9,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mmtard.data import balanced_subset, create_dataset, list_datasets, resolve_classes
+from mmtard.data import (
+    DataNotFoundError,
+    balanced_subset,
+    check_dataset_source,
+    create_dataset,
+    list_datasets,
+    resolve_classes,
+)
 from mmtard.data.metadata import imagenet_classnames, imagenet_templates
 from mmtard.errors import ConfigError, MissingExtraError
 
@@ -149,3 +157,55 @@ def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # the import fails as if it were not installed
     with pytest.raises(MissingExtraError, match=r"sklearn: not installed.*mmtard\[demo\]"):
         create_dataset("digits", None, image_size=32)
+
+
+def test_npz_takes_any_split_name(tmp_path):
+    """A CIFAR-10-C style folder: one npz file per corruption, read with split=<corruption>."""
+    x, y = _write_npz(tmp_path / "c", n_per_class=2)
+    (tmp_path / "c" / "test.npz").rename(tmp_path / "c" / "gaussian_noise.npz")
+    ds = create_dataset("npz", tmp_path / "c", split="gaussian_noise", image_size=32)
+    assert len(ds) == 20 and ds.classnames == CIFAR10
+    torch.testing.assert_close(ds[3][0], torch.from_numpy(x[3]).permute(2, 0, 1).float() / 255)
+    with pytest.raises(FileNotFoundError, match="no 'fog.npz' .*gaussian_noise.npz"):
+        create_dataset("npz", tmp_path / "c", split="fog", image_size=32)
+    for bad in ("../c/gaussian_noise", "", ".hidden"):
+        with pytest.raises(ConfigError, match="split: expected a plain name"):
+            create_dataset("npz", tmp_path / "c", split=bad, image_size=32)
+    with pytest.raises(ConfigError, match="split: dataset cifar10 has splits"):
+        create_dataset("cifar10", tmp_path / "c", split="gaussian_noise", image_size=32)
+
+
+def test_more_samples_than_images_is_said(tmp_path, caplog):
+    _write_npz(tmp_path / "d", n_per_class=2)
+    with caplog.at_level(logging.WARNING, logger="mmtard.data.registry"):
+        ds = create_dataset("cifar10", tmp_path / "d", image_size=32, classes="seen", samples=50)
+    assert len(ds) == 10
+    assert "samples: 50 requested, but cifar10 (split test, classes seen) has 10 images" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mmtard.data.registry"):
+        create_dataset("cifar10", tmp_path / "d", image_size=32, samples=10)
+    assert caplog.text == ""
+
+
+def test_dataset_that_needs_a_folder_given_none():
+    with pytest.raises(ConfigError, match="data_dir: dataset cifar10 is read from a data folder .*--data-dir"):
+        create_dataset("cifar10", None, image_size=32)
+    with pytest.raises(ConfigError, match="--data-dir"):
+        check_dataset_source("imagefolder", None)
+    assert check_dataset_source("digits", None).name == "digits"
+
+
+def test_missing_data_is_a_config_error(tmp_path):
+    with pytest.raises(DataNotFoundError, match="data_dir: .* does not exist") as raised:
+        check_dataset_source("cifar10", tmp_path / "absent")
+    assert isinstance(raised.value, ConfigError) and isinstance(raised.value, FileNotFoundError)
+
+
+def test_corrupt_npz_file(tmp_path):
+    _write_npz(tmp_path / "d")
+    (tmp_path / "d" / "test.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ConfigError, match="test.npz' is not a readable npz file"):
+        create_dataset("npz", tmp_path / "d", image_size=32)
+    np.savez(tmp_path / "d" / "test.npz", images=np.zeros((2, 4, 4, 3), dtype=np.uint8))
+    with pytest.raises(ConfigError, match=r"lacks arrays \['x', 'y'\]"):
+        create_dataset("npz", tmp_path / "d", image_size=32)

@@ -1,10 +1,11 @@
 """Data: dataset registry, class names and templates, loaders, class subsets."""
 
-from mmtard.data.loaders import RawImages, balanced_subset, to_model_input
+from mmtard.data.loaders import DataNotFoundError, RawImages, balanced_subset, to_model_input
 from mmtard.data.registry import (
     DATASETS,
     DatasetSpec,
     ImageDataset,
+    check_dataset_source,
     create_dataset,
     get_dataset_spec,
     list_datasets,
@@ -14,10 +15,12 @@ from mmtard.data.registry import (
 
 __all__ = [
     "DATASETS",
+    "DataNotFoundError",
     "DatasetSpec",
     "ImageDataset",
     "RawImages",
     "balanced_subset",
+    "check_dataset_source",
     "create_dataset",
     "get_dataset_spec",
     "list_datasets",

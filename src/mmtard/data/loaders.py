@@ -1,13 +1,16 @@
 """Image sources in their on-disk formats, all returning ``[0, 1]`` float images of one size.
 
-Formats: the npz folder (``train.npz`` / ``test.npz`` with ``x`` uint8 ``(N, H, W, 3)``, ``y`` int and
-``classes.txt``), torchvision's CIFAR-10/100 and STL-10 folders, the ImageFolder layout
+Formats: the npz folder (``<split>.npz`` with ``x`` uint8 ``(N, H, W, 3)``, ``y`` int, and ``classes.txt``;
+any split name, so ``gaussian_noise.npz`` of a CIFAR-10-C style folder is ``split="gaussian_noise"``),
+torchvision's CIFAR-10/100 and STL-10 folders, the ImageFolder layout
 (``root/<split>/<class>/*.jpg``) and scikit-learn's bundled digits. Nothing is downloaded unless
 ``download=True``.
 """
 
 from __future__ import annotations
 
+import re
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,27 +37,43 @@ class RawImages:
     folder_names: list[str] | None = None
 
 
+class DataNotFoundError(ConfigError, FileNotFoundError):
+    """A data folder or file that does not exist, or holds none of the expected files."""
+
+
+#: a split name is a file or folder name inside the data folder, never a path
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
 def require_dir(root: str | Path, what: str) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data_dir: '{root}' does not exist or is not a folder (expected {what})")
+        raise DataNotFoundError(f"data_dir: '{root}' does not exist or is not a folder (expected {what})")
     return root
 
 
+def check_split_name(split: str) -> str:
+    """``split`` itself if it is a plain name (``test``, ``gaussian_noise``), not a path.
+
+    Raises:
+        ConfigError: empty, or with a path separator or a leading dot.
+    """
+    if not SPLIT_NAME.fullmatch(split):
+        raise ConfigError(f"split: expected a plain name such as test or gaussian_noise, got {split!r}")
+    return split
+
+
 def load_npz_folder(root: str | Path, split: str, download: bool = False) -> RawImages:
-    """The npz folder format: ``<root>/<split>.npz`` with arrays ``x``, ``y`` and ``<root>/classes.txt``."""
-    root = require_dir(root, "a folder with train.npz / test.npz and classes.txt")
-    path = root / f"{split}.npz"
+    """The npz folder format: ``<root>/<split>.npz`` with arrays ``x``, ``y`` and ``<root>/classes.txt``.
+
+    Any split name is a file name: ``split="gaussian_noise"`` reads ``gaussian_noise.npz``.
+    """
+    root = require_dir(root, "a folder with <split>.npz files (test.npz, train.npz, ...) and classes.txt")
+    path = root / f"{check_split_name(split)}.npz"
     if not path.is_file():
         found = ", ".join(sorted(p.name for p in root.glob("*.npz"))) or "none"
-        raise FileNotFoundError(f"data_dir: no '{split}.npz' in '{root}' (npz files found: {found})")
-    with np.load(path) as arrays:
-        missing = {"x", "y"} - set(arrays.files)
-        if missing:
-            raise ConfigError(
-                f"data_dir: '{path}' lacks arrays {sorted(missing)}; expected x uint8 (N, H, W, 3) and y int (N,)"
-            )
-        images, labels = arrays["x"], arrays["y"]
+        raise DataNotFoundError(f"data_dir: no '{split}.npz' in '{root}' (npz files found: {found})")
+    images, labels = _read_npz_arrays(path)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ConfigError(
             f"data_dir: '{path}' array x has shape {images.shape} and dtype {images.dtype}; expected uint8 (N, H, W, 3)"
@@ -68,11 +87,26 @@ def load_npz_folder(root: str | Path, split: str, download: bool = False) -> Raw
     return RawImages(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), classnames)
 
 
+def _read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays ``x`` and ``y`` of an npz file; a corrupt file or a missing array is one ConfigError."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            found = {name: arrays[name] for name in ("x", "y") if name in arrays.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise ConfigError(f"data_dir: '{path}' is not a readable npz file ({type(exc).__name__}: {exc})") from None
+    missing = {"x", "y"} - set(found)
+    if missing:
+        raise ConfigError(
+            f"data_dir: '{path}' lacks arrays {sorted(missing)}; expected x uint8 (N, H, W, 3) and y int (N,)"
+        )
+    return found["x"], found["y"]
+
+
 def _from_torchvision(dataset_cls: Callable, root: Path, download: bool, **kwargs) -> RawImages:
     try:
         ds = dataset_cls(root=str(root), download=download, **kwargs)
     except RuntimeError as exc:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"data_dir: torchvision's {dataset_cls.__name__} files are not in '{root}' ({exc}); "
             "pass --download to fetch them"
         ) from None
@@ -119,14 +153,14 @@ def load_image_folder(root: str | Path, split: str, download: bool = False) -> R
     base = next(p for p in candidates if p.is_dir())
     folders = sorted(p for p in base.iterdir() if p.is_dir())
     if not folders:
-        raise FileNotFoundError(f"data_dir: no class folders under '{base}' (expected <class>/<image> files)")
+        raise DataNotFoundError(f"data_dir: no class folders under '{base}' (expected <class>/<image> files)")
     paths, labels = [], []
     for label, folder in enumerate(folders):
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise FileNotFoundError(f"data_dir: no image files under '{base}'")
+        raise DataNotFoundError(f"data_dir: no image files under '{base}'")
     names = [f.name for f in folders]
     return RawImages(
         paths, torch.tensor(labels, dtype=torch.int64), [n.replace("_", " ") for n in names], folder_names=names
@@ -155,7 +189,9 @@ def read_image_file(path: Path) -> torch.Tensor:
         with Image.open(path) as img:
             return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
     except (UnidentifiedImageError, OSError) as exc:
-        raise ConfigError(f"image file '{path}' cannot be decoded ({exc.__class__.__name__}: {exc})") from None
+        raise ConfigError(
+            f"data_dir: image file '{path}' cannot be decoded ({exc.__class__.__name__}: {exc})"
+        ) from None
 
 
 def to_model_input(image: torch.Tensor, image_size: int) -> torch.Tensor:

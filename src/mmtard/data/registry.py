@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
@@ -21,6 +22,8 @@ from mmtard.data.loaders import RawImages
 from mmtard.errors import ConfigError
 from mmtard.registry import Registry
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -31,14 +34,17 @@ class DatasetSpec:
         load: ``load(root, split, download) -> RawImages``.
         templates: zero-shot prompt templates (``str.format`` with one ``{}``).
         classnames: the maintained class-name list, or None to take the names the data carries.
-        splits: the split names the dataset has.
+        splits: the split names the dataset has; None when any plain name is a split (the ``npz`` format
+            reads ``<split>.npz``).
+        needs_data_dir: False for data that ships with a package (``digits``).
     """
 
     name: str
     load: Callable[..., RawImages]
     templates: Callable[[], list[str]]
     classnames: Callable[[], list[str]] | None = None
-    splits: tuple[str, ...] = ("train", "test")
+    splits: tuple[str, ...] | None = ("train", "test")
+    needs_data_dir: bool = True
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -117,8 +123,8 @@ for _spec in (
     DatasetSpec("eurosat", loaders.load_image_folder, _cb("eurosat"), _cb_names("eurosat")),
     DatasetSpec("fgvc_aircraft", loaders.load_image_folder, _cb("fgvc_aircraft")),
     DatasetSpec("pcam", loaders.load_image_folder, _cb("pcam"), _cb_names("pcam")),
-    DatasetSpec("digits", loaders.load_sklearn_digits, _cb("mnist"), _cb_names("mnist")),
-    DatasetSpec("npz", loaders.load_npz_folder, _cb("cifar10")),
+    DatasetSpec("digits", loaders.load_sklearn_digits, _cb("mnist"), _cb_names("mnist"), needs_data_dir=False),
+    DatasetSpec("npz", loaders.load_npz_folder, _cb("cifar10"), splits=None),
     DatasetSpec("imagefolder", loaders.load_image_folder, lambda: ["a photo of a {}."]),
 ):
     register_dataset(_spec)
@@ -184,6 +190,35 @@ def _select(raw: RawImages, keep: torch.Tensor, relabel: dict[int, int] | None =
     return RawImages(images, labels, raw.classnames, raw.folder_names)
 
 
+def check_dataset_source(
+    name: str, data_dir: str | Path | None, split: str = "test", download: bool = False
+) -> DatasetSpec:
+    """Check what can be checked without reading the data: the dataset is registered, the split is one of
+    its splits, and a dataset read from files has a data folder that exists (or will be downloaded to).
+
+    Returns:
+        The dataset's spec.
+
+    Raises:
+        ConfigError: unknown dataset or split, or no data folder given for a dataset that needs one.
+        DataNotFoundError: the data folder does not exist (a ConfigError and a FileNotFoundError).
+    """
+    spec = get_dataset_spec(name)
+    if spec.splits is None:
+        loaders.check_split_name(split)
+    elif split not in spec.splits:
+        raise ConfigError(f"split: dataset {name} has splits {spec.splits}, got '{split}'")
+    if spec.needs_data_dir:
+        if data_dir is None or str(data_dir) == "":
+            raise ConfigError(
+                f"data_dir: dataset {name} is read from a data folder and none was given; pass --data-dir "
+                "(data.dir in a run config)"
+            )
+        if not download:
+            loaders.require_dir(data_dir, f"the {name} data folder")
+    return spec
+
+
 def create_dataset(
     name: str,
     data_dir: str | Path | None,
@@ -208,10 +243,14 @@ def create_dataset(
         classnames: names to use instead of the registry's / data's (must have one per label).
         download: allow torchvision to download (never done otherwise).
         seed: seed of the balanced subset choice.
+
+    A ``samples`` larger than the images available (after the class selection) takes them all, with a
+    warning.
+
+    Raises:
+        ConfigError: see :func:`check_dataset_source`; unreadable data; class names that do not match.
     """
-    spec = get_dataset_spec(name)
-    if split not in spec.splits:
-        raise ConfigError(f"split: dataset {name} has splits {spec.splits}, got '{split}'")
+    spec = check_dataset_source(name, data_dir, split, download)
     raw = spec.load(data_dir, split, download=download)
     names = list(classnames) if classnames is not None else (spec.classnames() if spec.classnames else raw.classnames)
     if names is None:
@@ -232,4 +271,15 @@ def create_dataset(
         names = [names[i] for i in chosen]
     if samples is not None:
         raw = _select(raw, loaders.balanced_subset(raw.labels, samples, seed))
+        if len(raw.labels) < samples:
+            logger.warning(
+                "samples: %d requested, but %s (split %s, classes %s) has %d images for a class-balanced subset; "
+                "using those %d",
+                samples,
+                name,
+                split,
+                classes,
+                len(raw.labels),
+                len(raw.labels),
+            )
     return ImageDataset(raw, names, spec.templates(), image_size, name)
