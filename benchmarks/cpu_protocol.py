@@ -1,26 +1,31 @@
-"""The CPU-scale benchmark of MMT-ARD against its baselines (spec section 5), on ../shared/data/cifar10.
+"""The zoo benchmark of MMT-ARD against its baselines (spec section 5), on ../shared/data/cifar10.
 
-Run by hand, not in CI (about two hours on 2 cores at the default scale, or run it in the background):
+Run by hand, not in CI (about two hours on 2 idle cores at the default scale):
 
-    python benchmarks/cpu_protocol.py --out runs/bench --data-dir ../shared/data/cifar10
+    python ../shared/zoo/rebuild.py --out runs/zoo
+    python benchmarks/cpu_protocol.py --zoo runs/zoo --out runs/bench-zoo --jobs 2
 
-Phases (each reuses what an earlier run of the script already produced, so it can be stopped and rerun):
+The foundations and teachers are the zoo's GPU-trained tiny CLIPs (tiny-vit-s student foundation, tiny-vit-l
+teachers), evaluated here and never trained. Phases, each reusing what an earlier run already produced (stop and
+rerun at will):
 
-1. Foundations (tiny-vit-s student, tiny-vit-m teachers) on all 10 classes, the clean (clean-ft) and robust
-   (tecoa) teachers on the seen classes, then students on the seen classes at an equal budget: mmt-ard,
-   ard and tecoa for every seed, reference, fare, pmg-aft and clean-ft for the first seed. Every model is
-   evaluated clean and with PGD-10 at 1/255, 2/255, 4/255 on seen and unseen test images.
-2. The student foundation, the teachers and the headline students (mmt-ard / ard / tecoa, every seed) again
-   with ``aa`` (APGD-CE + APGD-T) and PGD-10 on the same, fewer images at the same radii, so the checks
-   compare the two attacks; each attack and radius is cached on its own.
-3. Ablation (first seed): the full grid DIW none | cosine | confidence | reference x balance
-   fixed | sigmoid | ratio | mtard, beta 1 and 20, and two candidate defaults (a fixed 0.9 / 0.1 prior toward
-   the robust teacher; the inner maximisation against the robust teacher). The best cells (``CANDIDATES``)
-   are then trained for every seed.
-4. Efficiency from the same run: per-step time of each distillation method relative to ard, and the steps
-   and training seconds each needs to reach ard's final robust accuracy (periodic held-out PGD evaluation).
+1. Baseline students on the seen classes, every seed, 200 steps of batch 64 each (PGD-2 at 4/255 inside
+   training): ``ard``, ``tecoa``, ``reference``. Every model, the given ones too, is evaluated clean and with
+   PGD-10 at 1/255, 2/255, 4/255 on seen and unseen test images.
+2. Ablation (first seed): balances (the spec's first sigmoid default, the same with a robust prior, the
+   accuracy-gap rule) crossed with the robust term's target (``P_R(x')``, or RSLAD's ``P_R(x)``), and ``ard`` with
+   RSLAD's target. The candidates (``CANDIDATES``) are then trained for every seed.
+3. ``mmt-ard`` with the preset's defaults, every seed: the rows of the ablation cell whose settings equal the
+   preset's (trained once), or trained here when no cell does.
+4. ``aa`` (APGD-CE + APGD-T, 100 iterations each) at 4/255 beside PGD-10 on the same images, for the given
+   models, the headline students (every seed) and every ablation student; the gradient-masking checks compare
+   the two attacks on the same images.
+5. Efficiency: steps and training seconds each distillation student needs to reach ``ard``'s final held-out
+   robust accuracy (PGD-10 at 4/255, 100 held-out images every 20 steps), per seed.
 
-Writes ``<out>/benchmark.json`` and ``<out>/benchmark.md`` (tables ready for BENCHMARKS.md) and plots.
+Writes ``<out>/benchmark.md`` and ``<out>/benchmark.json`` after every phase, the plots, and with ``--docs DIR``
+the headline as data (``DIR/zoo-headline.json``) beside the Pareto plot (``DIR/pareto.png``) and the lambda_R
+trajectories (``DIR/lambda_r.png``).
 """
 
 from __future__ import annotations
@@ -33,190 +38,214 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmtard.attacks.checks import check_robust_results  # noqa: E402
-from mmtard.eval.protocol_report import (  # noqa: E402
+from mmtard.experiments import ZOO_SCALE, ProtocolScale, run_protocol  # noqa: E402
+from mmtard.experiments.protocol import GIVEN_STAGES, evaluate_stage, has_teachers  # noqa: E402
+from mmtard.experiments.report import (  # noqa: E402
     group_by_model,
     mean_std,
+    plot_lambda_trajectories,
+    plot_pareto,
     plot_robust_vs_eps,
     plot_training_curves,
     results_table,
+    robust_accuracy,
 )
 from mmtard.fileio import atomic_write_text  # noqa: E402
-from mmtard.protocol import DISTILLATION_PRESETS, ProtocolScale, evaluate_stage, run_protocol  # noqa: E402
-from mmtard.units import parse_eps  # noqa: E402
+from mmtard.methods import method_config  # noqa: E402
+from mmtard.train import RunDir  # noqa: E402
 
-HEADLINE = ("mmt-ard", "ard", "tecoa")
-OTHERS = ("reference", "fare", "pmg-aft", "clean-ft")
-DIW_MODES = ("none", "cosine", "confidence", "reference")
-BALANCES = ("fixed", "sigmoid", "ratio", "mtard")
-DEFAULT_DIW, DEFAULT_BALANCE = "cosine", "sigmoid"
-
-
-def grid_stage_name(diw: str, balance: str) -> str:
-    """Stage of one DIW x balance cell. One-factor cells keep the short names of earlier runs, so they are reused."""
-    if (diw, balance) == (DEFAULT_DIW, DEFAULT_BALANCE):
-        return "mmt-ard"
-    if balance == DEFAULT_BALANCE:
-        return f"diw={diw}"
-    if diw == DEFAULT_DIW:
-        return f"balance={balance}"
-    return f"diw={diw},balance={balance}"
-
-
-ABLATION = {
-    grid_stage_name(d, b): {"method": "mmt-ard", "diw": d, "balance": b}
-    for d in DIW_MODES
-    for b in BALANCES
-    if (d, b) != (DEFAULT_DIW, DEFAULT_BALANCE)
+# The spec's first defaults, written out so the name keeps its meaning when the preset changes.
+SPEC_V1 = {
+    "method": "mmt-ard",
+    "inner": "kl-clean-teacher",
+    "diw": "cosine",
+    "balance": "sigmoid",
+    "beta": 5.0,
+    "rho": 1.0,
+    "robust_target": "adversarial",
 }
-ABLATION.update(
-    {
-        "beta=1": {"method": "mmt-ard", "beta": 1.0},
-        "beta=20": {"method": "mmt-ard", "beta": 20.0},
-        # Candidates for a new default (see BENCHMARKS.md): a fixed prior toward the robust teacher, and the
-        # inner maximisation against the robust teacher (as ard) with the spec's weighting kept.
-        "balance=fixed,lambda_robust=0.9,lambda_clean=0.1": {
-            "method": "mmt-ard",
-            "balance": "fixed",
-            "lambda_robust": 0.9,
-            "lambda_clean": 0.1,
-        },
-        "inner=kl-robust-teacher": {"method": "mmt-ard", "inner": "kl-robust-teacher"},
-    }
-)
-
-# The ablation's best cells, trained for every seed so the proposed change of default has mean ± std.
-CANDIDATES = ("diw=reference", "balance=fixed,lambda_robust=0.9,lambda_clean=0.1")
+RSLAD = {"robust_target": "clean", "inner": "kl-robust-teacher"}
+ABLATION = {
+    "mmt-ard_v1": SPEC_V1,
+    "mmt-ard_rho9": {**SPEC_V1, "rho": 9.0},
+    "mmt-ard_gap": {**SPEC_V1, "balance": "gap"},
+    "mmt-ard_rho9_rslad": {**SPEC_V1, "rho": 9.0, **RSLAD},
+    "mmt-ard_gap_rslad": {**SPEC_V1, "balance": "gap", **RSLAD},
+    "ard_rslad": {"method": "ard", "robust_target": "clean"},
+}
+# The ablation's best cells, trained for every seed (chosen from the first-seed ablation; see BENCHMARKS.md).
+CANDIDATES = ("mmt-ard_rho9_rslad", "mmt-ard_gap_rslad")
+BASELINES = ("ard", "tecoa", "reference")
+TARGET_EPS = "4/255"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--zoo", default="runs/zoo", help="the rebuilt zoo (python ../shared/zoo/rebuild.py --out DIR)")
+    p.add_argument("--out", default="runs/bench-zoo")
     p.add_argument("--data-dir", default="../shared/data/cifar10")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--foundation-steps", type=int, default=300)
-    p.add_argument("--teacher-steps", type=int, default=120)
-    p.add_argument("--student-steps", type=int, default=100)
-    p.add_argument("--train-attack-steps", type=int, default=2)
-    p.add_argument("--eval-samples", type=int, default=200, help="test images per split for clean / PGD")
-    p.add_argument("--aa-samples", type=int, default=50, help="test images per split for aa")
-    p.add_argument(
-        "--aa-eps", nargs="+", default=["1/255", "2/255", "4/255"], help="radii for aa (each costs minutes per model)"
-    )
-    p.add_argument("--eval-every", type=int, default=20, help="held-out PGD evaluation period during student training")
-    p.add_argument(
-        "--skip", nargs="*", default=[], choices=["aa", "ablation", "candidates"], help="phases to leave out"
-    )
+    p.add_argument("--batch-size", type=int, default=ZOO_SCALE.batch_size)
+    p.add_argument("--student-steps", type=int, default=ZOO_SCALE.student_steps)
+    p.add_argument("--train-attack-steps", type=int, default=ZOO_SCALE.train_attack_steps)
+    p.add_argument("--eval-samples", type=int, default=200, help="test images per split for clean / PGD-10")
+    p.add_argument("--aa-samples", type=int, default=200, help="test images per split for aa at 4/255")
+    p.add_argument("--eval-every", type=int, default=ZOO_SCALE.eval_every, help="held-out PGD period in training")
+    p.add_argument("--jobs", type=int, default=1, help="students trained (and evaluated) at once, one thread each")
+    p.add_argument("--skip", nargs="*", default=[], choices=["ablation", "candidates", "aa"], help="phases to skip")
+    p.add_argument("--docs", default=None, help="also write zoo-headline.json, pareto.png, lambda_r.png here")
     return p.parse_args(argv)
 
 
-def robust_at(record: dict, eps: str) -> float:
-    return next(e["acc"] for e in record["robust"] if e["eps"] == eps)
+def student_jobs(methods: Sequence[str], variants: Mapping[str, Mapping], seeds: Sequence[int]) -> list[tuple]:
+    """One ``(methods, variants, seed)`` job per student, for :func:`train_students`."""
+    jobs = [((name,), {}, seed) for name in methods for seed in seeds]
+    return jobs + [((), {name: spec}, seed) for name, spec in variants.items() for seed in seeds]
 
 
-def efficiency(out: Path, rows: list[dict], target_eps: str = "4/255") -> str:
-    """Per-step time relative to ard and the budget to reach ard's final held-out robust accuracy."""
-    lines = [
-        "| method | seed | s/step (train) | relative to ard | final held-out PGD-10 4/255 | steps to reach ard's final | train seconds to reach it |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    by_seed: dict[int, dict[str, dict]] = {}
-    for row in rows:
-        if row["method"] in DISTILLATION_PRESETS and row["role"] == row["method"]:
-            metrics = [
-                json.loads(line) for line in (out / row["stage"] / "metrics.jsonl").read_text().splitlines() if line
-            ]
-            evals = [json.loads(line) for line in (out / row["stage"] / "eval.jsonl").read_text().splitlines() if line]
-            seconds = [m["samples_per_s"] and 1 / m["samples_per_s"] * row["batch_size"] for m in metrics]
-            curve = [(e["step"], robust_at(e, target_eps)) for e in evals]
-            by_seed.setdefault(row["seed"], {})[row["method"]] = {"seconds": seconds, "curve": curve}
-    for seed, methods in sorted(by_seed.items()):
-        if "ard" not in methods:
-            continue
-        ard_step = statistics.median(methods["ard"]["seconds"])
-        target = methods["ard"]["curve"][-1][1]
-        for name, data in methods.items():
-            step_time = statistics.median(data["seconds"])
-            reached = next((step for step, acc in data["curve"] if acc >= target), None)
-            wall = sum(data["seconds"][:reached]) if reached else None
-            lines.append(
-                f"| {name} | {seed} | {step_time:.2f} | {step_time / ard_step:.2f}x | {data['curve'][-1][1]:.1f} | "
-                f"{reached if reached else 'not reached'} | {f'{wall:.0f}' if wall else '-'} |"
-            )
-    return "\n".join(lines)
+def _run_student(out: str, scale: ProtocolScale, zoo: str, job: tuple, threads: int | None) -> list[dict]:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    methods, variants, seed = job
+    return run_protocol(out, scale, methods, (seed,), variants, progress=False, zoo=zoo)[len(GIVEN_STAGES) :]
 
 
-def headline_table(rows: list[dict], split: str, eps_list: list[str]) -> str:
-    """Mean ± std over seeds for the headline students, single rows for everything else."""
-    head = "| model | seeds | clean | " + " | ".join(f"PGD-10 {e}" for e in eps_list) + " |"
-    lines = [head, "|---|---|---|" + "---|" * len(eps_list)]
-    for name, group in group_by_model(rows).items():
-        cells = [mean_std([g[split]["clean_acc"] for g in group])]
-        cells += [mean_std([robust_at(g[split], e) for g in group]) for e in eps_list]
-        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def train_students(out: Path, scale: ProtocolScale, zoo: str, jobs: list[tuple], workers: int) -> list[dict]:
+    """Train and evaluate one student per job (reusing finished ones), ``workers`` at a time; rows in job order."""
+    if workers <= 1:
+        return [row for job in jobs for row in _run_student(str(out), scale, zoo, job, None)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_run_student, str(out), scale, zoo, job, 1) for job in jobs]
+        return [row for future in futures for row in future.result()]
 
 
-def grid_table(rows: list[dict], split: str, eps: str = "4/255") -> str:
-    """DIW x balance as a grid: each cell is ``clean / PGD-10 eps`` of that variant's student."""
-    by_stage = {name: group[0] for name, group in group_by_model(rows).items()}
-    lines = ["| DIW \\ balance | " + " | ".join(BALANCES) + " |", "|---|" + "---|" * len(BALANCES)]
-    for diw in DIW_MODES:
-        cells = []
-        for balance in BALANCES:
-            row = by_stage.get(f"student-{grid_stage_name(diw, balance)}")
-            cells.append(f"{row[split]['clean_acc']:.1f} / {robust_at(row[split], eps):.1f}" if row else "-")
-        lines.append(f"| {diw} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def evaluate_each_setting(scale: ProtocolScale, row: dict, out: Path) -> dict:
-    """Evaluate one model with each attack of ``scale.eval_attacks`` at each radius of ``scale.eval_eps``
-    separately, and merge the records.
-
-    Each (attack, radius) has its own cache file, so adding one later reuses the others. The
-    gradient-masking checks are computed again on the merged record: across radii, and between attacks on
-    the same images (a stronger attack must not find fewer errors).
-    """
+def evaluate_with_aa(scale: ProtocolScale, row: dict, out: Path, samples: int, zoo: Path) -> dict:
+    """``aa`` and PGD-10 at 4/255 on the same ``samples`` images per split, checks compared across the attacks."""
+    model_file = Path(zoo) / row["stage"] / "model.safetensors" if row["stage"] in GIVEN_STAGES else None
+    model_file = model_file or RunDir(out / row["stage"]).model
+    aa_scale = replace(scale, eval_samples=samples, eval_steps=None, eval_eps=(4 / 255,))
     parts = [
-        evaluate_stage(
-            replace(scale, eval_attacks=(attack,), eval_eps=(eps,)),
-            row["arch"],
-            out / row["stage"] / "model.safetensors",
-            False,
-        )
-        for attack in scale.eval_attacks
-        for eps in scale.eval_eps
+        evaluate_stage(replace(aa_scale, eval_attacks=(attack,)), row["arch"], model_file, out / row["stage"], False)
+        for attack in ("pgd", "aa")
     ]
     merged = {}
     for split in ("seen", "unseen"):
         records = [part[split] for part in parts]
         if len({r["clean_acc"] for r in records}) != 1:
-            raise RuntimeError(
-                f"{row['stage']} {split}: clean accuracy differs between settings, so the samples differ"
-            )
+            raise RuntimeError(f"{row['stage']} {split}: clean accuracy differs between attacks, so the images differ")
         robust = [entry for r in records for entry in r["robust"]]
-        zero = [
-            r["checks"]["zero_gradient_fraction"] for r in records if r["checks"]["zero_gradient_fraction"] is not None
-        ]
-        merged[split] = dict(
-            records[0],
-            robust=robust,
-            eps_values=list(dict.fromkeys(e["eps"] for e in robust)),
-            seconds=round(sum(r["seconds"] for r in records), 2),
-            checks=check_robust_results(records[0]["clean_acc"], robust, max(zero) if zero else None),
-        )
+        zero = [z for r in records if (z := r["checks"]["zero_gradient_fraction"]) is not None]
+        checks = check_robust_results(records[0]["clean_acc"], robust, max(zero) if zero else None)
+        seconds = round(sum(r["seconds"] for r in records), 2)
+        merged[split] = dict(records[0], robust=robust, eps_values=[TARGET_EPS], seconds=seconds, checks=checks)
     return dict(row, **merged)
 
 
+def _aa_job(out: str, scale: ProtocolScale, row: dict, samples: int, zoo: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    return evaluate_with_aa(scale, row, Path(out), samples, Path(zoo))
+
+
+def evaluate_all_with_aa(out: Path, scale: ProtocolScale, rows: list[dict], samples: int, zoo: str, workers: int):
+    """:func:`evaluate_with_aa` for every row, given models first (their caches are shared by nobody else)."""
+    if workers <= 1:
+        return [evaluate_with_aa(scale, row, out, samples, Path(zoo)) for row in rows]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_aa_job, str(out), scale, row, samples, zoo) for row in rows]
+        return [future.result() for future in futures]
+
+
+def efficiency(out: Path, rows: list[dict], target_eps: str = TARGET_EPS) -> tuple[str, dict[str, list]]:
+    """Steps (and training seconds) to reach ``ard``'s final held-out robust accuracy of the same seed.
+
+    Returns the table and, per model name, the steps needed on each seed (None where never reached).
+    """
+    lines = [
+        "| student | seed | s / step | final held-out PGD-10 4/255 | steps to reach ard's final "
+        "| seconds to reach it |",
+        "|---|---|---|---|---|---|",
+    ]
+    curves: dict[int, dict[str, dict]] = {}
+    for row in rows:
+        run = RunDir(out / row["stage"])
+        if not has_teachers(row["method"]) or not run.eval_log.is_file():
+            continue
+        metrics = run.read_metrics()
+        seconds = [row.get("batch_size", ZOO_SCALE.batch_size) / m["samples_per_s"] for m in metrics]
+        curve = [(e["step"], robust_accuracy(e, "pgd", target_eps)) for e in run.read_eval_log()]
+        name = row["stage"].rsplit("-seed", 1)[0]
+        curves.setdefault(row["seed"], {})[name] = {"seconds": seconds, "curve": curve}
+    reached_by_model: dict[str, list] = {}
+    for seed, models in sorted(curves.items()):
+        if "student-ard" not in models:
+            continue
+        target = models["student-ard"]["curve"][-1][1]
+        for name, data in models.items():
+            reached = next((step for step, acc in data["curve"] if acc >= target), None)
+            reached_by_model.setdefault(name, []).append(reached)
+            wall = f"{sum(data['seconds'][:reached]):.0f}" if reached else "-"
+            lines.append(
+                f"| {name} | {seed} | {statistics.median(data['seconds']):.2f} | {data['curve'][-1][1]:.1f} | "
+                f"{reached or 'not reached'} | {wall} |"
+            )
+    return "\n".join(lines), reached_by_model
+
+
+def pgd_table(rows: list[dict], split: str) -> str:
+    """Clean and PGD-10 at every radius, mean ± std over seeds, one line per model."""
+    eps_list = ("1/255", "2/255", "4/255")
+    lines = ["| model | seeds | clean | " + " | ".join(f"PGD-10 {e}" for e in eps_list) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(eps_list))
+    for name, group in group_by_model(rows).items():
+        cells = [mean_std([g[split]["clean_acc"] for g in group])]
+        cells += [mean_std([robust_accuracy(g[split], "pgd", e) for g in group]) for e in eps_list]
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headline_records(pgd_rows: list[dict], aa_rows: list[dict], steps_to_ard: dict[str, list]) -> list[dict]:
+    """``zoo-headline.json``: one record per headline student and split (accuracies in percent)."""
+    records = []
+    aa_groups = group_by_model(aa_rows)
+    for name, group in group_by_model(pgd_rows).items():
+        method = group[0]["method"] if group[0]["role"] not in ("foundation", "teacher") else group[0]["stage"]
+        aa_group = aa_groups.get(name, [])
+        for split in ("seen", "unseen"):
+            aa = [robust_accuracy(g[split], "aa", TARGET_EPS) for g in aa_group]
+            clean = [g[split]["clean_acc"] for g in group]
+            pgd4 = [robust_accuracy(g[split], "pgd", TARGET_EPS) for g in group]
+            records.append(
+                {
+                    "method": method,
+                    "model": name,
+                    "seeds": sorted(g["seed"] for g in group),
+                    "split": split,
+                    "clean_mean": round(statistics.mean(clean), 2),
+                    "clean_std": round(statistics.stdev(clean), 2) if len(clean) > 1 else 0.0,
+                    "aa4_mean": round(statistics.mean(aa), 2) if aa else None,
+                    "aa4_std": round(statistics.stdev(aa), 2) if len(aa) > 1 else (0.0 if aa else None),
+                    "aa4_samples": aa_group[0][split]["samples"] if aa_group else None,
+                    "pgd4_mean": round(statistics.mean(pgd4), 2),
+                    "steps_to_ard_final": steps_to_ard.get(name),
+                }
+            )
+    return records
+
+
 def checks_summary(rows: list[dict]) -> str:
-    """One line: the gradient-masking checks of every record above, or each warning with its model."""
+    """One line: the gradient-masking checks of every record, or each warning with its model."""
     warnings = [
         f"{row['stage']} ({split}): {w}"
         for row in rows
@@ -224,119 +253,118 @@ def checks_summary(rows: list[dict]) -> str:
         for w in row[split]["checks"]["warnings"]
     ]
     if not warnings:
-        return f"Gradient-masking checks (robust <= clean, monotonic in eps, a stronger attack not weaker on the same images, zero-gradient share): all passed for the {len(rows)} models above."
+        return (
+            f"Gradient-masking checks (robust <= clean, monotonic in eps, a stronger attack not weaker on the same "
+            f"images, zero-gradient share): all passed for the {len(rows)} records above."
+        )
     return "Gradient-masking check warnings:\n\n" + "\n".join(f"- {w}" for w in warnings)
 
 
 def write_report(out: Path, sections: list[str], rows: list[dict], started: float) -> None:
     """Write what is done so far: a later phase that is stopped leaves the earlier tables in place."""
-    text = (
-        "\n\n".join(sections + [f"Whole run (this invocation, so far): {time.perf_counter() - started:.0f} s."]) + "\n"
-    )
+    took = f"Whole run (this invocation, so far): {time.perf_counter() - started:.0f} s."
+    text = "\n\n".join([*sections, took]) + "\n"
     atomic_write_text(out / "benchmark.md", text)
     atomic_write_text(out / "benchmark.json", json.dumps(rows, indent=2))
     print(text, flush=True)
 
 
-def main(argv=None) -> None:
+def default_cell(name: str = "mmt-ard") -> str | None:
+    """The ablation cell whose settings equal preset ``name``'s defaults (it then stands for the preset), or None."""
+    preset = method_config(name)
+    for cell, spec in ABLATION.items():
+        overrides = {k: v for k, v in spec.items() if k != "method"}
+        if spec["method"] == name and method_config(name, **overrides) == preset:
+            return cell
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    out = Path(args.out)
-    started = time.perf_counter()
-    scale = ProtocolScale(
-        dataset="cifar10",
+    out, started = Path(args.out), time.perf_counter()
+    scale = replace(
+        ZOO_SCALE,
         data_dir=args.data_dir,
         batch_size=args.batch_size,
-        foundation_steps=args.foundation_steps,
-        teacher_steps=args.teacher_steps,
         student_steps=args.student_steps,
         train_attack_steps=args.train_attack_steps,
         eval_samples=args.eval_samples,
         eval_every=args.eval_every,
     )
-    rows = run_protocol(out, scale, methods=HEADLINE, seeds=args.seeds, progress=False)
-    rows += run_protocol(out, scale, methods=OTHERS, seeds=args.seeds[:1], progress=False)[4:]
-    for row in rows:
-        row["batch_size"] = args.batch_size
-    eps_list = ["1/255", "2/255", "4/255"]
-    sections = [
-        f"Command: `python benchmarks/cpu_protocol.py {' '.join(sys.argv[1:])}`",
-        f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cores). Scale: batch {args.batch_size}; "
-        f"foundations {args.foundation_steps} steps, teachers {args.teacher_steps}, students {args.student_steps} "
-        f"(training PGD-{args.train_attack_steps}, eps 4/255); seeds {args.seeds}; {args.eval_samples} test images per split.",
-        "## Seen classes (in-distribution), PGD-10\n\n" + headline_table(rows, "seen", eps_list),
-        "## Unseen classes (zero-shot), PGD-10\n\n" + headline_table(rows, "unseen", eps_list),
-        checks_summary(rows),
-        "## Training efficiency\n\n" + efficiency(out, rows),
-    ]
-    plot_robust_vs_eps([r for r in rows if r["seed"] == args.seeds[0]], out / "robust_vs_eps.png")
-    plot_training_curves(
-        out,
-        [r for r in rows if r["method"] in DISTILLATION_PRESETS and r["seed"] == args.seeds[0]],
-        out / "training_curves.png",
-    )
-    saved_rows = list(rows)  # benchmark.json: every record of every table
-    write_report(out, sections, saved_rows, started)
+    given = run_protocol(out, scale, methods=(), zoo=args.zoo, progress=False)  # checks the zoo, evaluates it
+    baselines = train_students(out, scale, args.zoo, student_jobs(BASELINES, {}, args.seeds), args.jobs)
+    ablation: list[dict] = []
     if "ablation" not in args.skip:
-        ablation = run_protocol(out, scale, methods=(), seeds=args.seeds[:1], variants=ABLATION, progress=False)[4:]
-        base = [r for r in rows if r["method"] == "mmt-ard" and r["seed"] == args.seeds[0]]
-        # the teachers, the student's starting point and ard (same seed) beside the variants
-        context = [
-            r
-            for r in rows
-            if r["role"] in ("foundation", "teacher") or (r["method"] == "ard" and r["seed"] == args.seeds[0])
-        ]
-        sections += [
-            "## Ablation (first seed; default = cosine DIW, sigmoid balance, beta 5)",
-            "DIW x balance, seen classes, clean / PGD-10 4/255:\n\n" + grid_table(base + ablation, "seen"),
-            "DIW x balance, unseen classes, clean / PGD-10 4/255:\n\n" + grid_table(base + ablation, "unseen"),
-            "Every variant, seen (with the teachers, foundations and ard of the same seed):\n\n"
-            + headline_table(context + base + ablation, "seen", eps_list),
-            "Every variant, unseen:\n\n" + headline_table(context + base + ablation, "unseen", eps_list),
-        ]
-        candidates = []
+        ablation = train_students(out, scale, args.zoo, student_jobs((), ABLATION, args.seeds[:1]), args.jobs)
         if "candidates" not in args.skip:
-            candidates = run_protocol(
-                out,
-                scale,
-                methods=(),
-                seeds=args.seeds,
-                variants={name: ABLATION[name] for name in CANDIDATES},
-                progress=False,
-            )[4:]
-            headline = [r for r in rows if r["method"] in ("mmt-ard", "ard") and r["role"] == r["method"]]
-            sections += [
-                f"## Candidate defaults, seeds {args.seeds} (beside the spec-default mmt-ard and ard), seen\n\n"
-                + headline_table(headline + candidates, "seen", eps_list),
-                "## Candidate defaults, unseen\n\n" + headline_table(headline + candidates, "unseen", eps_list),
-            ]
-        more_seeds = [r for r in candidates if r["seed"] != args.seeds[0]]  # seed 0 is already in the ablation
-        sections.append(checks_summary(ablation + more_seeds))
-        saved_rows += ablation + more_seeds
-        write_report(out, sections, saved_rows, started)
-    if "aa" not in args.skip:
-        aa_scale = replace(
-            scale,
-            eval_attacks=("pgd", "aa"),
-            eval_samples=args.aa_samples,
-            eval_steps=None,
-            eval_eps=tuple(parse_eps(e) for e in args.aa_eps),
-        )
-        aa_rows = [
-            evaluate_each_setting(aa_scale, row, out)
-            for row in rows
-            if row["stage"] in ("foundation-student", "teacher-clean", "teacher-robust")
-            or (row["method"] in HEADLINE and row["role"] == row["method"])
-        ]
+            more = student_jobs((), {name: ABLATION[name] for name in CANDIDATES}, args.seeds[1:])
+            ablation += train_students(out, scale, args.zoo, more, args.jobs)
+    cell = default_cell()
+    default = [r for r in ablation if r["stage"].rsplit("-seed", 1)[0] == f"student-{cell}"]
+    if {r["seed"] for r in default} != set(args.seeds):
+        default = train_students(out, scale, args.zoo, student_jobs(("mmt-ard",), {}, args.seeds), args.jobs)
+    rows = given + default + baselines
+    for row in rows + ablation:
+        row["batch_size"] = args.batch_size
+    default_name = default[0]["stage"].rsplit("-seed", 1)[0]
+    sections = [
+        f"Command: `python benchmarks/cpu_protocol.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cores). Students: {args.student_steps} "
+        f"steps of batch {args.batch_size} (training PGD-{args.train_attack_steps}, eps 4/255), seeds {args.seeds}; "
+        f"clean and PGD-10 (1 restart) on {args.eval_samples} test images per split. The mmt-ard preset's rows "
+        f"are `{default_name}`.",
+        "## Seen classes (in-distribution), PGD-10\n\n" + pgd_table(rows, "seen"),
+        "## Unseen classes (zero-shot), PGD-10\n\n" + pgd_table(rows, "unseen"),
+        checks_summary(rows),
+    ]
+    if ablation:
+        context = [r for r in given + baselines if r["seed"] == args.seeds[0]]
         sections += [
-            f"## aa (APGD-CE + APGD-T, 100 iterations each) beside PGD-10 on the same {args.aa_samples} images, seen classes\n\n"
-            + results_table(aa_rows, "seen"),
-            "## aa, unseen classes\n\n" + results_table(aa_rows, "unseen"),
-            checks_summary(aa_rows)
-            + " Checks on the merged records: across radii, and aa against PGD-10 on the same images.",
+            f"## Ablation (seed {args.seeds[0]}; candidates {', '.join(CANDIDATES)} on every seed), seen, PGD-10\n\n"
+            + pgd_table(context + ablation, "seen"),
+            "## Ablation, unseen, PGD-10\n\n" + pgd_table(context + ablation, "unseen"),
+            checks_summary(ablation),
         ]
-        saved_rows += [dict(row, stage=f"{row['stage']} (aa)") for row in aa_rows]
-        write_report(out, sections, saved_rows, started)
+    students = [r for r in baselines + ablation + default if r["role"] not in ("foundation", "teacher")]
+    students = list({r["stage"]: r for r in students}.values())
+    eff_table, steps_to_ard = efficiency(out, students)
+    sections.append("## Training efficiency (held-out PGD-10 4/255 on 100 images every 20 steps)\n\n" + eff_table)
+    saved = list({r["stage"]: r for r in rows + ablation}.values())
+    write_report(out, sections, saved, started)
+    aa_rows: list[dict] = []
+    if "aa" not in args.skip:
+        aa_rows = evaluate_all_with_aa(out, scale, saved, args.aa_samples, args.zoo, args.jobs)
+        headline_aa = [r for r in aa_rows if r["stage"] in {row["stage"] for row in rows}]
+        sections += [
+            f"## aa (APGD-CE + APGD-T, 100 iterations each, 1 restart) beside PGD-10 at 4/255 on the same "
+            f"{args.aa_samples} images per split, seen classes\n\n" + results_table(headline_aa, "seen"),
+            "## aa at 4/255, unseen classes\n\n" + results_table(headline_aa, "unseen"),
+            "## aa at 4/255, every ablation student, seen\n\n" + results_table(aa_rows, "seen"),
+            "## aa at 4/255, every ablation student, unseen\n\n" + results_table(aa_rows, "unseen"),
+            checks_summary(aa_rows) + " The checks compare aa with PGD-10 on the same images.",
+        ]
+        saved += [dict(row, stage=f"{row['stage']} (aa)") for row in aa_rows]
+    first_seed = [r for r in students if r["seed"] == args.seeds[0]]
+    plot_robust_vs_eps([r for r in rows if r["seed"] == args.seeds[0]], out / "robust_vs_eps.png")
+    plot_training_curves(out, first_seed, out / "training_curves.png")
+    plot_lambda_trajectories(out, first_seed, out / "lambda_r.png")
+    if aa_rows:
+        plot_pareto(aa_rows, out / "pareto.png", attack="aa", eps=TARGET_EPS)
+    headline = headline_records(
+        rows, [r for r in aa_rows if r["stage"] in {row["stage"] for row in rows}], steps_to_ard
+    )
+    for record in headline:
+        record["method"] = "mmt-ard" if record["model"] == default_name else record["method"]
+    atomic_write_text(out / "zoo-headline.json", json.dumps(headline, indent=2))
+    if args.docs:
+        docs = Path(args.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(docs / "zoo-headline.json", json.dumps(headline, indent=2))
+        for plot in ("pareto.png", "lambda_r.png"):
+            if (out / plot).is_file():
+                (docs / plot).write_bytes((out / plot).read_bytes())
+    write_report(out, sections, saved, started)
 
 
 if __name__ == "__main__":

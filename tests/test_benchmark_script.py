@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
-from mmtard.protocol import ProtocolScale
+from mmtard.methods import method_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_protocol.py"
 
@@ -20,89 +21,83 @@ def bench():
     return module
 
 
-def test_ablation_covers_the_whole_diw_by_balance_grid(bench):
-    cells = {(d, b) for d in bench.DIW_MODES for b in bench.BALANCES}
-    assert len(cells) == 16
-    for diw, balance in cells - {(bench.DEFAULT_DIW, bench.DEFAULT_BALANCE)}:
-        assert bench.ABLATION[bench.grid_stage_name(diw, balance)] == {
-            "method": "mmt-ard",
-            "diw": diw,
-            "balance": balance,
-        }
-    assert bench.grid_stage_name("cosine", "sigmoid") == "mmt-ard"  # the default is the headline student
-    assert set(bench.CANDIDATES) <= set(bench.ABLATION)  # the candidates trained for every seed are ablation cells
+def test_every_ablation_cell_is_a_valid_config_and_candidates_are_cells(bench):
+    for spec in bench.ABLATION.values():
+        method_config(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
+    assert set(bench.CANDIDATES) <= set(bench.ABLATION)
+    v1 = method_config("mmt-ard", **{k: v for k, v in bench.SPEC_V1.items() if k != "method"})
+    assert (v1.diw, v1.balance, v1.rho, v1.robust_target, v1.inner) == (
+        "cosine",
+        "sigmoid",
+        1.0,
+        "adversarial",
+        "kl-clean-teacher",
+    )
 
 
-def _record(clean: float, eps: str, value: float, acc: float, zero: float, attack: str = "aa") -> dict:
-    robust = [{"attack": attack, "eps": eps, "eps_value": value, "steps": 100, "restarts": 1, "acc": acc}]
-    checks = {
-        "robust_not_above_clean": True,
-        "monotonic_in_eps": True,
-        "stronger_attack_not_weaker": None,
-        "zero_gradient_fraction": zero,
-        "warnings": [],
-    }
-    return {"clean_acc": clean, "robust": robust, "checks": checks, "seconds": 1.0, "eps_values": [eps]}
+def test_default_cell_is_the_cell_with_the_presets_settings(bench):
+    cell = bench.default_cell()
+    assert cell is not None  # the preset's defaults were measured as an ablation cell
+    spec = bench.ABLATION[cell]
+    assert method_config("mmt-ard", **{k: v for k, v in spec.items() if k != "method"}) == method_config("mmt-ard")
 
 
-def test_each_radius_is_evaluated_alone_and_the_checks_see_all_radii(bench, monkeypatch, tmp_path):
-    # 2/255 is found *more* robust than 1/255: each single-radius record passes, the merged one must not.
-    acc = {1 / 255: (20.0, 0.0), 2 / 255: (30.0, 0.25)}
-    calls = []
-
-    def fake_evaluate_stage(scale, arch, model_file, progress):
-        (eps,) = scale.eval_eps
-        calls.append(eps)
-        name = f"{round(eps * 255)}/255"
-        return {split: _record(50.0, name, eps, *acc[eps]) for split in ("seen", "unseen")}
-
-    monkeypatch.setattr(bench, "evaluate_stage", fake_evaluate_stage)
-    scale = ProtocolScale(eval_attacks=("aa",), eval_eps=(1 / 255, 2 / 255))
-    row = bench.evaluate_each_setting(scale, {"stage": "s", "arch": "tiny-vit-s"}, tmp_path)
-    assert calls == [1 / 255, 2 / 255]
-    seen = row["seen"]
-    assert [e["acc"] for e in seen["robust"]] == [20.0, 30.0] and seen["eps_values"] == ["1/255", "2/255"]
-    assert seen["checks"]["monotonic_in_eps"] is False and seen["checks"]["warnings"]
-    assert seen["checks"]["zero_gradient_fraction"] == 0.25 and seen["seconds"] == 2.0
+def test_student_jobs_one_per_student_and_seed(bench):
+    jobs = bench.student_jobs(("ard", "tecoa"), {"x": {"method": "mmt-ard"}}, [0, 1])
+    assert jobs == [
+        (("ard",), {}, 0),
+        (("ard",), {}, 1),
+        (("tecoa",), {}, 0),
+        (("tecoa",), {}, 1),
+        ((), {"x": {"method": "mmt-ard"}}, 0),
+        ((), {"x": {"method": "mmt-ard"}}, 1),
+    ]
 
 
-def test_radii_evaluated_on_different_samples_are_refused(bench, monkeypatch, tmp_path):
-    def fake_evaluate_stage(scale, arch, model_file, progress):
-        (eps,) = scale.eval_eps
-        return {split: _record(50.0 if eps < 2 / 255 else 48.0, "x", eps, 10.0, 0.0) for split in ("seen", "unseen")}
-
-    monkeypatch.setattr(bench, "evaluate_stage", fake_evaluate_stage)
-    scale = ProtocolScale(eval_attacks=("aa",), eval_eps=(1 / 255, 2 / 255))
-    with pytest.raises(RuntimeError, match="clean accuracy differs between settings"):
-        bench.evaluate_each_setting(scale, {"stage": "s", "arch": "tiny-vit-s"}, tmp_path)
+def record(clean, pgd4, aa4=None, samples=200):
+    robust = [{"attack": "pgd", "eps": e, "acc": pgd4 + 10 * i} for i, e in enumerate(("4/255", "2/255", "1/255"))]
+    if aa4 is not None:
+        robust.append({"attack": "aa", "eps": "4/255", "acc": aa4})
+    return {"clean_acc": clean, "robust": robust, "samples": samples}
 
 
-def test_aa_weaker_than_pgd_on_the_same_images_is_flagged(bench, monkeypatch, tmp_path):
-    acc = {"pgd": 30.0, "aa": 34.0}  # aa finds fewer errors than PGD-10: a broken attack or gradient masking
-    calls = []
-
-    def fake_evaluate_stage(scale, arch, model_file, progress):
-        (attack,), (eps,) = scale.eval_attacks, scale.eval_eps
-        calls.append((attack, eps))
-        return {split: _record(50.0, "4/255", eps, acc[attack], 0.0, attack) for split in ("seen", "unseen")}
-
-    monkeypatch.setattr(bench, "evaluate_stage", fake_evaluate_stage)
-    scale = ProtocolScale(eval_attacks=("pgd", "aa"), eval_eps=(4 / 255,))
-    row = bench.evaluate_each_setting(scale, {"stage": "s", "arch": "tiny-vit-s"}, tmp_path)
-    assert calls == [("pgd", 4 / 255), ("aa", 4 / 255)]
-    assert row["unseen"]["checks"]["stronger_attack_not_weaker"] is False
-    assert row["unseen"]["eps_values"] == ["4/255"]
+def row(stage, method, seed, seen, unseen, role=None):
+    return {"stage": stage, "method": method, "seed": seed, "role": role or method, "seen": seen, "unseen": unseen}
 
 
-def test_grid_table_places_each_variant_in_its_cell(bench):
-    def row(stage, clean, robust):
-        return {
-            "stage": f"student-{stage}-seed0",
-            "seen": {"clean_acc": clean, "robust": [{"eps": "4/255", "acc": robust}]},
-        }
+def test_headline_records_are_means_and_stds_over_seeds(bench):
+    pgd_rows = [row(f"student-ard-seed{s}", "ard", s, record(50 + s, 20 + s), record(60, 30)) for s in range(3)]
+    aa_rows = [
+        row(f"student-ard-seed{s}", "ard", s, record(50 + s, 20 + s, aa4=10 + 2 * s), record(60, 30, 5))
+        for s in range(3)
+    ]
+    records = bench.headline_records(pgd_rows, aa_rows, {"student-ard": [100, 80, None]})
+    seen = next(r for r in records if r["split"] == "seen")
+    assert seen["method"] == "ard" and seen["seeds"] == [0, 1, 2] and seen["model"] == "student-ard"
+    assert seen["clean_mean"] == 51.0 and seen["clean_std"] == 1.0
+    assert seen["aa4_mean"] == 12.0 and seen["aa4_std"] == 2.0 and seen["aa4_samples"] == 200
+    assert seen["pgd4_mean"] == 21.0 and seen["steps_to_ard_final"] == [100, 80, None]
+    unseen = next(r for r in records if r["split"] == "unseen")
+    assert unseen["clean_std"] == 0.0 and unseen["aa4_mean"] == 5.0
 
-    table = bench.grid_table([row("mmt-ard", 53.0, 12.0), row("diw=reference,balance=mtard", 49.0, 24.5)], "seen")
-    lines = table.splitlines()
-    assert lines[0] == "| DIW \\ balance | fixed | sigmoid | ratio | mtard |"
-    assert lines[3] == "| cosine | - | 53.0 / 12.0 | - | - |"
-    assert lines[5] == "| reference | - | - | - | 49.0 / 24.5 |"
+
+def test_efficiency_counts_steps_to_ards_final_held_out_accuracy(bench, tmp_path):
+    def run(stage, method, curve):
+        folder = tmp_path / stage
+        folder.mkdir()
+        metrics = [{"step": s, "samples_per_s": 32.0} for s in range(1, 101)]  # 2 s per step at batch 64
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        evals = [{"step": s, "robust": [{"attack": "pgd", "eps": "4/255", "acc": a}]} for s, a in curve]
+        (folder / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+        return {"stage": stage, "method": method, "seed": 0, "role": method, "batch_size": 64}
+
+    rows = [
+        run("student-ard-seed0", "ard", [(20, 5.0), (40, 12.0), (60, 20.0)]),
+        run("student-mmt-ard_x-seed0", "mmt-ard", [(20, 21.0), (40, 25.0), (60, 30.0)]),
+        run("student-reference-seed0", "reference", [(20, 1.0), (40, 2.0), (60, 3.0)]),
+        {"stage": "student-tecoa-seed0", "method": "tecoa", "seed": 0, "role": "tecoa"},
+    ]
+    table, steps = bench.efficiency(tmp_path, rows)
+    assert steps == {"student-ard": [60], "student-mmt-ard_x": [20], "student-reference": [None]}
+    assert "| student-mmt-ard_x | 0 | 2.00 | 30.0 | 20 | 40 |" in table
+    assert "| student-reference | 0 | 2.00 | 3.0 | not reached | - |" in table

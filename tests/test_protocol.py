@@ -1,11 +1,19 @@
-"""The CPU-scale protocol behind ``mmtard demo``, end to end at a toy scale, and its report."""
+"""The CPU-scale protocol behind ``mmtard demo`` and the benchmark, end to end at a toy scale, and its report."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
-from mmtard.eval.protocol_report import write_protocol_report
-from mmtard.protocol import DEMO_SCALE, protocol_stages, run_protocol
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmtard.errors import ConfigError
+from mmtard.experiments import DEMO_SCALE, given_models, protocol_stages, run_protocol, write_protocol_report
+from mmtard.experiments.protocol import GIVEN_STAGES
+from mmtard.models import load_clip
+from mmtard.train import RunDir, load_config
 
 TOY = replace(
     DEMO_SCALE,
@@ -24,13 +32,13 @@ TOY = replace(
 def test_stages_reuse_foundations_and_teachers():
     stages = protocol_stages(TOY, ("tecoa", "ard", "mmt-ard"), seeds=(0, 1))
     names = [stage.name for _, stage in stages]
-    assert names[:4] == ["foundation-student", "foundation-teacher", "teacher-clean", "teacher-robust"]
+    assert names[:4] == list(GIVEN_STAGES)
     assert names.count("student-mmt-ard-seed1") == 1 and len(names) == 10
     mmt = next(stage for _, stage in stages if stage.name == "student-mmt-ard-seed0")
-    assert (
-        mmt.teachers == {"clean": "teacher-clean", "robust": "teacher-robust"}
-        and mmt.pretrained == "@foundation-student"
-    )
+    assert mmt.teachers == {"clean": "teacher-clean", "robust": "teacher-robust"}
+    assert mmt.pretrained == "@foundation-student"
+    curves = {stage.name: stage.eval_every for _, stage in stages}
+    assert curves["student-tecoa-seed0"] == 0 and curves["student-ard-seed0"] == TOY.eval_every
 
 
 def test_demo_protocol_runs_writes_report_and_reuses_stages(tmp_path):
@@ -44,10 +52,54 @@ def test_demo_protocol_runs_writes_report_and_reuses_stages(tmp_path):
     text = report.read_text()
     for name in ("student-mmt-ard", "student-ard", "student-tecoa", "teacher-robust", "foundation-student"):
         assert f"| {name} |" in text
-    assert (tmp_path / "robust_vs_eps.png").stat().st_size > 0 and (tmp_path / "training_curves.png").stat().st_size > 0
+    for plot in ("robust_vs_eps.png", "training_curves.png", "pareto.png", "lambda_r.png"):
+        assert (tmp_path / plot).stat().st_size > 0 and f"({plot})" in text
 
-    model = tmp_path / "teacher-robust" / "model.safetensors"
+    model = RunDir(tmp_path / "teacher-robust").model
     before = model.stat().st_mtime_ns
     again = run_protocol(tmp_path, TOY, methods=("tecoa",), progress=False)
     assert model.stat().st_mtime_ns == before  # reused, not retrained
     assert again[-1]["seen"] == rows[-3]["seen"]
+
+
+@pytest.fixture(scope="module")
+def toy_zoo(tmp_path_factory):
+    """A zoo folder in the rebuilt format: <stage>/model.safetensors, random tiny-vit-s weights."""
+    zoo = tmp_path_factory.mktemp("zoo")
+    for seed, stage in enumerate(GIVEN_STAGES):
+        torch.manual_seed(seed)
+        state = load_clip("tiny-vit-s", "none").model.state_dict()
+        (zoo / stage).mkdir()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(RunDir(zoo / stage).model))
+    return zoo
+
+
+def test_protocol_reuses_given_models_without_training_them(tmp_path, toy_zoo):
+    scale = replace(TOY, teacher_arch="tiny-vit-s")
+    given = given_models(toy_zoo)
+    stamps = {stage: path.stat().st_mtime_ns for stage, path in given.items()}
+    rows = run_protocol(tmp_path, scale, methods=("ard",), zoo=toy_zoo, progress=False)
+    assert [row["stage"] for row in rows] == [*GIVEN_STAGES, "student-ard-seed0"]
+    assert {stage: path.stat().st_mtime_ns for stage, path in given.items()} == stamps  # not retrained
+    for stage in GIVEN_STAGES:
+        assert not RunDir(tmp_path / stage).model.exists() and not RunDir(tmp_path / stage).config.exists()
+    student = load_config(RunDir(tmp_path / "student-ard-seed0").config)
+    assert student.student.pretrained == str(given["foundation-student"])
+    assert student.teachers["robust"].pretrained == str(given["teacher-robust"])
+    assert all(row["train_seconds"] is None for row in rows[:4]) and rows[-1]["train_seconds"] > 0
+
+
+@pytest.mark.parametrize("remove", [None, "teacher-robust"])
+def test_a_missing_or_incomplete_zoo_is_one_error_naming_the_rebuild_script(tmp_path, toy_zoo, remove):
+    zoo = tmp_path / "zoo"
+    if remove:
+        zoo.mkdir()
+        for stage in GIVEN_STAGES:
+            if stage != remove:
+                (zoo / stage).mkdir()
+                os.symlink(RunDir(toy_zoo / stage).model, RunDir(zoo / stage).model)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"--zoo: .*\.\./shared/zoo/rebuild\.py") as info:
+        run_protocol(out, TOY, methods=("ard",), zoo=zoo, progress=False)
+    assert (remove or "does not exist") in str(info.value)
+    assert not out.exists()  # refused before anything was written

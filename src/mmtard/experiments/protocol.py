@@ -1,9 +1,10 @@
 """The CPU-scale protocol (spec section 5) as one function: foundations, teachers, students, evaluation.
 
-Used by ``mmtard demo`` (small scale, minutes) and ``benchmarks/cpu_protocol.py`` (larger scale, seeds,
-ablations). Every stage writes ``<out>/<stage>/model.safetensors``; a stage whose model file exists is
-reused, so foundations and teachers are trained once for every student, and an interrupted run continues
-where it stopped.
+Used by ``mmtard demo`` (small scale, minutes, trains everything) and ``benchmarks/cpu_protocol.py`` (the zoo's
+given foundations and teachers, seeds, ablations). Every trained stage writes ``<out>/<stage>/model.safetensors``;
+a stage whose model file exists is reused, so foundations and teachers are trained once for every student, and an
+interrupted run continues where it stopped. With a zoo (``../shared/zoo/rebuild.py --out DIR``) the foundations
+and teachers are read from ``DIR/<stage>/model.safetensors`` and never trained.
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mmtard.errors import ConfigError
 from mmtard.eval.run import EvalRequest, evaluate_bundle
 from mmtard.fileio import atomic_write_text
 from mmtard.methods import create_method, method_config
 from mmtard.models import load_clip
+from mmtard.train import RunDir
 from mmtard.train.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, StudentConfig
 from mmtard.train.trainer import train
 
 logger = logging.getLogger(__name__)
+
+GIVEN_STAGES = ("foundation-student", "foundation-teacher", "teacher-clean", "teacher-robust")
+REBUILD_COMMAND = "python ../shared/zoo/rebuild.py --out {zoo}"
+TRAIN_TIME_FILE = "train_time.json"
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class ProtocolScale:
     eval_attacks: tuple[str, ...] = ("pgd",)
     eval_eps: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255)
     eval_steps: int | None = 10
-    eval_every: int = 0  # for the distillation students (mmt-ard, reference, ard): training-efficiency curves
+    eval_every: int = 0  # for students with teachers: held-out PGD curves (training efficiency)
     device: str = "auto"
 
 
@@ -61,10 +68,26 @@ DEMO_SCALE = ProtocolScale(
     eval_samples=80,
 )
 
+# The zoo's architectures (../shared/zoo/README.md) and the students' budget of the benchmark: 200 steps of 64.
+ZOO_SCALE = ProtocolScale(
+    dataset="cifar10",
+    teacher_arch="tiny-vit-l",
+    batch_size=64,
+    student_steps=200,
+    finetune_lr=1e-4,
+    train_attack_steps=2,
+    eval_samples=200,
+    eval_every=20,
+)
+
 
 @dataclass
 class StageSpec:
-    """One training run of the protocol: what it trains from and with which method."""
+    """One training run of the protocol: what it trains from and with which method.
+
+    ``pretrained`` and the teachers name other stages (``"@foundation-student"``, ``{"robust": "teacher-robust"}``),
+    resolved to model files when the protocol runs.
+    """
 
     name: str
     arch: str
@@ -80,19 +103,41 @@ class StageSpec:
     weight_decay: float = 1e-4
 
 
-def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path) -> RunConfig:
-    attack = {"eps": scale.train_eps, "steps": scale.train_attack_steps}
-    overrides = {**(attack if stage.method not in ("clean-ft",) else {}), **stage.method_overrides}
-    if stage.method in ("mmt-ard", "reference"):
+def given_models(zoo: str | Path) -> dict[str, Path]:
+    """The zoo's foundations and teachers: ``{stage: zoo/stage/model.safetensors}``.
+
+    Raises:
+        ConfigError: the folder or one of its four model files is missing or empty; the message names the
+            command that rebuilds the zoo.
+    """
+    zoo = Path(zoo)
+    files = {stage: RunDir(zoo / stage).model for stage in GIVEN_STAGES}
+    missing = [stage for stage, path in files.items() if not path.is_file() or path.stat().st_size == 0]
+    if missing:
+        what = "does not exist" if not zoo.is_dir() else f"lacks {', '.join(f'{s}/model.safetensors' for s in missing)}"
+        raise ConfigError(
+            f"--zoo: '{zoo}' {what}; build it with `{REBUILD_COMMAND.format(zoo=zoo)}` (see ../shared/zoo/README.md)"
+        )
+    return files
+
+
+def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapping[str, Path]) -> RunConfig:
+    """The run config of one stage; ``models`` maps stage names to their model files."""
+    probe = create_method(method_config(stage.method, **stage.method_overrides))
+    overrides = dict(stage.method_overrides)
+    if probe.attacking:
+        overrides = {"eps": scale.train_eps, "steps": scale.train_attack_steps, **overrides}
+    if "clean" in probe.teacher_roles:  # a deterministic pipeline: the clean teacher's logits are cached
         overrides.setdefault("cache_clean_teacher", True)
+    teachers = {
+        role: ModelConfig(arch=scale.teacher_arch, pretrained=str(models[source]))
+        for role, source in stage.teachers.items()
+    }
     return RunConfig(
         output_dir=str(out / stage.name),
         device=scale.device,
         student=StudentConfig(arch=stage.arch, pretrained=stage.pretrained),
-        teachers={
-            role: ModelConfig(arch=scale.teacher_arch, pretrained=str(out / src / "model.safetensors"))
-            for role, src in stage.teachers.items()
-        },
+        teachers=teachers,
         method=method_config(stage.method, **overrides),
         data=DataConfig(
             dataset=scale.dataset,
@@ -111,37 +156,40 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path) -> RunConfig
             checkpoint_every=max(stage.steps // 2, 1),
         ),
         eval=EvalConfig(
-            every=stage.eval_every, eps=[scale.train_eps], steps=scale.eval_steps or 10, final=stage.eval_every > 0
+            every=stage.eval_every,
+            eps=[scale.train_eps],
+            steps=scale.eval_steps or 10,
+            final=stage.eval_every > 0,
         ),
     ).validate()
 
 
-def run_stage(scale: ProtocolScale, stage: StageSpec, out: Path, progress: bool) -> Path:
+def run_stage(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapping[str, Path], progress: bool) -> Path:
     """Train one stage unless its model file exists; resume it if it was interrupted. Returns the model file."""
-    model_file = out / stage.name / "model.safetensors"
-    if model_file.is_file():
-        logger.info("stage %s: reusing %s", stage.name, model_file)
-        return model_file
-    cfg = stage_config(scale, stage, out)
-    resume = "latest" if (out / stage.name / "checkpoints" / "latest").is_file() else None
+    run = RunDir(out / stage.name)
+    if run.model.is_file():
+        logger.info("stage %s: reusing %s", stage.name, run.model)
+        return run.model
+    cfg = stage_config(scale, stage, out, models)
     started = time.perf_counter()
-    train(cfg, resume=resume, progress=progress)
-    atomic_write_text(
-        out / stage.name / "train_time.json",
-        json.dumps({"seconds": time.perf_counter() - started, "steps": stage.steps}),
-    )
-    return model_file
+    train(cfg, resume="latest" if run.latest.is_file() else None, progress=progress)
+    timing = {"seconds": time.perf_counter() - started, "steps": stage.steps}
+    atomic_write_text(run.path / TRAIN_TIME_FILE, json.dumps(timing))
+    return run.model
 
 
-def evaluate_stage(scale: ProtocolScale, arch: str, model_file: Path, progress: bool) -> dict[str, dict]:
-    """Seen (in-distribution) and unseen (zero-shot) accuracy, clean and under each attack and eps."""
+def evaluate_stage(scale: ProtocolScale, arch: str, model_file: Path, stage_dir: Path, progress: bool) -> dict:
+    """Seen (in-distribution) and unseen (zero-shot) accuracy, clean and under each attack and eps.
+
+    The result is cached in ``stage_dir`` under a name that carries the attacks, sample count and radii.
+    """
     radii = "-".join(str(round(e * 255, 3)) for e in scale.eval_eps)
-    cache = model_file.parent / f"protocol_eval_{'-'.join(scale.eval_attacks)}_{scale.eval_samples}_eps{radii}.json"
+    cache = stage_dir / f"protocol_eval_{'-'.join(scale.eval_attacks)}_{scale.eval_samples}_eps{radii}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     bundle = load_clip(arch, str(model_file), device=scale.device if scale.device != "auto" else _auto_device())
     results = {}
-    journal = model_file.parent / "eval_journal"  # an interrupted evaluation continues from its last batch
+    journal = stage_dir / "eval_journal"  # an interrupted evaluation continues from its last batch
     for split in ("seen", "unseen"):
         request = EvalRequest(
             datasets=[scale.dataset],
@@ -155,6 +203,7 @@ def evaluate_stage(scale: ProtocolScale, arch: str, model_file: Path, progress: 
             journal_dir=str(journal),
         )
         (results[split],) = evaluate_bundle(bundle, request)
+    stage_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, json.dumps(results, indent=2))
     shutil.rmtree(journal, ignore_errors=True)
     return results
@@ -166,97 +215,61 @@ def _auto_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def has_teachers(method: str, overrides: Mapping | None = None) -> bool:
+    """Whether the method distils from a clean or robust teacher (its students get held-out curves)."""
+    roles = create_method(method_config(method, **(overrides or {}))).teacher_roles
+    return bool({"clean", "robust"} & set(roles))
+
+
 def protocol_stages(
-    scale: ProtocolScale, methods: Sequence[str], seeds: Sequence[int] = (0,), variants: dict[str, dict] | None = None
+    scale: ProtocolScale,
+    methods: Sequence[str],
+    seeds: Sequence[int] = (0,),
+    variants: Mapping[str, Mapping] | None = None,
 ) -> list[tuple[str, StageSpec]]:
     """``(role, stage)`` in training order: foundations, teachers, then one student per method and seed.
 
     ``variants`` adds students named ``<name>`` with method overrides, e.g. ablations of DIW x balance:
-    ``{"mmt-ard[diw=none]": {"method": "mmt-ard", "diw": "none"}}``.
+    ``{"diw=none": {"method": "mmt-ard", "diw": "none"}}``.
     """
     fs, ft = "foundation-student", "foundation-teacher"
+    foundation = dict(method="clean-ft", pretrained="none", classes="all", steps=scale.foundation_steps)
+    foundation.update(lr=scale.foundation_lr, weight_decay=0.05)
+    teacher = dict(arch=scale.teacher_arch, pretrained=_model(ft), classes="seen", steps=scale.teacher_steps)
+    teacher.update(lr=scale.finetune_lr)
     stages = [
-        (
-            "foundation",
-            StageSpec(
-                fs,
-                scale.student_arch,
-                "clean-ft",
-                "none",
-                "all",
-                scale.foundation_steps,
-                scale.foundation_lr,
-                weight_decay=0.05,
-            ),
-        ),
-        (
-            "foundation",
-            StageSpec(
-                ft,
-                scale.teacher_arch,
-                "clean-ft",
-                "none",
-                "all",
-                scale.foundation_steps,
-                scale.foundation_lr,
-                weight_decay=0.05,
-            ),
-        ),
-        (
-            "teacher",
-            StageSpec(
-                "teacher-clean",
-                scale.teacher_arch,
-                "clean-ft",
-                _model(ft),
-                "seen",
-                scale.teacher_steps,
-                scale.finetune_lr,
-            ),
-        ),
-        (
-            "teacher",
-            StageSpec(
-                "teacher-robust",
-                scale.teacher_arch,
-                "tecoa",
-                _model(ft),
-                "seen",
-                scale.teacher_steps,
-                scale.finetune_lr,
-            ),
-        ),
+        ("foundation", StageSpec(name=fs, arch=scale.student_arch, **foundation)),
+        ("foundation", StageSpec(name=ft, arch=scale.teacher_arch, **foundation)),
+        ("teacher", StageSpec(name="teacher-clean", method="clean-ft", **teacher)),
+        ("teacher", StageSpec(name="teacher-robust", method="tecoa", **teacher)),
     ]
     students = {name: {"method": name} for name in methods}
     students.update(variants or {})
     for name, spec in students.items():
-        spec = dict(spec)
-        method = spec.pop("method")
-        roles = create_method(method_config(method, **spec)).teacher_roles  # "original" is the trainer's copy
+        overrides = dict(spec)
+        method = overrides.pop("method")
+        roles = create_method(method_config(method, **overrides)).teacher_roles  # "original" is the trainer's copy
         teachers = {role: f"teacher-{role}" for role in roles if role != "original"}
         for seed in seeds:
             stage = StageSpec(
-                f"student-{name}-seed{seed}",
-                scale.student_arch,
-                method,
-                _model(fs),
-                "seen",
-                scale.student_steps,
-                scale.finetune_lr,
-                teachers,
-                spec,
-                seed,
-                scale.eval_every if name in DISTILLATION_PRESETS else 0,
+                name=f"student-{name}-seed{seed}",
+                arch=scale.student_arch,
+                method=method,
+                pretrained=_model(fs),
+                classes="seen",
+                steps=scale.student_steps,
+                lr=scale.finetune_lr,
+                teachers=teachers,
+                method_overrides=overrides,
+                seed=seed,
+                eval_every=scale.eval_every if has_teachers(method, overrides) else 0,
             )
             stages.append((name, stage))
     return stages
 
 
-DISTILLATION_PRESETS = ("mmt-ard", "reference", "ard")
-
-
 def _model(stage: str) -> str:
-    return f"@{stage}"  # resolved against the run folder in run_protocol
+    return f"@{stage}"  # resolved to the stage's model file in run_protocol
 
 
 def run_protocol(
@@ -264,23 +277,37 @@ def run_protocol(
     scale: ProtocolScale,
     methods: Sequence[str] = ("tecoa", "ard", "mmt-ard"),
     seeds: Sequence[int] = (0,),
-    variants: dict[str, dict] | None = None,
+    variants: Mapping[str, Mapping] | None = None,
     progress: bool = True,
+    zoo: str | Path | None = None,
 ) -> list[dict]:
-    """Run every stage and evaluate every model; one row per model with seen and unseen results."""
+    """Run every stage and evaluate every model; one row per model with seen and unseen results.
+
+    Args:
+        out: the run folder: ``<out>/<stage>/`` per stage, and ``rows.json``.
+        scale: sizes.
+        methods: students trained with each preset's defaults.
+        seeds: one student per method (and variant) and seed.
+        variants: more students, named, with method overrides.
+        progress: show progress bars.
+        zoo: a folder with the four given models (``given_models``); they are evaluated, not trained.
+
+    Raises:
+        ConfigError: the zoo is missing or incomplete (checked before anything is written).
+    """
+    models = dict(given_models(zoo)) if zoo is not None else {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for role, stage in protocol_stages(scale, methods, seeds, variants):
-        if stage.pretrained.startswith("@"):
-            stage = replace(stage, pretrained=str(out / stage.pretrained[1:] / "model.safetensors"))
-        model_file = run_stage(scale, stage, out, progress)
-        results = evaluate_stage(scale, stage.arch, model_file, progress)
-        timing = (
-            json.loads((out / stage.name / "train_time.json").read_text())
-            if (out / stage.name / "train_time.json").is_file()
-            else {}
-        )
+        if stage.name not in models:
+            if stage.pretrained.startswith("@"):
+                source = stage.pretrained[1:]
+                stage = replace(stage, pretrained=str(models.get(source, RunDir(out / source).model)))
+            models[stage.name] = run_stage(scale, stage, out, models, progress)
+        results = evaluate_stage(scale, stage.arch, models[stage.name], out / stage.name, progress)
+        timing_file = out / stage.name / TRAIN_TIME_FILE
+        timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
         rows.append(
             {
                 "stage": stage.name,

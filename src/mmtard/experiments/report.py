@@ -1,19 +1,21 @@
-"""Tables and plots of a CPU-protocol run: ``report.md``, ``robust_vs_eps.png``, ``training_curves.png``.
+"""Tables and plots of a CPU-protocol run: ``report.md``, ``robust_vs_eps.png``, ``training_curves.png``, the
+clean-vs-robust Pareto plot and the balance's ``lambda_R`` trajectories.
 
-Rows come from ``mmtard.protocol.run_protocol``; several seeds of one student are shown as mean ± std.
+Rows come from ``mmtard.experiments.protocol.run_protocol``; several seeds of one student are shown as mean ± std.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmtard.errors import import_optional
 from mmtard.eval.report import robust_column
 from mmtard.fileio import atomic_path, atomic_write_text
+from mmtard.train import RunDir
 
 
 def _accuracies(row: dict, split: str) -> list[float]:
@@ -34,6 +36,16 @@ def group_by_model(rows: Sequence[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def robust_accuracy(record: dict, attack: str, eps: str) -> float | None:
+    """The robust accuracy of ``record`` under ``attack`` at ``eps`` (``"4/255"``), or None if not measured."""
+    return next((e["acc"] for e in record["robust"] if e["attack"] == attack and e["eps"] == eps), None)
+
+
+def std(values: list[float]) -> float:
+    """The sample standard deviation; 0 for one value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def mean_std(values: list[float]) -> str:
     """One value as it is; several (one per seed) as ``mean ± std``."""
     if len(values) == 1:
@@ -51,11 +63,24 @@ def results_table(rows: Sequence[dict], split: str) -> str:
     return "\n".join(lines)
 
 
-def plot_robust_vs_eps(rows: Sequence[dict], path: Path) -> None:
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (the ``plots`` extra)."""
+    matplotlib = import_optional("matplotlib", "plots", "the protocol report's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG, atomically, and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    pyplot().close(fig)
+
+
+def plot_robust_vs_eps(rows: Sequence[dict], path: Path) -> None:
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, split, title in zip(
@@ -79,22 +104,17 @@ def plot_robust_vs_eps(rows: Sequence[dict], path: Path) -> None:
     axes[0].set_ylabel("accuracy (%)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_training_curves(out: Path, rows: Sequence[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for row in rows:
         if row["role"] in ("foundation",):
             continue
-        metrics = [json.loads(line) for line in (out / row["stage"] / "metrics.jsonl").read_text().splitlines() if line]
+        metrics = RunDir(out / row["stage"]).read_metrics()
         steps = [m["step"] for m in metrics]
         axes[0].plot(steps, [m["loss"] for m in metrics], label=row["stage"])
         if "lambda_R" in metrics[0] and "L_C" in metrics[0]:
@@ -108,20 +128,70 @@ def plot_training_curves(out: Path, rows: Sequence[dict], path: Path) -> None:
     axes[1].set_ylim(0, 1)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def plot_pareto(rows: Sequence[dict], path: Path, attack: str = "aa", eps: str = "4/255") -> None:
+    """Clean against robust accuracy (``attack`` at ``eps``), one point per model: the mean over its seeds with
+    standard-deviation error bars; seen and unseen classes side by side. Rows without that attack are skipped."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, split, title in zip(axes, ("seen", "unseen"), ("seen classes (in-distribution)", "unseen (zero-shot)")):
+        for name, group in group_by_model(rows).items():
+            robust = [robust_accuracy(row[split], attack, eps) for row in group]
+            if None in robust:
+                continue
+            clean = [row[split]["clean_acc"] for row in group]
+            marker = "s" if group[0]["role"] in ("foundation", "teacher") else "o"
+            ax.errorbar(
+                statistics.mean(clean),
+                statistics.mean(robust),
+                xerr=std(clean),
+                yerr=std(robust),
+                marker=marker,
+                capsize=3,
+                linestyle="none",
+                label=f"{name} ({len(group)} seed{'s' if len(group) > 1 else ''})",
+            )
+        ax.set_title(title)
+        ax.set_xlabel("clean accuracy (%)")
+        ax.set_ylabel(f"robust accuracy (%), {attack} L-inf {eps}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_lambda_trajectories(out: Path, rows: Sequence[dict], path: Path) -> None:
+    """``lambda_R`` against the step for every student whose metrics log it (one line per model, first seed)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, group in group_by_model(rows).items():
+        metrics = RunDir(out / group[0]["stage"]).read_metrics()
+        if metrics and "lambda_R" in metrics[0] and "lambda_C" in metrics[0]:
+            ax.plot([m["step"] for m in metrics], [m["lambda_R"] for m in metrics], label=name)
+    ax.set_title("robust-teacher weight lambda_R of each balance")
+    ax.set_xlabel("step")
+    ax.set_ylabel("lambda_R")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def write_protocol_report(out: str | Path, rows: Sequence[dict], command: str, scale_text: str) -> Path:
     out = Path(out)
     plot_robust_vs_eps(rows, out / "robust_vs_eps.png")
     plot_training_curves(out, rows, out / "training_curves.png")
+    attack = "aa" if any(robust_accuracy(r["seen"], "aa", "4/255") is not None for r in rows) else "pgd"
+    plot_pareto(rows, out / "pareto.png", attack=attack)
+    plot_lambda_trajectories(out, [r for r in rows if r["role"] not in ("foundation", "teacher")], out / "lambda_r.png")
     samples = rows[0]["seen"]["samples"], rows[0]["unseen"]["samples"]
+    machine = f"{platform.node() or 'unknown'} ({platform.machine()}, {platform.processor() or 'cpu'})"
     text = f"""# MMT-ARD on the CPU-scale protocol
 
 Command: `{command}`
-Machine: {platform.node() or "unknown"} ({platform.machine()}, {platform.processor() or "cpu"}), dataset `{rows[0]["seen"]["dataset"]}`.
+Machine: {machine}, dataset `{rows[0]["seen"]["dataset"]}`.
 Scale: {scale_text}
 
 Accuracy in percent. Robust columns name the attack, eps (L-inf, fraction of the pixel range), steps
@@ -141,6 +211,14 @@ the clean teacher on clean accuracy, the robust teacher on robust accuracy.
 ![robust accuracy against eps](robust_vs_eps.png)
 
 ![training curves](training_curves.png)
+
+Clean against robust accuracy ({attack} at 4/255), mean and standard deviation over seeds:
+
+![clean vs robust](pareto.png)
+
+The robust teacher's weight lambda_R during training (students with two teachers):
+
+![lambda_R](lambda_r.png)
 """
     atomic_write_text(out / "report.md", text)
     return out / "report.md"

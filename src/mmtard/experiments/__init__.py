@@ -1,0 +1,27 @@
+"""Experiments built on the library: the CPU-scale protocol (``protocol``) and its report (``report``).
+
+This layer sits above ``train`` and ``eval``; the library never imports it. ``mmtard demo`` and
+``benchmarks/cpu_protocol.py`` call it.
+"""
+
+from mmtard.experiments.protocol import (
+    DEMO_SCALE,
+    ZOO_SCALE,
+    ProtocolScale,
+    StageSpec,
+    given_models,
+    protocol_stages,
+    run_protocol,
+)
+from mmtard.experiments.report import write_protocol_report
+
+__all__ = [
+    "DEMO_SCALE",
+    "ZOO_SCALE",
+    "ProtocolScale",
+    "StageSpec",
+    "given_models",
+    "protocol_stages",
+    "run_protocol",
+    "write_protocol_report",
+]
