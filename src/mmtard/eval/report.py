@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 from mmtard.fileio import atomic_write_text
+
+_UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.+-]+")
 
 
 def robust_column(entry: dict) -> str:
@@ -14,20 +18,46 @@ def robust_column(entry: dict) -> str:
     return f"{entry['attack']} {entry['eps']} ({entry['steps']} steps, {entry['restarts']} restart{plural})"
 
 
+def result_names(records: list[dict]) -> list[str]:
+    """A distinct name per record, for its results folder and table row.
+
+    A dataset evaluated once is named by itself (``cifar10``). Records that share a dataset (several
+    ``--data-dir`` folders of one kind, e.g. CIFAR-10-C corruptions as ``npz``) add their data folder's name
+    (``npz-gaussian_noise``), or their position among them (``npz-1``, ``npz-2``) when folder names repeat.
+    """
+    per_dataset = Counter(record["dataset"] for record in records)
+    folders: dict[str, list[str]] = {}
+    for record in records:
+        folder = Path(record.get("data_dir") or "").name
+        folders.setdefault(record["dataset"], []).append(_UNSAFE_NAME_CHARACTERS.sub("_", folder).strip("_."))
+    names, seen = [], Counter()
+    for record in records:
+        dataset = record["dataset"]
+        seen[dataset] += 1
+        if per_dataset[dataset] == 1:
+            names.append(dataset)
+            continue
+        group = folders[dataset]
+        distinct = all(group) and len(set(group)) == len(group)
+        names.append(f"{dataset}-{group[seen[dataset] - 1]}" if distinct else f"{dataset}-{seen[dataset]}")
+    return names
+
+
 def markdown_table(records: list[dict]) -> str:
-    """One row per (model, dataset) record, clean accuracy then each robust setting, in percent."""
+    """One row per (model, dataset) record, clean accuracy then each robust setting, in percent.
+
+    The dataset column holds :func:`result_names`, so several folders of one dataset kind are told apart.
+    """
     columns: list[str] = []
     for record in records:
         for entry in record["robust"]:
             if robust_column(entry) not in columns:
                 columns.append(robust_column(entry))
-    lines = [
-        "| model | dataset | samples | clean | " + " | ".join(columns) + " |",
-        "|---|---|---|---|" + "---|" * len(columns),
-    ]
-    for record in records:
+    header = ["model", "dataset", "samples", "clean", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record, name in zip(records, result_names(records)):
         values = {robust_column(e): f"{e['acc']:.1f}" for e in record["robust"]}
-        cells = [record["model"], record["dataset"], str(record["samples"]), f"{record['clean_acc']:.1f}"]
+        cells = [record["model"], name, str(record["samples"]), f"{record['clean_acc']:.1f}"]
         cells += [values.get(c, "") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -37,23 +67,25 @@ def write_results(out_dir: str | Path, records: list[dict]) -> list[Path]:
     """Write ``results.json`` + ``results.md``.
 
     One dataset: ``out_dir/results.json`` is that dataset's record. Several: each record goes to
-    ``out_dir/<dataset>/results.json`` and ``out_dir/results.json`` holds ``{"results": [records]}``.
+    ``out_dir/<name>/results.json`` (``name`` from :func:`result_names`: the dataset, plus the data folder's
+    name when several folders share a dataset) and ``out_dir/results.json`` holds ``{"results": [records]}``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    names = result_names(records)
     if len(records) == 1:
         payload: dict = records[0]
     else:
         payload = {"results": records}
-        for record in records:
-            sub = out / record["dataset"]
+        for record, name in zip(records, names):
+            sub = out / name
             sub.mkdir(exist_ok=True)
             atomic_write_text(sub / "results.json", json.dumps(record, indent=2))
             written.append(sub / "results.json")
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
     written.append(out / "results.json")
-    warnings = [f"- {r['dataset']}: {w}" for r in records for w in r.get("checks", {}).get("warnings", [])]
+    warnings = [f"- {name}: {w}" for r, name in zip(records, names) for w in r.get("checks", {}).get("warnings", [])]
     body = "# Zero-shot evaluation\n\nAccuracy in percent.\n\n" + markdown_table(records) + "\n"
     body += "\n## Gradient-masking checks\n\n" + ("\n".join(warnings) if warnings else "All checks passed.") + "\n"
     atomic_write_text(out / "results.md", body)

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from mmtard.attacks import Attack, create_attack
-from mmtard.data import create_dataset
+from mmtard.data import ImageDataset, check_dataset_source, create_dataset
+from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
-from mmtard.eval.zeroshot import evaluate_classifier
-from mmtard.models import CLIPBundle, build_zero_shot_classifier
+from mmtard.eval.zeroshot import NonFiniteLogitsError, check_finite_logits, evaluate_classifier
+from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier
+from mmtard.models.zeroshot import check_logit_scale
 from mmtard.units import format_eps
 
 logger = logging.getLogger(__name__)
@@ -61,9 +63,76 @@ def build_attacks(request: EvalRequest) -> list[Attack]:
     ]
 
 
-def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest) -> list[dict]:
-    """Evaluate one loaded model on every dataset of ``request``; one results record per dataset."""
+def check_eval_request(request: EvalRequest) -> list[Attack]:
+    """Validate every setting of ``request`` that can be checked before a dataset is read or a file written.
+
+    Returns:
+        The attacks, one per attack name x eps.
+
+    Raises:
+        ConfigError: the first wrong setting, naming its field: sizes and counts, the logit scale, an
+            attack's name, eps, norm, steps or restarts, a dataset, split or missing data folder.
+    """
+    if not request.datasets:
+        raise ConfigError("dataset: give at least one dataset")
+    if len(request.data_dirs) != len(request.datasets):
+        raise ConfigError(
+            f"data_dir: one data folder per dataset: {len(request.datasets)} datasets, {len(request.data_dirs)} folders"
+        )
+    _check_int(request.batch_size, "batch_size", minimum=1)
+    _check_int(request.num_workers, "num_workers", minimum=0)
+    if request.samples is not None:
+        _check_int(request.samples, "samples", minimum=1)
+    _check_int(request.seed, "seed", minimum=None)
+    check_logit_scale(request.logit_scale)
+    if not request.attacks:
+        raise ConfigError("attack: give at least one attack, or none for clean accuracy only")
+    if any(name != "none" for name in request.attacks) and not request.eps:
+        raise ConfigError("eps: give at least one radius for the attacks")
     attacks = build_attacks(request)
+    for name, data_dir in zip(request.datasets, request.data_dirs):
+        check_dataset_source(name, data_dir, request.split, request.download)
+    return attacks
+
+
+def _check_int(value: object, field: str, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ConfigError(f"{field}: expected {expected}, got {value!r}")
+
+
+def _refuse_non_finite(bundle: CLIPBundle, dataset_name: str, exc: NonFiniteLogitsError) -> NonFiniteLogitsError:
+    detail = str(exc).removeprefix("model: ")
+    return NonFiniteLogitsError(
+        f"pretrained: the weights '{bundle.pretrained}' ({bundle.name}) give non-finite logits on {dataset_name}: "
+        f"{detail}. They are broken (a diverged training run?), so no accuracy is reported"
+    )
+
+
+def _check_first_batch(classifier: ZeroShotClassifier, dataset: ImageDataset, batch_size: int) -> None:
+    """Run the first batch clean, before a journal is created: a model with non-finite logits leaves nothing."""
+    count = min(batch_size, len(dataset))
+    if count == 0:
+        return
+    x = torch.stack([dataset[i][0] for i in range(count)]).to(next(classifier.parameters()).device)
+    was_training = classifier.training
+    classifier.eval()
+    with torch.no_grad():
+        check_finite_logits(classifier(x), "clean")
+    classifier.train(was_training)
+
+
+def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest) -> list[dict]:
+    """Evaluate one loaded model on every dataset of ``request``; one results record per dataset (and data
+    folder: a record carries its ``data_dir``).
+
+    Every setting is validated (:func:`check_eval_request`) before any dataset is read or journal written.
+
+    Raises:
+        ConfigError: a wrong setting or unreadable data.
+        NonFiniteLogitsError: the model's logits hold NaN or inf; the message names the weights.
+    """
+    attacks = check_eval_request(request)
     records = []
     for name, data_dir in zip(request.datasets, request.data_dirs):
         dataset = create_dataset(
@@ -78,39 +147,27 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest) -> list[dict]:
             seed=request.seed,
         )
         classifier = build_zero_shot_classifier(bundle, dataset.classnames, dataset.templates, request.logit_scale)
-        journal = None
-        if request.journal_dir is not None:
-            identity = {
-                "model": bundle.name,
-                "pretrained": bundle.pretrained,
-                "weights_file": weights_stamp(bundle.pretrained),
-                "dataset": name,
-                "data_dir": data_dir,
-                "split": request.split,
-                "classnames": dataset.classnames,
-                "templates": list(dataset.templates),
-                "images": len(dataset),
-                "logit_scale": classifier.logit_scale,
-                "seed": request.seed,
-                "batch_size": request.batch_size,
-                "attacks": [attack.describe() for attack in attacks],
-            }
-            journal = EvalJournal(journal_path(request.journal_dir, name, identity), identity)
-        torch.manual_seed(request.seed)
-        result = evaluate_classifier(
-            classifier,
-            dataset,
-            attacks,
-            batch_size=request.batch_size,
-            num_workers=request.num_workers,
-            progress=request.progress,
-            dataset_name=name,
-            journal=journal,
-        )
+        try:
+            _check_first_batch(classifier, dataset, request.batch_size)
+            journal = _open_journal(bundle, request, name, data_dir, dataset, classifier, attacks)
+            torch.manual_seed(request.seed)
+            result = evaluate_classifier(
+                classifier,
+                dataset,
+                attacks,
+                batch_size=request.batch_size,
+                num_workers=request.num_workers,
+                progress=request.progress,
+                dataset_name=name,
+                journal=journal,
+            )
+        except NonFiniteLogitsError as exc:
+            raise _refuse_non_finite(bundle, name, exc) from exc
         record = {
             "model": bundle.name,
             "pretrained": bundle.pretrained,
             "split": request.split,
+            "data_dir": None if data_dir is None else str(data_dir),
             "classes": request.classes if isinstance(request.classes, str) else list(request.classes),
             "classnames": dataset.classnames,
             "num_templates": len(dataset.templates),
@@ -123,3 +180,32 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest) -> list[dict]:
         }
         records.append(record)
     return records
+
+
+def _open_journal(
+    bundle: CLIPBundle,
+    request: EvalRequest,
+    name: str,
+    data_dir: str | None,
+    dataset: ImageDataset,
+    classifier: ZeroShotClassifier,
+    attacks: list[Attack],
+) -> EvalJournal | None:
+    if request.journal_dir is None:
+        return None
+    identity = {
+        "model": bundle.name,
+        "pretrained": bundle.pretrained,
+        "weights_file": weights_stamp(bundle.pretrained),
+        "dataset": name,
+        "data_dir": data_dir,
+        "split": request.split,
+        "classnames": dataset.classnames,
+        "templates": list(dataset.templates),
+        "images": len(dataset),
+        "logit_scale": classifier.logit_scale,
+        "seed": request.seed,
+        "batch_size": request.batch_size,
+        "attacks": [attack.describe() for attack in attacks],
+    }
+    return EvalJournal(journal_path(request.journal_dir, name, identity), identity)

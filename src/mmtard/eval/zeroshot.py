@@ -17,9 +17,29 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmtard.attacks import Attack, check_robust_results, zero_gradient_fraction
+from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteLogitsError(ConfigError):
+    """The model's logits hold NaN or inf: its weights are broken, and no accuracy computed from them means
+    anything (argmax of NaN logits picks class 0, which passes every gradient-masking check)."""
+
+
+def check_finite_logits(logits: torch.Tensor, what: str) -> torch.Tensor:
+    """``logits`` itself if every value is finite.
+
+    Raises:
+        NonFiniteLogitsError: ``"model: logits are not finite (NaN or inf) on N of B images (<what>)"``.
+    """
+    finite = torch.isfinite(logits).all(dim=1)
+    if not finite.all():
+        raise NonFiniteLogitsError(
+            f"model: logits are not finite (NaN or inf) on {int((~finite).sum())} of {len(finite)} images ({what})"
+        )
+    return logits
 
 
 @dataclass
@@ -71,6 +91,9 @@ def evaluate_classifier(
 
     Returns:
         The accuracies, the attacks' settings and the gradient-masking checks.
+
+    Raises:
+        NonFiniteLogitsError: the classifier's logits hold NaN or inf on a clean or an attacked image.
     """
     was_training = classifier.training
     classifier.eval()
@@ -115,7 +138,7 @@ def _evaluate_batch(classifier: nn.Module, attacks: list[Attack], x: torch.Tenso
     """Counts on one batch: correct when clean, still correct under each attack, zero input gradients."""
     start = time.perf_counter()
     with torch.no_grad():
-        correct = classifier(x).argmax(1) == y
+        correct = check_finite_logits(classifier(x), "clean").argmax(1) == y
     robust = [0] * len(attacks)
     zero_grad = 0
     if attacks:
@@ -125,7 +148,8 @@ def _evaluate_batch(classifier: nn.Module, attacks: list[Attack], x: torch.Tenso
             for i, attack in enumerate(attacks):
                 x_adv = attack(classifier, x_ok, y_ok)
                 with torch.no_grad():
-                    robust[i] = int((classifier(x_adv).argmax(1) == y_ok).sum())
+                    logits = check_finite_logits(classifier(x_adv), f"{attack.name} at {attack.describe()['eps']}")
+                    robust[i] = int((logits.argmax(1) == y_ok).sum())
     return {
         "images": len(y),
         "clean": int(correct.sum()),

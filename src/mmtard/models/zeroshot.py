@@ -7,6 +7,7 @@ and ``s`` the logit scale (spec section 1).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import open_clip
@@ -99,17 +100,28 @@ class ZeroShotClassifier(nn.Module):
         return features if return_features else self.logits_from_features(features)
 
 
-def resolve_logit_scale(bundle: CLIPBundle, logit_scale: float | str) -> float:
-    """``logit_scale`` is a number (default 100, the released script's) or ``"model"`` for the learned one."""
+def check_logit_scale(logit_scale: float | str, field: str = "logit_scale") -> float | str:
+    """``"model"``, or the scale as a positive finite float.
+
+    Raises:
+        ConfigError: anything else (text, zero, negative, NaN, inf).
+    """
     if logit_scale == "model":
-        return float(bundle.model.logit_scale.detach().exp().item())
+        return "model"
     try:
         value = float(logit_scale)
     except (TypeError, ValueError):
-        raise ConfigError(f"logit_scale: expected a positive number or 'model', got {logit_scale!r}") from None
-    if value <= 0:
-        raise ConfigError(f"logit_scale: expected a positive number or 'model', got {logit_scale!r}")
+        value = math.nan
+    if isinstance(logit_scale, bool) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{field}: expected a positive number or 'model', got {logit_scale!r}")
     return value
+
+
+def resolve_logit_scale(bundle: CLIPBundle, logit_scale: float | str) -> float:
+    """``logit_scale`` is a number (default 100, the released script's) or ``"model"`` for the learned one."""
+    if check_logit_scale(logit_scale) == "model":
+        return float(bundle.model.logit_scale.detach().exp().item())
+    return float(logit_scale)
 
 
 def build_zero_shot_classifier(
