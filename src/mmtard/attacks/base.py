@@ -1,8 +1,9 @@
 """The ``Attack`` base class: one object per configured attack, called as ``attack(model, x, y) -> x_adv``.
 
 Units and shapes: ``x`` is ``(B, C, H, W)`` in ``[0, 1]`` pixel space, ``y`` is ``(B,)`` class indices, the
-model maps pixels to ``(B, K)`` logits (normalisation lives inside the model). ``eps`` is a fraction of the
-pixel range (``4/255``), never rescaled after parsing.
+model maps pixels to ``(B, K)`` logits (normalisation lives inside the model). ``eps`` is in ``[0, 1]`` pixel
+units (``4/255``), read by ``mmtard.units.parse_eps`` and never rescaled: at most 1 for ``linf``, any finite
+length for ``l2``.
 
 Contract of every attack: the returned ``x_adv`` is detached, has the shape of ``x``, satisfies
 ``||x_adv - x|| <= eps`` in the attack's norm (up to float rounding) and lies in ``[0, 1]``. The model's
