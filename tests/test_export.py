@@ -9,6 +9,7 @@ in fp32: within 1e-4 relative to open_clip's.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ import yaml
 from mmtard.cli import main
 from mmtard.errors import ConfigError, MissingExtraError
 from mmtard.export import check_hf_convertible, export_model, hf_config_dict
-from mmtard.export.card import read_results
+from mmtard.export.card import CardInput, front_matter, model_section, read_results
 from mmtard.export.files import sha256
+from mmtard.export.hf import write_hf_folder
+from mmtard.export.source import ExportSource, preprocess_config
 from mmtard.models import list_models, load_clip
 from mmtard.units import format_eps
 
@@ -136,10 +139,6 @@ def test_hf_config_has_openai_shapes_and_the_activation_open_clip_builds(arch, q
     assert config["projection_dim"] == vision["projection_dim"] == text["projection_dim"] == projection
     expected_act = "quick_gelu" if quick_gelu else "gelu"
     assert vision["hidden_act"] == text["hidden_act"] == expected_act
-    model = open_clip.create_model(name, pretrained=None) if arch == "ViT-B-32" else None
-    if model is not None:  # the activation is the module open_clip builds for the name
-        expected_module = open_clip.model.QuickGELU if quick_gelu else torch.nn.GELU
-        assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, expected_module)
 
 
 @pytest.mark.parametrize("arch", ["tiny-vit-s", "tiny-vit-m", "tiny-vit-l"])
@@ -201,34 +200,39 @@ def test_hf_export_without_transformers_names_the_extra(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- equivalence, ViT-B-32 and ViT-L-14
 
 
+def write_hf_export(bundle, folder: Path) -> Path:
+    """The hf folder of an in-memory open_clip model (what ``export_model`` writes, without the card)."""
+    write_hf_folder(bundle.name, bundle.model, preprocess_config(bundle, None), folder)
+    return folder
+
+
 @pytest.fixture(scope="module", params=["ViT-B-32", "ViT-B-32-quickgelu"])
 def vit_b32_export(request, tmp_path_factory, transformers):
     bundle = perturbed_bundle(request.param)
-    folder = tmp_path_factory.mktemp(request.param)
-    source = folder / "source.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in bundle.model.state_dict().items()}, str(source))
-    export_model(request.param, source, folder / "hf", format="hf")
-    return bundle, folder / "hf"
+    return bundle, write_hf_export(bundle, tmp_path_factory.mktemp(request.param))
 
 
 def test_vit_b32_hf_export_equals_open_clip(vit_b32_export, transformers):
     bundle, folder = vit_b32_export
+    config = json.loads((folder / "config.json").read_text())
+    activation = bundle.model.visual.transformer.resblocks[0].mlp.gelu  # the module open_clip built for the name
+    expected = "quick_gelu" if isinstance(activation, open_clip.model.QuickGELU) else "gelu"
+    assert config["vision_config"]["hidden_act"] == config["text_config"]["hidden_act"] == expected
     assert_hf_matches_open_clip(bundle, folder, transformers)
 
 
 @pytest.mark.slow
 def test_vit_l14_hf_image_embeddings_equal_open_clip(tmp_path_factory, transformers):
     bundle = perturbed_bundle("ViT-L-14")
-    folder = tmp_path_factory.mktemp("vit-l14")
-    from mmtard.export.hf import write_hf_folder
-    from mmtard.export.source import preprocess_config
-
-    write_hf_folder("ViT-L-14", bundle.model, preprocess_config(bundle, None), folder)
+    folder = write_hf_export(bundle, tmp_path_factory.mktemp("vit-l14"))
     config = json.loads((folder / "config.json").read_text())
     assert config["vision_config"]["hidden_act"] == "gelu" and config["vision_config"]["num_hidden_layers"] == 24
     assert_hf_matches_open_clip(bundle, folder, transformers, batch=1, text=False)
+    # weights that started from a tag are prepared as that tag's were (this one normalises with 0.5, 0.5)
+    tag = open_clip.get_pretrained_cfg("ViT-L-14", "laion2b_s32b_b82k")
+    preprocess = preprocess_config(bundle, "laion2b_s32b_b82k")
+    assert preprocess["mean"] == list(tag["mean"]) and preprocess["std"] == list(tag["std"])
+    assert preprocess["size"] == [224, 224]
 
 
 # ---------------------------------------------------------------- a run folder, both formats, the card
@@ -315,7 +319,9 @@ assert set(model.state_dict()) == set(trained), "keys differ"
 print(tokenizer(["a cat"]).shape[1], preprocess.transforms[0].size)
 """
     # a fresh interpreter: open_clip must load the folder without mmtard registering the tiny architectures
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "32"  # the tiny architectures' context length, read from the folder
 
@@ -404,3 +410,18 @@ def test_export_refuses_a_run_of_another_architecture_and_a_folder_with_other_fi
         export_model("tiny-vit-s", run, busy, format="open_clip")
     export_model("tiny-vit-s", run, tmp_path / "again", format="open_clip")
     export_model("tiny-vit-s", run, tmp_path / "again", format="open_clip")  # a re-export overwrites its own files
+
+
+@pytest.mark.parametrize(
+    ("arch", "tag", "activation_note"),
+    [("ViT-L-14", "laion2b_s32b_b82k", False), ("ViT-B-32", "openai", True), ("ViT-B-32-quickgelu", "openai", False)],
+)
+def test_card_names_the_base_model_and_an_activation_other_than_the_tag_s(arch, tag, activation_note, tmp_path):
+    tag_config = open_clip.get_pretrained_cfg(arch, tag)
+    source = ExportSource(arch=arch, weights="none", base_tag=tag)
+    preprocess = {"size": [224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    card = CardInput(source, "hf", "transformers", tmp_path, [], preprocess | {"resize_mode": "shortest"})
+    meta = yaml.safe_load("\n".join(front_matter(card)[1:-2]))
+    assert meta["base_model"] == tag_config["hf_hub"].strip("/")
+    activation = next(line for line in model_section(card) if line.startswith("| activation"))
+    assert ("were trained with `quick_gelu`" in activation) is activation_note

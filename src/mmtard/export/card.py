@@ -153,6 +153,27 @@ def front_matter(card: CardInput) -> list[str]:
     return ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
 
 
+def _activation_text(card: CardInput, config: dict) -> str:
+    """The activation open_clip built, and whether the tag the weights started from was trained with another."""
+    built = hidden_act(config)
+    if card.source.base_tag is None:
+        return f"`{built}`"
+    tag_quick_gelu = open_clip.get_pretrained_cfg(card.source.arch, card.source.base_tag).get("quick_gelu", False)
+    if tag_quick_gelu == (built == "quick_gelu"):
+        return f"`{built}`"
+    logger.warning(
+        "%s: open_clip builds %s, but the '%s' weights it started from were trained with %s",
+        card.source.arch,
+        built,
+        card.source.base_tag,
+        "quick_gelu" if tag_quick_gelu else "gelu",
+    )
+    return (
+        f"`{built}` (as open_clip builds `{card.source.arch}`; the `{card.source.base_tag}` weights it started "
+        f"from were trained with `{'quick_gelu' if tag_quick_gelu else 'gelu'}`)"
+    )
+
+
 def _image_tower_text(vision: dict) -> str:
     if vision.get("timm_model_name"):
         return f"timm `{vision['timm_model_name']}`"
@@ -176,7 +197,7 @@ def model_section(card: CardInput) -> list[str]:
     size = pre["size"][0] if isinstance(pre["size"], (list, tuple)) else pre["size"]
     rows = [
         ["architecture", f"`{card.source.arch}` (open_clip)"],
-        ["activation", f"`{hidden_act(config)}`"],
+        ["activation", _activation_text(card, config)],
         ["image tower", _image_tower_text(vision)],
         ["text tower", _text_tower_text(text)],
         ["embedding", str(config["embed_dim"])],

@@ -55,10 +55,18 @@ LAYER_NORM_EPS = torch.nn.LayerNorm(1).eps
 # Config fields whose value transformers' CLIP can express whatever it is; every other field must keep
 # open_clip's default. patch_dropout only acts in training and output_tokens only changes what forward returns.
 FREE_MODEL_FIELDS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"}
-FREE_VISION_FIELDS = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "patch_dropout"}
-FREE_VISION_FIELDS |= {"output_tokens"}
+FREE_VISION_FIELDS = {
+    "layers",
+    "width",
+    "head_width",
+    "mlp_ratio",
+    "patch_size",
+    "image_size",
+    "patch_dropout",
+    "output_tokens",
+}
+# pad_id and eos_id are only read by text pool types other than the default argmax.
 FREE_TEXT_FIELDS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "output_tokens"}
-# pad_id and eos_id are only read by pool types other than the default argmax.
 FREE_TEXT_FIELDS |= {"pad_id", "eos_id"}
 
 # PIL resampling codes, as transformers' image processors store them.
