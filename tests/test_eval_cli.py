@@ -82,16 +82,17 @@ def test_eval_several_datasets(tmp_path, npz_dir):
 
 
 def test_eps_without_unit_is_refused(tmp_path, npz_dir, capsys):
-    with pytest.raises(SystemExit):
-        _run(tmp_path, "--data-dir", str(npz_dir), "--eps", "4")
-    assert "4/255" in capsys.readouterr().err
+    code, out = _run(tmp_path, "--data-dir", str(npz_dir), "--eps", "4")
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.startswith("mmtard eval: error: --eps:") and "4/255" in err
 
 
 def test_missing_data_dir_is_one_clear_error(tmp_path, capsys):
     code, _ = _run(tmp_path, "--data-dir", str(tmp_path / "nowhere"))
     assert code == 2
     err = capsys.readouterr().err
-    assert "data_dir" in err and "nowhere" in err and "Traceback" not in err
+    assert "--data-dir" in err and "nowhere" in err and "Traceback" not in err
 
 
 def test_class_list_mismatch_is_one_clear_error(tmp_path, npz_dir, capsys):

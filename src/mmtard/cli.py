@@ -1,4 +1,10 @@
-"""``mmtard eval | train | demo``: argument parsing only; the work is in the library."""
+"""``mmtard eval | train | demo | export``: argument parsing only; the work is in the library.
+
+Every error the user can cause (a flag, a config field, a file, the machine) is one line on stderr,
+``mmtard <command>: error: <field>: <what is wrong and what is expected>``, with exit code 2; a refused
+command leaves the file system as it found it. ``--debug`` shows the traceback instead. SIGTERM or SIGINT
+during ``mmtard train`` save a checkpoint and exit with 128 + the signal number.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,75 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
-from mmtard.errors import ConfigError
-from mmtard.units import parse_eps
+from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted
 
 logger = logging.getLogger("mmtard")
 
+#: Errors a user causes (input, files, the machine, a diverging run): one line and exit code 2.
+USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, NonFiniteError)
+EXIT_USER_ERROR = 2
 
-def _eps_arg(text: str) -> float:
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``mmtard <command>: error: <flag>: <message>`` (no usage block)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("argument "):  # "argument --batch-size: invalid int value: 'x'"
+            message = message[len("argument ") :]
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def whole_number(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number ``>= low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def logit_scale_arg(text: str) -> float | str:
+    """``model`` or a positive number."""
+    if text == "model":
+        return text
     try:
-        return parse_eps(text, field="--eps")
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number (100) or 'model', got {text!r}")
+    return value
+
+
+@contextmanager
+def leave_as_found(folder: Path, inside: Sequence[str] = ()) -> Iterator[None]:
+    """On a user error, remove ``folder`` if this command created it, else the entries ``inside`` it that
+    this command created; an interrupted command (Ctrl-C) keeps them, to continue from."""
+    existed = folder.exists()
+    existing = {name for name in inside if (folder / name).exists()}
+    try:
+        yield
+    except USER_ERRORS:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            for name in set(inside) - existing:
+                shutil.rmtree(folder / name, ignore_errors=True)
+        raise
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,27 +101,29 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", nargs="+", default=[None], help="data folder per dataset (one for all, or one each)")
     p.add_argument("--split", default="test")
     p.add_argument("--classes", default="all", help="all | seen | unseen | comma-separated class names")
-    p.add_argument("--samples", type=int, default=None, help="fixed class-balanced subset of N images")
+    p.add_argument("--samples", type=whole_number(1), default=None, help="fixed class-balanced subset of N images")
     p.add_argument(
         "--attack", nargs="+", default=["pgd"], help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)"
     )
     p.add_argument(
         "--eps",
         nargs="+",
-        type=_eps_arg,
-        default=[1 / 255, 2 / 255, 4 / 255],
-        help="radii as fractions of the pixel range, e.g. 1/255 4/255",
+        default=["1/255", "2/255", "4/255"],
+        help="radii as fractions of the pixel range, e.g. 1/255 4/255 (linf: at most 1; l2: any length, e.g. 0.5)",
     )
     p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--steps", type=int, default=None, help="attack iterations (default: PGD 10, APGD 100)")
-    p.add_argument("--restarts", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--steps", type=whole_number(1), default=None, help="attack iterations (default: PGD 10, APGD 100)")
+    p.add_argument("--restarts", type=whole_number(1), default=None)
+    p.add_argument("--batch-size", type=whole_number(1), default=128)
+    p.add_argument("--workers", type=whole_number(0), default=0)
     p.add_argument(
-        "--logit-scale", default="100", help="fixed scale (default 100) or 'model' for the model's learned scale"
+        "--logit-scale",
+        type=logit_scale_arg,
+        default=100.0,
+        help="fixed scale (default 100) or 'model' for the model's learned scale",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=whole_number(0), default=0)
     p.add_argument(
         "--download", action="store_true", help="let torchvision download the dataset (never done otherwise)"
     )
@@ -72,6 +136,39 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     )
 
 
+#: The flags of the data layer's fields.
+EVAL_DATA_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "split": "--split"}
+
+
+def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[float], str]:
+    """Everything ``mmtard eval`` can check before it loads a model or writes a file.
+
+    Returns:
+        ``(data_dirs, eps, device)``: one folder per dataset, the radii as floats, the device to use.
+    """
+    from mmtard.attacks import list_attacks
+    from mmtard.train.preflight import check_data, check_device, check_model, check_output_dir
+    from mmtard.units import parse_eps
+
+    if len(args.data_dir) not in (1, len(args.dataset)):
+        raise ConfigError(
+            f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
+            f"got {len(args.data_dir)}"
+        )
+    data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
+    eps = [parse_eps(text, "--eps", args.norm) for text in args.eps]
+    attacks = ["none", *list_attacks()]
+    for name in args.attack:
+        if name not in attacks:
+            raise ConfigError(f"--attack: unknown attack {name!r}; expected one of {', '.join(attacks)}")
+    device = str(check_device(args.device, "--device"))
+    check_output_dir(args.out, "--out")
+    check_model(args.model, args.pretrained, "--model", "--pretrained", trust_checkpoint=args.trust_checkpoint)
+    for name, folder in zip(args.dataset, data_dirs):
+        check_data(name, folder, args.split, EVAL_DATA_FLAGS, args.download)
+    return data_dirs, eps, device
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
@@ -79,37 +176,33 @@ def run_eval(args: argparse.Namespace) -> int:
     from mmtard.eval.run import EvalRequest, evaluate_bundle
     from mmtard.models import load_clip
 
-    data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
-    if len(args.data_dir) not in (1, len(args.dataset)):
-        raise ConfigError(
-            f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
-            f"got {len(args.data_dir)}"
+    data_dirs, eps, device = check_eval_args(args)
+    journal_dir = os.path.join(args.out, "journal")  # an interrupted run, rerun as it was, continues
+    with leave_as_found(Path(args.out), inside=["journal"]):
+        torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
+        bundle = load_clip(args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint)
+        request = EvalRequest(
+            datasets=args.dataset,
+            data_dirs=data_dirs,
+            split=args.split,
+            classes=args.classes,
+            samples=args.samples,
+            attacks=args.attack,
+            eps=eps,
+            norm=args.norm,
+            steps=args.steps,
+            restarts=args.restarts,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            logit_scale=args.logit_scale,
+            seed=args.seed,
+            download=args.download,
+            progress=not args.no_progress,
+            journal_dir=journal_dir,
         )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
-    bundle = load_clip(args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint)
-    request = EvalRequest(
-        datasets=args.dataset,
-        data_dirs=data_dirs,
-        split=args.split,
-        classes=args.classes,
-        samples=args.samples,
-        attacks=args.attack,
-        eps=args.eps,
-        norm=args.norm,
-        steps=args.steps,
-        restarts=args.restarts,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        logit_scale=args.logit_scale if args.logit_scale == "model" else float(args.logit_scale),
-        seed=args.seed,
-        download=args.download,
-        progress=not args.no_progress,
-        journal_dir=os.path.join(args.out, "journal"),  # an interrupted run, rerun as it was, continues
-    )
-    records = evaluate_bundle(bundle, request)
-    paths = write_results(args.out, records)
-    shutil.rmtree(request.journal_dir, ignore_errors=True)  # the results are written: nothing left to resume
+        records = evaluate_bundle(bundle, request)
+        paths = write_results(args.out, records)
+    shutil.rmtree(journal_dir, ignore_errors=True)  # the results are written: nothing left to resume
     print(markdown_table(records))
     for record in records:
         for warning in record["checks"].get("warnings", []):
@@ -129,19 +222,51 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.steps=20 --set method.eps=2/255 (repeatable)",
     )
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue from")
     p.add_argument(
-        "--stop-after", type=int, default=None, help="stop with a checkpoint after N steps of this invocation"
+        "--resume",
+        default=None,
+        help="'latest' or a checkpoint folder to continue from; the run's saved config.yaml is used, and --set "
+        "may only change what a resume allows (more train.steps, data.dir, logging...)",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=whole_number(1),
+        default=None,
+        help="stop with a checkpoint after N >= 1 steps of this invocation",
     )
     p.add_argument("--no-progress", action="store_true")
 
 
+def train_config(args: argparse.Namespace):
+    """The run config: ``--config`` with ``--set``; to resume, the run's saved ``config.yaml`` with ``--set``
+    (the file given with ``--config`` then only locates the run folder)."""
+    from dataclasses import replace
+
+    from mmtard.train.config import flat_fields, load_config, resume_config
+    from mmtard.train.rundir import RunDir
+
+    config = load_config(args.config, args.overrides)
+    run = RunDir(config.output_dir)
+    if not args.resume or not run.config.is_file():
+        return config
+    saved = load_config(run.config)
+    resumed = replace(resume_config(saved, args.overrides), output_dir=config.output_dir)
+    ignored = [k for k, v in flat_fields(config).items() if flat_fields(resumed).get(k) != v and k != "output_dir"]
+    if ignored:
+        logger.warning(
+            "resuming %s with its saved config.yaml; %s differs in %s (not used)",
+            run.path,
+            args.config,
+            ", ".join(ignored),
+        )
+    return resumed
+
+
 def run_train(args: argparse.Namespace) -> int:
-    from mmtard.train.config import load_config
     from mmtard.train.rundir import RunDir
     from mmtard.train.trainer import train
 
-    config = load_config(args.config, args.overrides)
+    config = train_config(args)
     final = train(config, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     if final:
         robust = ", ".join(f"{e['attack']} {e['eps']} ({e['steps']} steps) {e['acc']:.1f}%" for e in final["robust"])
@@ -165,13 +290,23 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def check_demo_args(args: argparse.Namespace) -> None:
+    """The device, the output folder and the data, before the first stage starts."""
+    from mmtard.train.preflight import check_data, check_device, check_output_dir
+
+    check_device(args.device, "--device")
+    check_output_dir(args.out, "--out")
+    check_data(args.dataset, args.data_dir, "test", EVAL_DATA_FLAGS)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import time
     from dataclasses import replace
 
-    from mmtard.eval.protocol_report import results_table, write_protocol_report
-    from mmtard.protocol import DEMO_SCALE, run_protocol
+    from mmtard.experiments import DEMO_SCALE, run_protocol, write_protocol_report
+    from mmtard.experiments.report import results_table
 
+    check_demo_args(args)
     scale = replace(DEMO_SCALE, dataset=args.dataset, data_dir=args.data_dir, device=args.device)
     if args.dataset != "digits":
         scale = replace(scale, train_samples=5000)
@@ -228,13 +363,17 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmtard", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = ArgumentParser(prog="mmtard", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages (INFO)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval_parser(sub)
     _add_train_parser(sub)
     _add_demo_parser(sub)
     _add_export_parser(sub)
+    for command in sub.choices.values():  # also accepted after the command: mmtard train ... --debug
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -246,11 +385,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    prefix = f"mmtard {args.command}:"
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"mmtard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except TrainingInterrupted as exc:
+        print(f"{prefix} {one_line(exc)}", file=sys.stderr)
+        return 128 + exc.signum
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"{prefix} error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -10,6 +10,23 @@ class ConfigError(ValueError):
     """A value given by the user (flag, config field, file) is wrong; the message says which and why."""
 
 
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or infinite loss or weights; nothing non-finite was written. The message
+    names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint; the message says how to resume.
+
+    Attributes:
+        signum: the signal that stopped it.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 class MissingExtraError(ConfigError):
     """An optional dependency is not installed; the message names the extra that installs it."""
 

@@ -112,6 +112,24 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
     return path
 
 
+def check_checkpoint_files(path: Path) -> None:
+    """A cheap check of a checkpoint folder before anything is built: the model file's header is readable
+    and the trainer state is a complete ``torch.save`` archive (a zip whose directory, at the end, is there).
+
+    Raises:
+        ConfigError: naming the file that is missing, truncated or of another format.
+    """
+    import zipfile
+
+    from mmtard.models import check_checkpoint_file
+
+    check_checkpoint_file(path / MODEL_FILE, "--resume")
+    if (path / ADAPTER_FILE).exists():
+        check_checkpoint_file(path / ADAPTER_FILE, "--resume")
+    if not zipfile.is_zipfile(path / STATE_FILE):
+        raise ConfigError(f"--resume: '{path / STATE_FILE}' is not a complete trainer state (truncated or foreign)")
+
+
 def load_checkpoint_files(path: Path) -> tuple[dict, dict, dict | None]:
     """``(model_state, trainer_state, adapter_state or None)`` of a checkpoint folder, read safely."""
     try:

@@ -297,7 +297,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     unknown = [k for k in data if k not in known]
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; expected one of: {', '.join(known)}")
+        raise ConfigError(f"{where}{unknown[0]}: unknown config key; expected one of: {', '.join(known)}")
     values = {}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name
@@ -329,7 +329,7 @@ def _build_method(data: Any, path: str) -> MethodConfig:
     checked = {}
     for name, value in data.items():
         if name not in hints:
-            raise ConfigError(f"unknown config key '{path}.{name}'; expected one of: {', '.join(hints)}")
+            raise ConfigError(f"{path}.{name}: unknown config key; expected one of: {', '.join(hints)}")
         checked[name] = (
             value
             if name == "logit_scale" and value == "model"
@@ -420,6 +420,66 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     data = read_config_file(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     return _build(RunConfig, data, "").validate()
+
+
+#: What a resumed run may change in its saved ``config.yaml``: where things are and how the run is
+#: operated, never what it computes, plus more steps (``train.steps`` may grow, never shrink).
+RESUME_EXTENSIONS = (
+    "output_dir",
+    "device",
+    "data.dir",
+    "data.workers",
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.on_nonfinite",
+    "train.dist_timeout_s",
+    "eval.every",
+    "eval.batch_size",
+    "eval.final",
+)
+
+
+def flat_fields(config: RunConfig) -> dict[str, Any]:
+    """``{"train.steps": 100, "teachers.clean.arch": ..., ...}``: every leaf field by its dotted name."""
+
+    def walk(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict) and node:
+            return {k: v for key, value in node.items() for k, v in walk(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    return walk(config_to_dict(config), "")
+
+
+def resume_config(saved: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """The config of a resumed run: the run's saved ``config.yaml`` with the ``--set`` overrides on top
+    (checked by :func:`check_resume` when training starts)."""
+    return _build(RunConfig, apply_overrides(config_to_dict(saved), overrides), "").validate()
+
+
+def check_resume(saved: RunConfig, config: RunConfig, saved_path: str | Path = "config.yaml") -> None:
+    """Refuse a resume whose config contradicts the run's saved one, except in :data:`RESUME_EXTENSIONS`.
+
+    Raises:
+        ConfigError: naming the first contradicting field, with both values.
+    """
+    before, after = flat_fields(saved), flat_fields(config)
+    for name in sorted(before.keys() | after.keys()):
+        old, new = before.get(name), after.get(name)
+        if old == new:
+            continue
+        if name == "train.steps" and new < old:
+            raise ConfigError(
+                f"train.steps: the run was started with {old} steps ({saved_path}); a resume may add steps, not "
+                f"remove them (got {new})"
+            )
+        if name not in RESUME_EXTENSIONS:
+            raise ConfigError(
+                f"{name}: the run was started with {old!r} ({saved_path}); resuming it with {new!r} would change "
+                f"the run. Resume without changing it, or start a new output_dir. A resume may change only "
+                f"{', '.join(RESUME_EXTENSIONS)}"
+            )
 
 
 def config_to_dict(config: RunConfig) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,16 +31,29 @@ class DistEnv:
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
+    """This process's device: ``auto`` is ``cuda:<local_rank>`` when CUDA is present, else the CPU.
+
+    Raises:
+        ConfigError: a device this machine does not have (see :func:`mmtard.train.preflight.check_device`).
+    """
+    from mmtard.train.preflight import check_device
+
     if requested == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
+    device = check_device(requested)
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device
 
 
-def init_distributed(requested_device: str = "auto") -> DistEnv:
-    """Read torchrun's environment, pick this process's device and start the process group if needed."""
+def init_distributed(requested_device: str = "auto", timeout_s: float | None = None) -> DistEnv:
+    """Read torchrun's environment, pick this process's device and start the process group if needed.
+
+    Args:
+        requested_device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        timeout_s: how long a collective waits for the other processes before it fails (torch's default,
+            30 minutes, when None). A stalled or dead worker then ends the run instead of hanging it.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -47,7 +61,8 @@ def init_distributed(requested_device: str = "auto") -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return DistEnv(rank, world_size, local_rank, device)
 
 
@@ -69,6 +84,22 @@ def gather_objects(value: object) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def any_process(flag: bool | int) -> int:
+    """The largest of every process's ``flag`` (``int(flag)`` in a single process): lets all processes
+    agree on a decision one of them made (a signal received, a check failed). A collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(flag)
+    value = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+
+from mmtard.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -127,3 +131,81 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise
             logger.warning("%s: dropped a torn last line (a crash while it was written): %.60s", path, line)
     return records
+
+
+class RunLockedError(ConfigError):
+    """Another live process trains in this run folder."""
+
+
+class RunLock:
+    """``<run>/.lock``: one training process per run folder.
+
+    The file holds ``<pid> <host>``. It is created exclusively (``O_EXCL``) and removed when the run ends,
+    however it ends; a lock left by a process that no longer exists on this host (killed with SIGKILL) is
+    taken over with a warning.
+
+    Args:
+        run: the run folder.
+    """
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.held = False
+
+    def check_free(self) -> None:
+        """Raise :class:`RunLockedError` naming the holder if a live process holds the lock; writes nothing."""
+        holder = self._holder()
+        if holder is not None and _alive(*holder):
+            pid, host = holder
+            where = f"process {pid}" if host == socket.gethostname() else f"process {pid} on {host}"
+            raise RunLockedError(
+                f"output_dir: '{self.run.path}' is in use by {where} (lock file {self.run.lock}); wait for it to "
+                "end or choose another output_dir (remove the lock file only if that process is gone)"
+            )
+
+    def acquire(self) -> None:
+        """Create the lock file (and the run folder); raise :class:`RunLockedError` if a live process holds it."""
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.run.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self.check_free()
+                logger.warning("%s: removing the lock of a process that no longer runs", self.run.lock)
+                self.run.lock.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            self.held = True
+            return
+        self.check_free()  # lost a race with another starting process
+        raise RunLockedError(f"output_dir: could not lock '{self.run.path}' ({self.run.lock} keeps reappearing)")
+
+    def release(self) -> None:
+        if self.held:
+            self.run.lock.unlink(missing_ok=True)
+            self.held = False
+
+    def _holder(self) -> tuple[int, str] | None:
+        try:
+            pid, host = self.run.lock.read_text().split()
+            return int(pid), host
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return -1, "?"  # unreadable or half written: treat as held by an unknown process
+
+
+def _alive(pid: int, host: str) -> bool:
+    """Whether process ``pid`` runs (on this host; a lock from another host or unreadable counts as live)."""
+    if pid <= 0 or host != socket.gethostname():
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

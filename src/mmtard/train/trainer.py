@@ -2,6 +2,12 @@
 
 ``train(config)`` reads as a few ``build_*`` calls and a loop. Everything that must survive a resume
 lives in ``TrainState`` and goes into each checkpoint.
+
+Order of work, so that a refused run leaves the file system as it found it: check what the config points
+at (:mod:`mmtard.train.preflight`), build models, data and optimizer and restore the checkpoint, agree
+across processes that every one of them succeeded, and only then lock the run folder and write to it.
+Faults lose nothing: a non-finite loss stops the run (or skips the batch, ``train.on_nonfinite``) and
+non-finite weights are never saved; SIGTERM / SIGINT save a checkpoint at the end of the current step.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import importlib.util
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,17 +30,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from mmtard.attacks import create_attack
 from mmtard.data import ImageDataset, create_dataset
-from mmtard.errors import ConfigError
+from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.fileio import atomic_write_text
 from mmtard.methods import Method, create_method, freeze
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier, load_clip
 from mmtard.train import checkpoint as ckpt
-from mmtard.train.config import RunConfig, save_config
-from mmtard.train.distributed import DistEnv, all_reduce_mean, barrier, gather_objects, init_distributed
-from mmtard.train.rundir import RunDir, read_jsonl
+from mmtard.train import preflight
+from mmtard.train.config import RunConfig, build_eval_attacks, check_resume, load_config, save_config
+from mmtard.train.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    any_process,
+    barrier,
+    gather_objects,
+    init_distributed,
+)
+from mmtard.train.rundir import RunDir, RunLock, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +62,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     method: Method
+    skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss (train.on_nonfinite: skip)
 
 
 # ----------------------------------------------------------------------------------------------- build
@@ -103,15 +119,35 @@ def adapter_state(bundle: CLIPBundle) -> dict[str, torch.Tensor] | None:
 
 
 def build_datasets(cfg: RunConfig, image_size: int, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """The training and held-out sets; a data error names the run config's field (``data.eval_split``...)."""
     data = cfg.data
     common = dict(image_size=image_size, seed=seed)
-    train_set = create_dataset(
-        data.dataset, data.dir, split=data.split, classes=data.classes, samples=data.samples, **common
-    )
-    eval_set = create_dataset(
-        data.dataset, data.dir, split=data.eval_split, classes=data.eval_classes, samples=data.eval_samples, **common
-    )
+    with preflight.renamed_fields(data_fields("")):
+        train_set = create_dataset(
+            data.dataset, data.dir, split=data.split, classes=data.classes, samples=data.samples, **common
+        )
+    with preflight.renamed_fields(data_fields("eval_")):
+        eval_set = create_dataset(
+            data.dataset,
+            data.dir,
+            split=data.eval_split,
+            classes=data.eval_classes,
+            samples=data.eval_samples,
+            **common,
+        )
     return train_set, eval_set
+
+
+def data_fields(prefix: str) -> dict[str, str]:
+    """The run config's names (``data.dir``, ``data.<prefix>split``...) of the data layer's fields."""
+    return {
+        "dataset": "data.dataset",
+        "data_dir": "data.dir",
+        "classnames": "data.dir",
+        "split": f"data.{prefix}split",
+        "classes": f"data.{prefix}classes",
+        "samples": f"data.{prefix}samples",
+    }
 
 
 def build_teachers(
@@ -159,14 +195,9 @@ def batches(dataset: ImageDataset, cfg: RunConfig, env: DistEnv, start_step: int
     same batches as an uninterrupted one, and N processes together see the same global batches as one.
     """
     global_batch = cfg.data.batch_size
-    if global_batch % env.world_size:
-        raise ConfigError(
-            f"data.batch_size: the global batch {global_batch} must divide by the {env.world_size} processes"
-        )
+    check_batch_size(cfg, len(dataset), env.world_size)
     local_batch = global_batch // env.world_size
     per_epoch = len(dataset) // global_batch
-    if per_epoch == 0:
-        raise ConfigError(f"data.batch_size: {global_batch} is larger than the {len(dataset)} training images")
     sampler = DistributedSampler(
         dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
     )
@@ -188,6 +219,15 @@ def batches(dataset: ImageDataset, cfg: RunConfig, env: DistEnv, start_step: int
         for batch in loader:
             yield epoch, batch
         epoch, skip = epoch + 1, 0
+
+
+def check_batch_size(cfg: RunConfig, images: int, world_size: int) -> None:
+    """The global batch splits evenly over the processes and fits in the training set at least once."""
+    global_batch = cfg.data.batch_size
+    if global_batch % world_size:
+        raise ConfigError(f"data.batch_size: the global batch {global_batch} must divide by the {world_size} processes")
+    if global_batch > images:
+        raise ConfigError(f"data.batch_size: {global_batch} is larger than the {images} training images")
 
 
 # ---------------------------------------------------------------------------------------------- logging
@@ -273,16 +313,36 @@ def global_metrics(metrics: dict, env: DistEnv) -> dict:
 def evaluate_student(cfg: RunConfig, bundle: CLIPBundle, eval_set: ImageDataset, progress: bool) -> dict:
     """Clean and PGD robust accuracy of the student on the held-out split, through the evaluation code."""
     classifier = build_zero_shot_classifier(bundle, eval_set.classnames, eval_set.templates, cfg.method.logit_scale)
-    attacks = [
-        create_attack(cfg.eval.attack, eps=eps, steps=cfg.eval.steps, seed=cfg.train.seed) for eps in cfg.eval.eps
-    ]
+    attacks = build_eval_attacks(cfg)
     return evaluate_classifier(
         classifier, eval_set, attacks, batch_size=cfg.eval.batch_size, progress=progress
     ).to_dict()
 
 
-def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run: RunDir, env: DistEnv) -> Path | None:
-    """Write a checkpoint from rank 0; every process must call it (it gathers each one's RNG state)."""
+def check_finite_weights(params: list[nn.Parameter], step: int, run: RunDir) -> None:
+    """Raise :class:`NonFiniteError` if a trained weight is NaN or infinite (they are identical on every
+    process, so every process raises together)."""
+    if all(bool(torch.isfinite(p.detach()).all()) for p in params):
+        return
+    raise NonFiniteError(
+        f"step {step}: the student's weights are not finite after the update (train.lr too high?); "
+        f"nothing was saved. {last_good_checkpoint(run)}"
+    )
+
+
+def last_good_checkpoint(run: RunDir) -> str:
+    """A sentence naming the checkpoint ``latest`` points at, for error messages."""
+    if run.latest.is_file():
+        return f"The last good checkpoint is {run.checkpoint(run.latest.read_text().strip())} (--resume latest)."
+    return "No checkpoint was written before it."
+
+
+def save(
+    state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run: RunDir, env: DistEnv, params: list[nn.Parameter]
+) -> Path | None:
+    """Write a checkpoint from rank 0; every process must call it (it gathers each one's RNG state).
+    Non-finite weights are refused (:func:`check_finite_weights`), so ``latest`` always names good ones."""
+    check_finite_weights(params, state.step, run)
     rng = gather_objects(ckpt.rng_state())  # one per process: each draws its own attack random starts
     if not env.is_main:
         return None
@@ -293,6 +353,7 @@ def save(state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run: RunDir, env
         "scaler": state.scaler.state_dict(),
         "rng": rng,
         "method": state.method.state_dict(),
+        "skipped_steps": state.skipped_steps,
     }
     return ckpt.save_checkpoint(
         run.checkpoints,
@@ -327,6 +388,7 @@ def restore(state: TrainState, bundle: CLIPBundle, path: Path, cfg: RunConfig, e
     state.scaler.load_state_dict(trainer_state["scaler"])
     state.method.load_state_dict(trainer_state["method"])
     state.step = int(trainer_state["step"])
+    state.skipped_steps = int(trainer_state.get("skipped_steps", 0))
     rng = trainer_state["rng"]
     rng = [rng] if isinstance(rng, dict) else rng
     if len(rng) == env.world_size:
@@ -349,52 +411,152 @@ def train_step(
     index: torch.Tensor | None,
     autocast_dtype: torch.dtype | None,
     params: list[nn.Parameter],
-    grad_clip: float | None,
+    cfg: RunConfig,
 ):
     """One optimizer step: the method's loss under autocast, backward, clipping, update. Returns
-    ``(loss, MethodOutput)``. A non-finite loss stops every process (the check is agreed across ranks, so
-    none is left waiting in an all-reduce)."""
+    ``(loss, MethodOutput, skipped)``.
+
+    A non-finite loss (agreed across processes, so none is left waiting in an all-reduce) raises
+    :class:`NonFiniteError` before any update, or with ``train.on_nonfinite: skip`` drops this batch's
+    update: the step counts (the schedule and the data order stay those of the planned run) and
+    ``state.skipped_steps`` grows. With gradient clipping, a non-finite gradient norm is handled the same way.
+    """
     with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         output = state.method(state.student, teachers, x, y, index)
     loss = output.total()
     if all_reduce_mean(torch.isfinite(loss.detach()).float()).item() < 1:
-        raise FloatingPointError(
-            f"step {state.step + 1}: the loss is not finite on some process (here {loss.item()}, "
-            f"terms {output.metrics}); lower train.lr or check the teachers"
-        )
+        return _non_finite(state, cfg, loss, output, f"the loss is not finite on some process (here {loss.item()})")
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
-    if grad_clip:
+    if cfg.train.grad_clip:
         state.scaler.unscale_(state.optimizer)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        if not torch.isfinite(norm) and state.scaler.get_scale() == 1.0:  # fp16's scaler skips such steps itself
+            return _non_finite(state, cfg, loss, output, f"the gradient norm is not finite ({norm.item()})")
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
     state.step += 1
-    return loss, output
+    return loss, output, False
 
 
-def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = None, progress: bool = True) -> dict:
-    """Train the student of ``cfg``; returns the final evaluation (rank 0) or ``{}``.
+def _non_finite(state: TrainState, cfg: RunConfig, loss: torch.Tensor, output, what: str):
+    step = state.step + 1
+    if cfg.train.on_nonfinite == "stop":
+        raise NonFiniteError(
+            f"step {step}: {what}, terms {output.metrics}; stopped before the update (train.on_nonfinite: stop). "
+            "Lower train.lr or check the teachers, or set train.on_nonfinite=skip to drop such batches"
+        )
+    logger.warning("step %d: %s; this batch's update is dropped (train.on_nonfinite: skip)", step, what)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.step += 1
+    state.skipped_steps += 1
+    return loss, output, True
 
-    Args:
-        cfg: the validated run config.
-        resume: ``latest`` or a checkpoint folder to continue from.
-        stop_after: stop (with a checkpoint) after this many steps of this invocation, e.g. to fit a
-            job's time slot; ``--resume latest`` continues.
-        progress: show tqdm bars on rank 0.
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the loop to stop at the end of the current step, with a checkpoint.
+
+    Installed only in the main thread (Python's rule for signal handlers); a second SIGINT interrupts at
+    once (``KeyboardInterrupt``). The previous handlers come back on exit.
     """
-    env = init_distributed(cfg.device)
-    run = RunDir(cfg.output_dir)
-    torch.manual_seed(cfg.train.seed)  # the same random initial weights on every process
-    if env.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.config)
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning(
+            "%s received: saving a checkpoint at the end of this step, then stopping", signal.strsignal(signum)
+        )
+
+
+def stop_requested(stop: StopSignals, env: DistEnv) -> int:
+    """The signal any process received (0 if none): every process stops at the same step."""
+    return any_process(stop.signum) if env.distributed else stop.signum
+
+
+@dataclass
+class Run:
+    """Everything ``train`` builds before its loop (and before it writes anything)."""
+
+    state: TrainState
+    student_bundle: CLIPBundle
+    teachers: dict[str, ZeroShotClassifier]
+    params: list[nn.Parameter]
+    autocast_dtype: torch.dtype | None
+    train_set: ImageDataset
+    eval_set: ImageDataset
+
+
+def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, stop_after: int | None) -> Path | None:
+    """What the config points at, before anything is built: output folder, lock, models, data, the
+    checkpoint to resume and its saved config. Returns the checkpoint folder to resume from (or None)."""
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"--stop-after: expected a whole number of steps >= 1, got {stop_after}")
+    preflight.check_output_dir(run.path, "output_dir")
+    if env.is_main:
+        RunLock(run).check_free()
+    student = cfg.student
+    preflight.check_model(
+        student.arch,
+        student.pretrained,
+        "student.arch",
+        "student.pretrained",
+        trust_checkpoint=student.trust_checkpoint,
+    )
+    for role in create_method(cfg.method).teacher_roles:
+        if role != "original":
+            spec = cfg.teachers[role]
+            preflight.check_model(
+                spec.arch,
+                spec.pretrained,
+                f"teachers.{role}.arch",
+                f"teachers.{role}.pretrained",
+                trust_checkpoint=spec.trust_checkpoint,
+            )
+    for split in (cfg.data.split, cfg.data.eval_split):
+        preflight.check_data(
+            cfg.data.dataset, cfg.data.dir, split, data_fields("eval_" if split != cfg.data.split else "")
+        )
+    build_precision(cfg, env.device)
+    if not resume:
+        return None
+    path = ckpt.resolve_resume(run.path, resume)
+    ckpt.check_checkpoint_files(path)
+    if run.config.is_file():
+        check_resume(load_config(run.config), cfg, run.config)
+    return path
+
+
+def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
+    """Models, data, method, optimizer; the checkpoint restored. Nothing is written."""
+    image_size = preflight.model_image_size(cfg.student.arch)
+    if image_size is not None:  # data first: a data error needs no model loaded
+        train_set, eval_set = build_datasets(cfg, image_size, cfg.train.seed)
+        check_batch_size(cfg, len(train_set), env.world_size)
+    torch.manual_seed(cfg.train.seed)  # the same random initial weights on every process
     student_bundle = load_clip(
         cfg.student.arch, cfg.student.pretrained, device=env.device, trust_checkpoint=cfg.student.trust_checkpoint
     )
-    train_set, eval_set = build_datasets(cfg, student_bundle.image_size, cfg.train.seed)
+    if student_bundle.image_size != image_size:
+        train_set, eval_set = build_datasets(cfg, student_bundle.image_size, cfg.train.seed)
+        check_batch_size(cfg, len(train_set), env.world_size)
     method = create_method(cfg.method)
     method.mean_across_processes = all_reduce_mean
     teachers = build_teachers(cfg, method, student_bundle, train_set, env.device)
@@ -408,16 +570,84 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
     autocast_dtype = build_precision(cfg, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=autocast_dtype == torch.float16)
     torch.manual_seed(cfg.train.seed + env.rank)  # each process its own attack random starts
-    wrapped = (
-        DistributedDataParallel(student, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        if env.distributed
-        else student
-    )
-    state = TrainState(0, wrapped, optimizer, scheduler, scaler, method)
-
-    if resume:
-        restore(state, student_bundle, ckpt.resolve_resume(run.path, resume), cfg, env)
+    state = TrainState(0, student, optimizer, scheduler, scaler, method)
+    if resume_from is not None:
+        restore(state, student_bundle, resume_from, cfg, env)
         logger.info("resumed from step %d", state.step)
+    return Run(state, student_bundle, teachers, params, autocast_dtype, train_set, eval_set)
+
+
+def agree(env: DistEnv, work, *args):
+    """``work(*args)`` on every process; if it raised a user error on any process, every process raises
+    (so none waits in a collective for a process that gave up)."""
+    error: Exception | None = None
+    try:
+        result = work(*args)
+    except (ConfigError, FileNotFoundError) as exc:
+        if not env.distributed:
+            raise
+        error, result = exc, None
+    if env.distributed and any_process(error is not None):
+        if error is not None:
+            raise error
+        raise ConfigError(f"rank {env.rank}: another process refused the run (its error says why)")
+    return result
+
+
+def start_writing(cfg: RunConfig, run: RunDir, env: DistEnv, lock: RunLock) -> None:
+    """Rank 0 locks the run folder (creating it) and writes ``config.yaml``: the first writes of a run."""
+    if env.is_main:
+        lock.acquire()
+        write_run_config(cfg, run)
+
+
+def write_run_config(cfg: RunConfig, run: RunDir) -> None:
+    """``config.yaml``, unless the folder already holds this very config (a resume that changes nothing)."""
+    if run.config.is_file() and load_config(run.config) == cfg:
+        return
+    save_config(cfg, run.config)
+
+
+def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = None, progress: bool = True) -> dict:
+    """Train the student of ``cfg``; returns the final evaluation (rank 0) or ``{}``.
+
+    Args:
+        cfg: the validated run config.
+        resume: ``latest`` or a checkpoint folder to continue from. When the run folder has a
+            ``config.yaml``, it is authoritative: ``cfg`` may differ from it only in the fields of
+            :data:`mmtard.train.config.RESUME_EXTENSIONS` (more steps, the data folder, logging...).
+        stop_after: stop (with a checkpoint) after this many steps of this invocation, e.g. to fit a
+            job's time slot; ``--resume latest`` continues.
+        progress: show tqdm bars on rank 0.
+
+    Raises:
+        ConfigError: a refused run; nothing was written.
+        NonFiniteError: a non-finite loss (``train.on_nonfinite: stop``) or weights; nothing non-finite
+            was written and ``checkpoints/latest`` names the last good checkpoint.
+        TrainingInterrupted: SIGTERM or SIGINT; a checkpoint of the last finished step was written.
+    """
+    run = RunDir(cfg.output_dir)
+    env = init_distributed(cfg.device, cfg.train.dist_timeout_s)
+    resume_from = agree(env, check_run, cfg, run, env, resume, stop_after)
+    built = agree(env, build_run, cfg, env, resume_from)
+    lock = RunLock(run)
+    try:
+        agree(env, start_writing, cfg, run, env, lock)
+        with StopSignals() as stop:
+            return train_loop(cfg, run, env, built, stop_after, progress, stop)
+    finally:
+        lock.release()
+
+
+def train_loop(
+    cfg: RunConfig, run: RunDir, env: DistEnv, built: Run, stop_after: int | None, progress: bool, stop: StopSignals
+) -> dict:
+    """The steps from the restored one to the last, logging, held-out evaluations, checkpoints, the end."""
+    state, student_bundle = built.state, built.student_bundle
+    if env.distributed:
+        state.student = DistributedDataParallel(
+            state.student, device_ids=[env.device.index] if env.device.type == "cuda" else None
+        )
     log = MetricsLog(run, env.is_main, state.step)
     last_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, state.step + stop_after)
     bar = tqdm(
@@ -426,43 +656,62 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
         desc=f"train {cfg.method.name}",
         disable=not (progress and env.is_main),
     )
-    stream = batches(train_set, cfg, env, state.step)
-    while state.step < last_step:
-        started = time.perf_counter()
-        epoch, (x, y, index) = next(stream)
-        x, y, index = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True), index.to(env.device)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        loss, output = train_step(state, teachers, x, y, index, autocast_dtype, params, cfg.train.grad_clip)
-        bar.update(1)
+    stream = batches(built.train_set, cfg, env, state.step)
+    try:
+        while state.step < last_step:
+            started = time.perf_counter()
+            epoch, (x, y, index) = next(stream)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            index = index.to(env.device)
+            lr = state.scheduler.get_last_lr()[0]  # the rate this step uses
+            try:
+                loss, output, skipped = train_step(
+                    state, built.teachers, x, y, index, built.autocast_dtype, built.params, cfg
+                )
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{exc}. {last_good_checkpoint(run)}") from None
+            bar.update(1)
 
-        if state.step % cfg.train.log_every == 0 or state.step == last_step:
-            seconds = time.perf_counter() - started
-            record = {
-                "step": state.step,
-                "epoch": epoch,
-                "loss": all_reduce_mean(loss.detach()).item(),
-                **global_metrics(output.metrics, env),
-                "lr": lr,
-                "samples_per_s": cfg.data.batch_size / seconds,
-            }
-            log.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
-            if env.is_main:
-                log.log_eval(state.step, evaluate_student(cfg, student_bundle, eval_set, progress=False))
-            barrier()
-        if (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0) or state.step == last_step:
-            save(state, student_bundle, cfg, run, env)
-            barrier()
-    bar.close()
-
-    final: dict = {}
-    if env.is_main and state.step == cfg.train.steps:
-        ckpt.save_model_file(run.model, merged_student_state(student_bundle))
-        if cfg.eval.final:
-            final = evaluate_student(cfg, student_bundle, eval_set, progress=progress)
-            log.log_eval(state.step, final)
-            atomic_write_text(run.final_eval, json.dumps(final, indent=2))
-    log.close()
+            if state.step % cfg.train.log_every == 0 or state.step == last_step or skipped:
+                record = {
+                    "step": state.step,
+                    "epoch": epoch,
+                    "loss": all_reduce_mean(loss.detach().float()).item(),
+                    **global_metrics(output.metrics, env),
+                    "lr": lr,
+                    "samples_per_s": cfg.data.batch_size / (time.perf_counter() - started),
+                }
+                if state.skipped_steps:
+                    record.update(skipped=skipped, skipped_steps=state.skipped_steps)
+                log.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
+                if env.is_main:
+                    log.log_eval(state.step, evaluate_student(cfg, student_bundle, built.eval_set, progress=False))
+                barrier()
+            signum = stop_requested(stop, env)
+            checkpoint_due = cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
+            if checkpoint_due or state.step == last_step or signum:
+                saved = save(state, student_bundle, cfg, run, env, built.params)
+                barrier()
+            if signum:
+                raise TrainingInterrupted(
+                    f"stopped by {signal.Signals(signum).name} after step {state.step}: checkpoint "
+                    f"{saved or run.checkpoints}; run the same command with --resume latest to continue",
+                    signum,
+                )
+        bar.close()
+        final: dict = {}
+        if state.step == cfg.train.steps:
+            check_finite_weights(built.params, state.step, run)  # on every process: none left waiting
+        if env.is_main and state.step == cfg.train.steps:
+            ckpt.save_model_file(run.model, merged_student_state(student_bundle))
+            if cfg.eval.final:
+                final = evaluate_student(cfg, student_bundle, built.eval_set, progress=progress)
+                log.log_eval(state.step, final)
+                atomic_write_text(run.final_eval, json.dumps(final, indent=2))
+    finally:
+        bar.close()
+        log.close()
     barrier()
     return final

@@ -1,0 +1,138 @@
+"""Checks of the machine and the file system that run before a command builds a model or writes a file.
+
+A run config is checked when it is loaded (:mod:`mmtard.train.config`); what it points at is checked
+here: the device exists, the output folder can be written, model files exist and are readable, data
+folders exist. Each check raises one :class:`ConfigError` naming the field, so a refused command leaves
+the file system as it found it. ``mmtard eval`` and ``mmtard train`` share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mmtard.errors import ConfigError
+
+RANDOM_WEIGHTS = ("none", "random", "")
+
+
+def check_device(requested: str | None, field: str = "device") -> torch.device:
+    """The device to use: ``auto``/None is CUDA when present, else CPU; a CUDA device must exist here.
+
+    Raises:
+        ConfigError: an unreadable device name, or CUDA (or a GPU index) this machine does not have.
+    """
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{field}: expected auto, cpu, cuda or cuda:N, got {requested!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{field}: {requested!r} asked for, but this machine has no CUDA device; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{field}: {requested!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"{field}: device type {device.type!r} is not supported; use auto, cpu or cuda")
+    return device
+
+
+def check_output_dir(path: str | Path, field: str) -> Path:
+    """``path`` is a folder that can be written, or can be created (its nearest existing parent is a
+    writable folder). Nothing is created.
+
+    Raises:
+        ConfigError: the path is a file, or the folder (or the parent it would be created in) is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{field}: '{path}' is a file, expected a folder (or a path where one can be created)")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{field}: cannot create '{path}': '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (it would be created in '{existing}')"
+        raise ConfigError(f"{field}: '{existing}' is not writable{where}; choose another folder")
+    return path
+
+
+def is_checkpoint_path(pretrained: str) -> bool:
+    """Whether ``pretrained`` names a file (as :func:`mmtard.models.load_clip` decides), not a tag."""
+    return (
+        Path(pretrained).exists()
+        or pretrained.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt"))
+        or "/" in pretrained
+        or "\\" in pretrained
+    )
+
+
+def check_model(
+    arch: str, pretrained: str, arch_field: str, pretrained_field: str, *, trust_checkpoint: bool = False
+) -> None:
+    """The architecture is known and ``pretrained`` is ``none``, a tag, or a readable checkpoint file
+    (:func:`mmtard.models.check_checkpoint_file`: only its header or pickled structure is read).
+
+    Tags are left to the loader (open_clip knows them); ``hf-hub:`` ids name their own weights.
+    """
+    from mmtard.models import check_architecture, check_checkpoint_file
+
+    with renamed_fields({"model": arch_field}):
+        check_architecture(arch)
+    if arch.startswith(("hf-hub:", "local-dir:")) or str(pretrained).lower() in RANDOM_WEIGHTS:
+        return
+    if is_checkpoint_path(str(pretrained)):
+        check_checkpoint_file(pretrained, pretrained_field, trust_checkpoint=trust_checkpoint)
+
+
+def model_image_size(arch: str) -> int | None:
+    """The input size open_clip's config gives ``arch`` (None when it has no local config, e.g. hf-hub)."""
+    import open_clip
+
+    from mmtard.models import check_architecture
+
+    check_architecture(arch)  # registers the tiny architectures
+    config = open_clip.get_model_config(arch) or {}
+    size = config.get("vision_cfg", {}).get("image_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    return int(size) if size else None
+
+
+def check_data(dataset: str, data_dir: str | None, split: str, fields: dict[str, str], download: bool = False) -> None:
+    """The dataset is registered, has ``split``, and its folder exists when it is read from files
+    (:func:`mmtard.data.check_dataset_source`); errors name the command's own fields.
+
+    Args:
+        fields: the command's names of the data layer's fields, e.g. ``{"data_dir": "--data-dir",
+            "dataset": "--dataset", "split": "--split"}``.
+    """
+    from mmtard.data import check_dataset_source
+
+    with renamed_fields(fields):
+        check_dataset_source(dataset, data_dir, split, download)
+
+
+@contextlib.contextmanager
+def renamed_fields(names: dict[str, str]) -> Iterator[None]:
+    """Errors raised inside that start with a library field (``data_dir: ...``) start with the command's
+    name for it instead (``--data-dir: ...`` or ``data.dir: ...``)."""
+    try:
+        yield
+    except ConfigError as exc:
+        field, sep, message = str(exc).partition(": ")
+        if not (sep and field in names):
+            raise
+        try:
+            renamed = type(exc)(f"{names[field]}: {message}")
+        except TypeError:  # an error class with other constructor arguments
+            renamed = ConfigError(f"{names[field]}: {message}")
+        raise renamed from None
