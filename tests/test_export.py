@@ -23,7 +23,7 @@ import yaml
 from mmtard.cli import main
 from mmtard.errors import ConfigError, MissingExtraError
 from mmtard.export import check_hf_convertible, export_model, hf_config_dict
-from mmtard.export.card import CardInput, front_matter, model_section, read_results
+from mmtard.export.card import CardInput, front_matter, model_section, read_results, usage_section
 from mmtard.export.files import sha256
 from mmtard.export.hf import write_hf_folder
 from mmtard.export.source import ExportSource, preprocess_config
@@ -425,3 +425,15 @@ def test_card_names_the_base_model_and_an_activation_other_than_the_tag_s(arch, 
     assert meta["base_model"] == tag_config["hf_hub"].strip("/")
     activation = next(line for line in model_section(card) if line.startswith("| activation"))
     assert ("were trained with `quick_gelu`" in activation) is activation_note
+
+
+@pytest.mark.parametrize(("arch", "same_as_llava"), [("ViT-L-14-336", True), ("ViT-L-14", False)])
+def test_card_says_whether_the_tower_has_llava_1_5_s_shape(arch, same_as_llava, tmp_path):
+    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    preprocess = {"size": [size, size], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    card = CardInput(
+        ExportSource(arch, "none"), "hf", "transformers", tmp_path, [], preprocess | {"resize_mode": "shortest"}
+    )
+    text = "\n".join(usage_section(card))
+    assert f"gives {(size // 14) ** 2} tokens of width 1024" in text and f"{size} x {size} px" in text
+    assert ("replaces that tower with the same projector" in text) is same_as_llava

@@ -23,6 +23,7 @@ from mmtard.errors import ConfigError
 from mmtard.export.files import sha256
 from mmtard.export.hf import HF_PROCESSOR_FILE, hidden_act
 from mmtard.export.source import ExportSource
+from mmtard.models.loading import RANDOM_INIT
 from mmtard.units import format_eps
 
 logger = logging.getLogger(__name__)
@@ -452,8 +453,10 @@ def provenance_section(card: CardInput, source_digest: str | None) -> list[str]:
     source_file = card.source.weights_file
     if source_file is not None:
         lines.append(f"- Source weights: `{source_file}`, SHA-256 `{source_digest}`.")
+    elif card.source.weights.lower() in RANDOM_INIT:
+        lines.append(f"- Source weights: random initialisation (`--pretrained {card.source.weights}`).")
     else:
-        lines.append(f"- Source weights: `{card.source.weights}` (open_clip).")
+        lines.append(f"- Source weights: open_clip pretrained tag `{card.source.weights}`.")
     lines += [f"- `{f.name}`: SHA-256 `{sha256(f)}`." for f in weights]
     return lines + [""]
 
