@@ -1,5 +1,6 @@
 """Data: dataset registry, class names and templates, loaders, class subsets."""
 
+from mmtard.data.augment import TrainAugment, step_generator
 from mmtard.data.loaders import DataNotFoundError, RawImages, balanced_subset, to_model_input
 from mmtard.data.registry import (
     DATASETS,
@@ -19,6 +20,7 @@ __all__ = [
     "DatasetSpec",
     "ImageDataset",
     "RawImages",
+    "TrainAugment",
     "balanced_subset",
     "check_dataset_source",
     "create_dataset",
@@ -26,5 +28,6 @@ __all__ = [
     "list_datasets",
     "register_dataset",
     "resolve_classes",
+    "step_generator",
     "to_model_input",
 ]
