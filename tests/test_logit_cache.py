@@ -1,0 +1,136 @@
+"""The clean-teacher ``LogitCache``: the in-memory default, and the disk-backed fp16 memory-mapped store."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mmtard.errors import ConfigError
+from mmtard.methods.base import LogitCache
+
+ROWS, CLASSES = 12, 5
+
+
+class CountingTeacher(nn.Module):
+    """Logits = a fixed linear map of the flattened image; counts the images it is asked to forward."""
+
+    def __init__(self, classes: int = CLASSES, scale: float = 30.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(classes, 3 * 4 * 4, generator=torch.Generator().manual_seed(0)))
+        self.scale = scale
+        self.forwarded = 0
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        self.forwarded += len(x)
+        return self.scale * torch.tanh(x.flatten(1) @ self.weight.T)
+
+
+def _images(rows: int = ROWS) -> torch.Tensor:
+    return torch.rand(rows, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _batch(images: torch.Tensor, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.tensor(keys)
+    return images[index], index
+
+
+def test_in_memory_default_is_exact_and_forwards_each_row_once():
+    teacher, images, cache = CountingTeacher(), _images(), LogitCache()
+    x, index = _batch(images, [0, 3, 5])
+    first = cache.logits(teacher, x, index)
+    assert torch.equal(first, teacher(x).detach()) and teacher.forwarded == 3 + 3
+    x, index = _batch(images, [3, 5, 7])
+    second = cache.logits(teacher, x, index)
+    assert teacher.forwarded == 6 + 1 and len(cache) == 4
+    assert torch.equal(second[:2], first[1:]) and second.dtype == torch.float32
+
+
+def test_disk_rows_round_trip_within_fp16_rounding(tmp_path):
+    teacher, images = CountingTeacher(), _images()
+    cache = LogitCache(tmp_path / "cache", rows=ROWS, identity={"teacher": "counting"})
+    x, index = _batch(images, [1, 2, 8, 11])
+    got = cache.logits(teacher, x, index)
+    exact = teacher(x).detach()
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    # fp16 keeps 11 significant bits: a relative error of at most 2**-11 (one half unit in the last place)
+    torch.testing.assert_close(got, exact, rtol=2**-11, atol=1e-7)
+    assert torch.equal(got, exact.half().float())  # returned as stored, the first time too
+    stored = np.load(tmp_path / "cache" / "logits.npy", mmap_mode="r")
+    assert stored.dtype == np.float16 and stored.shape == (ROWS, CLASSES)
+    np.testing.assert_array_equal(stored[[1, 2, 8, 11]], exact.half().numpy())
+    filled = np.load(tmp_path / "cache" / "filled.npy")
+    assert filled.tolist() == [i in (1, 2, 8, 11) for i in range(ROWS)]
+
+
+def test_disk_cache_forwards_only_unseen_rows(tmp_path):
+    teacher, images = CountingTeacher(), _images()
+    cache = LogitCache(tmp_path / "cache", rows=ROWS)
+    x, index = _batch(images, [0, 1, 2, 3])
+    first = cache.logits(teacher, x, index)
+    forwarded = teacher.forwarded
+    x, index = _batch(images, [2, 3, 4, 9, 2])  # two seen rows, two new, one repeated
+    second = cache.logits(teacher, x, index)
+    assert teacher.forwarded == forwarded + 2 and len(cache) == 6
+    assert torch.equal(second[:2], first[2:]) and torch.equal(second[4], first[2])
+
+
+def test_a_reopened_disk_cache_reuses_its_filled_rows(tmp_path, caplog):
+    teacher, images = CountingTeacher(), _images()
+    identity = {"teacher": "counting", "dataset": "npz", "image_size": 4}
+    written = LogitCache(tmp_path / "cache", rows=ROWS, identity=identity)
+    x, index = _batch(images, [0, 4, 6])
+    before = written.logits(teacher, x, index)
+    del written
+    with caplog.at_level(logging.INFO, logger="mmtard.methods.base"):
+        reopened = LogitCache(tmp_path / "cache", rows=ROWS, identity=dict(reversed(identity.items())))
+    assert len(reopened) == 3 and "reusing 3 of 12 cached rows" in caplog.text
+    fresh = CountingTeacher()
+    x, index = _batch(images, [6, 0, 4, 5])
+    after = reopened.logits(fresh, x, index)
+    assert fresh.forwarded == 1  # only row 5
+    assert torch.equal(after[:3], before[[2, 0, 1]])
+
+
+@pytest.mark.parametrize("change", ["identity", "rows", "meta-missing", "meta-garbage"])
+def test_a_folder_of_another_cache_is_started_over(tmp_path, change, caplog):
+    teacher, images = CountingTeacher(), _images()
+    folder = tmp_path / "cache"
+    LogitCache(folder, rows=ROWS, identity="teacher-a").logits(teacher, *_batch(images, [0, 1]))
+    identity, rows = "teacher-a", ROWS
+    if change == "identity":
+        identity = "teacher-b"
+    elif change == "rows":
+        rows = ROWS + 1
+    elif change == "meta-missing":  # a creation interrupted before cache.json was written
+        (folder / "cache.json").unlink()
+    else:
+        (folder / "cache.json").write_text("{not json")
+    cache = LogitCache(folder, rows=rows, identity=identity)
+    assert len(cache) == 0
+    if change != "meta-missing":
+        assert "starting it over" in caplog.text
+    forwarded = teacher.forwarded
+    cache.logits(teacher, *_batch(images, [0, 1]))
+    assert teacher.forwarded == forwarded + 2
+    meta = json.loads((folder / "cache.json").read_text())
+    assert meta["rows"] == rows and meta["identity"] == identity and meta["classes"] == CLASSES
+
+
+def test_disk_cache_refusals(tmp_path):
+    with pytest.raises(ConfigError, match="cache_dir: a disk cache needs rows"):
+        LogitCache(tmp_path / "cache")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        LogitCache(tmp_path / "file", rows=ROWS)
+    images = _images()
+    cache = LogitCache(tmp_path / "cache", rows=ROWS)
+    with pytest.raises(ConfigError, match="dataset index 12 is outside the cache's rows 0..11"):
+        cache.logits(CountingTeacher(), images[:2], torch.tensor([0, 12]))
+    with pytest.raises(ConfigError, match="beyond fp16's range"):
+        cache.logits(CountingTeacher(scale=1e6), *_batch(images, [0]))
+    assert len(cache) == 0  # nothing was marked filled
