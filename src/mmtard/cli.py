@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted
+from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted, WorkerTimeoutError
 
 logger = logging.getLogger("mmtard")
 
@@ -391,6 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"{prefix} {one_line(exc)}", file=sys.stderr)
         return 128 + exc.signum
+    except WorkerTimeoutError as exc:  # a fault of the machine, not of the input: exit code 1
+        if args.debug:
+            raise
+        print(f"{prefix} error: {one_line(exc)}", file=sys.stderr)
+        return 1
     except USER_ERRORS as exc:
         if args.debug:
             raise

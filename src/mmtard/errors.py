@@ -15,6 +15,11 @@ class NonFiniteError(FloatingPointError):
     names the step and the last good checkpoint."""
 
 
+class WorkerTimeoutError(RuntimeError):
+    """Under torchrun, another process did not answer a collective within ``train.dist_timeout_s`` (a
+    stalled or dead worker); the run stopped instead of waiting. The message names the last good checkpoint."""
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on SIGTERM or SIGINT after saving a checkpoint; the message says how to resume.
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmtard.errors import ConfigError
-from mmtard.fileio import atomic_write_text
+from mmtard.fileio import atomic_write_text, current_umask
 from mmtard.train.rundir import LATEST_FILE, MODEL_FILE, RunDir
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -75,7 +75,9 @@ def save_checkpoint(
         if adapter_state is not None:
             save_file(_contiguous(adapter_state), str(tmp / ADAPTER_FILE))
         torch.save(trainer_state, tmp / STATE_FILE)
+        mode = 0o666 & ~current_umask()  # safetensors writes 0600: the user's umask decides, as for any file
         for file in tmp.iterdir():
+            os.chmod(file, mode)
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, final)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from mmtard.data import ImageDataset, create_dataset
-from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted
+from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted, WorkerTimeoutError
 from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.fileio import atomic_write_text
 from mmtard.methods import Method, create_method, freeze
@@ -319,15 +319,37 @@ def evaluate_student(cfg: RunConfig, bundle: CLIPBundle, eval_set: ImageDataset,
     ).to_dict()
 
 
-def check_finite_weights(params: list[nn.Parameter], step: int, run: RunDir) -> None:
-    """Raise :class:`NonFiniteError` if a trained weight is NaN or infinite (they are identical on every
-    process, so every process raises together)."""
-    if all(bool(torch.isfinite(p.detach()).all()) for p in params):
+PROBE_IMAGES = 8  # held-out images the student must map to finite logits before its weights are saved
+
+
+def check_finite_student(built: Run, step: int, run: RunDir) -> None:
+    """Raise :class:`NonFiniteError` if a trained weight is NaN or infinite, or if the student's logits on a
+    few held-out images are (weights can be finite yet so large that the logits overflow). Weights are
+    identical on every process, so every process raises together; nothing is written."""
+    if not all(bool(torch.isfinite(p.detach()).all()) for p in built.params):
+        what = "weights are"
+    elif not bool(torch.isfinite(probe_logits(built)).all()):
+        what = "logits on held-out images are"
+    else:
         return
     raise NonFiniteError(
-        f"step {step}: the student's weights are not finite after the update (train.lr too high?); "
-        f"nothing was saved. {last_good_checkpoint(run)}"
+        f"step {step}: the student's {what} not finite after the update (train.lr too high?); nothing was saved. "
+        f"{last_good_checkpoint(run)}"
     )
+
+
+@torch.no_grad()
+def probe_logits(built: Run) -> torch.Tensor:
+    """The student's logits on the first :data:`PROBE_IMAGES` held-out images, in eval mode (batch-norm
+    statistics untouched), leaving the mode as it was."""
+    student = built.student
+    images = torch.stack([built.eval_set[i][0] for i in range(min(PROBE_IMAGES, len(built.eval_set)))])
+    was_training = student.training
+    student.eval()
+    try:
+        return student(images.to(next(student.parameters()).device))
+    finally:
+        student.train(was_training)
 
 
 def last_good_checkpoint(run: RunDir) -> str:
@@ -337,12 +359,12 @@ def last_good_checkpoint(run: RunDir) -> str:
     return "No checkpoint was written before it."
 
 
-def save(
-    state: TrainState, bundle: CLIPBundle, cfg: RunConfig, run: RunDir, env: DistEnv, params: list[nn.Parameter]
-) -> Path | None:
+def save(state: TrainState, built: Run, cfg: RunConfig, run: RunDir, env: DistEnv) -> Path | None:
     """Write a checkpoint from rank 0; every process must call it (it gathers each one's RNG state).
-    Non-finite weights are refused (:func:`check_finite_weights`), so ``latest`` always names good ones."""
-    check_finite_weights(params, state.step, run)
+    A student with non-finite weights or logits is refused (:func:`check_finite_student`), so ``latest``
+    always names a good one."""
+    check_finite_student(built, state.step, run)
+    bundle = built.student_bundle
     rng = gather_objects(ckpt.rng_state())  # one per process: each draws its own attack random starts
     if not env.is_main:
         return None
@@ -498,6 +520,7 @@ class Run:
     state: TrainState
     student_bundle: CLIPBundle
     teachers: dict[str, ZeroShotClassifier]
+    student: ZeroShotClassifier  # the student's classifier, unwrapped (``state.student`` may be its DDP wrapper)
     params: list[nn.Parameter]
     autocast_dtype: torch.dtype | None
     train_set: ImageDataset
@@ -574,7 +597,7 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
     if resume_from is not None:
         restore(state, student_bundle, resume_from, cfg, env)
         logger.info("resumed from step %d", state.step)
-    return Run(state, student_bundle, teachers, params, autocast_dtype, train_set, eval_set)
+    return Run(state, student_bundle, teachers, student, params, autocast_dtype, train_set, eval_set)
 
 
 def agree(env: DistEnv, work, *args):
@@ -635,8 +658,21 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
         agree(env, start_writing, cfg, run, env, lock)
         with StopSignals() as stop:
             return train_loop(cfg, run, env, built, stop_after, progress, stop)
+    except RuntimeError as exc:
+        if env.distributed and is_collective_timeout(exc):
+            raise WorkerTimeoutError(
+                f"train.dist_timeout_s: another process did not answer for {cfg.train.dist_timeout_s:g} s after "
+                f"step {built.state.step} (a stalled or dead worker), so this one stopped. {last_good_checkpoint(run)}"
+            ) from exc
+        raise
     finally:
         lock.release()
+
+
+def is_collective_timeout(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective that timed out (gloo: "Timed out waiting ... for recv")."""
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def train_loop(
@@ -692,7 +728,7 @@ def train_loop(
             signum = stop_requested(stop, env)
             checkpoint_due = cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
             if checkpoint_due or state.step == last_step or signum:
-                saved = save(state, student_bundle, cfg, run, env, built.params)
+                saved = save(state, built, cfg, run, env)
                 barrier()
             if signum:
                 raise TrainingInterrupted(
@@ -703,7 +739,7 @@ def train_loop(
         bar.close()
         final: dict = {}
         if state.step == cfg.train.steps:
-            check_finite_weights(built.params, state.step, run)  # on every process: none left waiting
+            check_finite_student(built, state.step, run)  # on every process: none left waiting
         if env.is_main and state.step == cfg.train.steps:
             ckpt.save_model_file(run.model, merged_student_state(student_bundle))
             if cfg.eval.final:
