@@ -12,8 +12,9 @@ import torch
 from mmtard.attacks import Attack, create_attack
 from mmtard.data import ImageDataset, check_dataset_source, create_dataset
 from mmtard.errors import ConfigError
+from mmtard.eval.distributed import Shard
 from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
-from mmtard.eval.zeroshot import NonFiniteLogitsError, check_finite_logits, evaluate_classifier
+from mmtard.eval.zeroshot import NonFiniteLogitsError, check_finite_logits, check_precision, evaluate_classifier
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier
 from mmtard.models.zeroshot import check_logit_scale
 from mmtard.units import format_eps
@@ -29,7 +30,9 @@ class EvalRequest:
     attack runs at every radius in ``eps`` (fractions of the pixel range). ``steps`` / ``restarts``
     None means each attack's own default (PGD-10, APGD 100 iterations). With ``journal_dir`` every
     finished batch is journaled there (see :mod:`mmtard.eval.journal`) and a rerun of the same request on
-    the same model continues where an interrupted one stopped.
+    the same model continues where an interrupted one stopped. ``precision`` ``bf16`` autocasts the
+    forwards and attacks; its robust numbers are checked against fp32 on the first batch (see
+    :mod:`mmtard.eval.zeroshot`).
     """
 
     datasets: Sequence[str]
@@ -50,6 +53,7 @@ class EvalRequest:
     progress: bool = True
     classnames: Sequence[str] | None = None
     journal_dir: str | None = None
+    precision: str = "fp32"
 
 
 def build_attacks(request: EvalRequest) -> list[Attack]:
@@ -85,6 +89,7 @@ def check_eval_request(request: EvalRequest) -> list[Attack]:
         _check_int(request.samples, "samples", minimum=1)
     _check_int(request.seed, "seed", minimum=None)
     check_logit_scale(request.logit_scale)
+    check_precision(request.precision)
     if not request.attacks:
         raise ConfigError("attack: give at least one attack, or none for clean accuracy only")
     if any(name != "none" for name in request.attacks) and not request.eps:
@@ -122,17 +127,26 @@ def _check_first_batch(classifier: ZeroShotClassifier, dataset: ImageDataset, ba
     classifier.train(was_training)
 
 
-def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest) -> list[dict]:
+def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | None = None) -> list[dict]:
     """Evaluate one loaded model on every dataset of ``request``; one results record per dataset (and data
     folder: a record carries its ``data_dir``).
 
     Every setting is validated (:func:`check_eval_request`) before any dataset is read or journal written.
 
+    Args:
+        bundle: the loaded model.
+        request: what to evaluate.
+        shard: this process's share of the batches (see :mod:`mmtard.eval.distributed`); None: the
+            initialised process group's (``torchrun``, every process must call this), else the whole
+            evaluation. Every process returns the merged records, equal to a single process's.
+
     Raises:
         ConfigError: a wrong setting or unreadable data.
         NonFiniteLogitsError: the model's logits hold NaN or inf; the message names the weights.
+        PrecisionError: ``bf16`` robust accuracy differs from fp32's by more than 1 point.
     """
     attacks = check_eval_request(request)
+    shard = Shard.from_process_group() if shard is None else shard
     records = []
     for name, data_dir in zip(request.datasets, request.data_dirs):
         dataset = create_dataset(
@@ -149,7 +163,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest) -> list[dict]:
         classifier = build_zero_shot_classifier(bundle, dataset.classnames, dataset.templates, request.logit_scale)
         try:
             _check_first_batch(classifier, dataset, request.batch_size)
-            journal = _open_journal(bundle, request, name, data_dir, dataset, classifier, attacks)
+            journal = _open_journal(bundle, request, name, data_dir, dataset, classifier, attacks, shard)
             torch.manual_seed(request.seed)
             result = evaluate_classifier(
                 classifier,
@@ -160,6 +174,8 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest) -> list[dict]:
                 progress=request.progress,
                 dataset_name=name,
                 journal=journal,
+                precision=request.precision,
+                shard=shard,
             )
         except NonFiniteLogitsError as exc:
             raise _refuse_non_finite(bundle, name, exc) from exc
@@ -190,6 +206,7 @@ def _open_journal(
     dataset: ImageDataset,
     classifier: ZeroShotClassifier,
     attacks: list[Attack],
+    shard: Shard,
 ) -> EvalJournal | None:
     if request.journal_dir is None:
         return None
@@ -208,4 +225,8 @@ def _open_journal(
         "batch_size": request.batch_size,
         "attacks": [attack.describe() for attack in attacks],
     }
+    if request.precision != "fp32":
+        identity["precision"] = request.precision
+    if shard.distributed:  # each process journals its own batches, in its own file
+        identity["shard"] = [shard.rank, shard.world_size]
     return EvalJournal(journal_path(request.journal_dir, name, identity), identity)

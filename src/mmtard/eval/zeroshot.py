@@ -3,12 +3,24 @@
 Protocol (RobustVLM / MMT-ARD): an image misclassified when clean counts as not robust and is not
 attacked; each attack runs only on images still correctly classified. Gradient-masking checks run with
 every robust evaluation and land in ``checks``.
+
+Precision: ``fp32`` (the default) or ``bf16``, autocast on the model's device for the forwards, the
+attacks' gradients included. bf16 must not flatter robustness: before a robust evaluation in bf16, the
+first batch is evaluated in both precisions, and a robust accuracy that differs by more than
+:data:`BF16_TOLERANCE_POINTS` is refused (:class:`PrecisionError`): a robust number is the product, and a
+number 2 points too high in a table does more harm than an evaluation that has to run again in fp32, so
+no marked-but-written result. Otherwise the comparison is kept in the result (``precision_check``).
+
+Under ``torchrun`` (a :class:`~mmtard.eval.distributed.Shard`), each process evaluates its own batches
+(the single process's batches, ``b % world_size == rank``) and the counts are merged.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -18,9 +30,15 @@ from tqdm.auto import tqdm
 
 from mmtard.attacks import Attack, check_robust_results, zero_gradient_fraction
 from mmtard.errors import ConfigError
+from mmtard.eval.distributed import Shard, gather
 from mmtard.eval.journal import EvalJournal
 
 logger = logging.getLogger(__name__)
+
+#: evaluation precisions: fp32, or bf16 autocast on the model's device
+PRECISIONS = ("fp32", "bf16")
+#: the largest difference, in points, between a bf16 and an fp32 robust accuracy on the same images
+BF16_TOLERANCE_POINTS = 1.0
 
 
 class NonFiniteLogitsError(ConfigError):
@@ -42,9 +60,34 @@ def check_finite_logits(logits: torch.Tensor, what: str) -> torch.Tensor:
     return logits
 
 
+class PrecisionError(ConfigError):
+    """bf16 gives another robust accuracy than fp32 on the same images: its robust numbers are refused."""
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` itself if it is one of :data:`PRECISIONS`.
+
+    Raises:
+        ConfigError: ``"precision: expected fp32 or bf16, got ..."``.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: expected {' or '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on ``device`` for ``bf16``; nothing for ``fp32``."""
+    if check_precision(precision) == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 @dataclass
 class EvalResult:
-    """Accuracies in percent over ``samples`` images; ``robust`` has one entry per attack x eps."""
+    """Accuracies in percent over ``samples`` images; ``robust`` has one entry per attack x eps.
+
+    ``precision_check`` (bf16 with attacks only): the first batch's accuracies in both precisions.
+    """
 
     dataset: str
     samples: int
@@ -52,16 +95,22 @@ class EvalResult:
     robust: list[dict] = field(default_factory=list)
     checks: dict = field(default_factory=dict)
     seconds: float = 0.0
+    precision: str = "fp32"
+    precision_check: dict | None = None
 
     def to_dict(self) -> dict:
-        return {
+        result = {
             "dataset": self.dataset,
             "samples": self.samples,
             "clean_acc": self.clean_acc,
             "robust": self.robust,
             "checks": self.checks,
             "seconds": round(self.seconds, 2),
+            "precision": self.precision,
         }
+        if self.precision_check is not None:
+            result["precision_check"] = self.precision_check
+        return result
 
 
 def evaluate_classifier(
@@ -74,6 +123,8 @@ def evaluate_classifier(
     progress: bool = True,
     dataset_name: str | None = None,
     journal: EvalJournal | None = None,
+    precision: str = "fp32",
+    shard: Shard | None = None,
 ) -> EvalResult:
     """Clean accuracy and, for each attack, robust accuracy of ``classifier`` on ``dataset``.
 
@@ -88,40 +139,77 @@ def evaluate_classifier(
         journal: records each finished batch; batches it already holds are not run again, so an
             interrupted evaluation continues where it stopped (with the same counts: attacks are seeded
             per call). ``seconds`` then includes the journaled batches' time.
+        precision: ``fp32`` or ``bf16`` (autocast; robust numbers checked against fp32 on the first batch).
+        shard: this process's share under ``torchrun``: it evaluates its batches, then every process of the
+            group must reach the merge (a collective). None: the whole dataset, in this process alone.
 
     Returns:
-        The accuracies, the attacks' settings and the gradient-masking checks.
+        The accuracies, the attacks' settings and the gradient-masking checks (every process of a shard
+        returns the merged result). ``seconds`` is the slowest process's.
 
     Raises:
         NonFiniteLogitsError: the classifier's logits hold NaN or inf on a clean or an attacked image.
+        PrecisionError: ``bf16`` changes a robust accuracy of the first batch by more than 1 point.
     """
+    check_precision(precision)
+    shard = Shard() if shard is None else shard
     was_training = classifier.training
     classifier.eval()
     device = next(classifier.parameters()).device
     start = time.perf_counter()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    clean_correct = 0
-    robust_correct = [0] * len(attacks)
-    zero_grad = 0
-    total = 0
-    earlier_seconds = 0.0
+    batches = [
+        list(range(b * batch_size, min((b + 1) * batch_size, len(dataset))))
+        for b in range(math.ceil(len(dataset) / batch_size))
+    ]
     name = dataset_name or getattr(dataset, "name", "dataset")
-    for index, batch in enumerate(tqdm(loader, desc=f"eval {name}", disable=not progress, leave=False)):
+    computed: dict[int, dict] = {}
+    precision_check = None
+    if precision != "fp32" and attacks and batches:
+        precision_check, first_counts = _compare_precisions(classifier, attacks, dataset, batches[0], precision, name)
+        if shard.owns(0):
+            computed[0] = first_counts
+    own = list(shard.batches(len(batches)))
+    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in own], num_workers=num_workers)
+    counts_by_batch: dict[int, dict] = {}
+    earlier_seconds = 0.0
+    bar = tqdm(zip(own, loader), total=len(own), desc=f"eval {name}", disable=not (progress and shard.is_main))
+    for index, batch in bar:
         counts = journal.done.get(index) if journal is not None else None
         if counts is None:
-            counts = _evaluate_batch(
-                classifier, attacks, batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-            )
+            counts = computed.pop(index, None)
+            if counts is None:
+                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                with autocast(precision, device):
+                    counts = _evaluate_batch(classifier, attacks, x, y)
             if journal is not None:
                 journal.record(dict(counts, batch=index))
         else:
             earlier_seconds += counts["seconds"]
+        counts_by_batch[index] = counts
+    classifier.train(was_training)
+    parts = gather((counts_by_batch, time.perf_counter() - start + earlier_seconds), shard)
+    return _merge(parts, attacks, name, precision, precision_check, log_warnings=shard.is_main)
+
+
+def _merge(
+    parts: list[tuple[dict[int, dict], float]],
+    attacks: list[Attack],
+    name: str,
+    precision: str,
+    precision_check: dict | None,
+    log_warnings: bool,
+) -> EvalResult:
+    """One result from every process's per-batch counts (summed in batch order) and times (the largest)."""
+    merged = {index: counts for counts_by_batch, _ in parts for index, counts in counts_by_batch.items()}
+    clean_correct, zero_grad, total = 0, 0, 0
+    robust_correct = [0] * len(attacks)
+    for index in sorted(merged):
+        counts = merged[index]
         clean_correct += counts["clean"]
         for i, count in enumerate(counts["robust"]):
             robust_correct[i] += count
         zero_grad += counts["zero_grad"]
         total += counts["images"]
-    classifier.train(was_training)
 
     def percent(count: int) -> float:
         return 100.0 * count / max(total, 1)
@@ -129,9 +217,56 @@ def evaluate_classifier(
     robust = [dict(attack.describe(), acc=percent(count)) for attack, count in zip(attacks, robust_correct)]
     clean_acc = percent(clean_correct)
     checks = check_robust_results(clean_acc, robust, zero_grad / max(total, 1)) if attacks else {}
-    for warning in checks.get("warnings", []):
+    for warning in checks.get("warnings", []) if log_warnings else ():
         logger.warning("%s: %s", name, warning)
-    return EvalResult(name, total, clean_acc, robust, checks, time.perf_counter() - start + earlier_seconds)
+    seconds = max(elapsed for _, elapsed in parts)
+    return EvalResult(name, total, clean_acc, robust, checks, seconds, precision, precision_check)
+
+
+def _compare_precisions(
+    classifier: nn.Module, attacks: list[Attack], dataset: Dataset, indices: list[int], precision: str, name: str
+) -> tuple[dict, dict]:
+    """The first batch in fp32 and in ``precision``: the comparison, and the counts in ``precision``.
+
+    Raises:
+        PrecisionError: a robust accuracy differs by more than :data:`BF16_TOLERANCE_POINTS`.
+    """
+    device = next(classifier.parameters()).device
+    x, y = next(iter(DataLoader(dataset, batch_sampler=[indices])))[:2]
+    x, y = x.to(device), y.to(device)
+    reference = _evaluate_batch(classifier, attacks, x, y)
+    with autocast(precision, device):
+        lowered = _evaluate_batch(classifier, attacks, x, y)
+    images = len(indices)
+
+    def accuracies(counts: dict) -> dict:
+        return {
+            "clean": 100.0 * counts["clean"] / images,
+            "robust": [100.0 * count / images for count in counts["robust"]],
+        }
+
+    check = {
+        "images": images,
+        "tolerance_points": BF16_TOLERANCE_POINTS,
+        "fp32": accuracies(reference),
+        precision: accuracies(lowered),
+    }
+    differences = [abs(a - b) for a, b in zip(check[precision]["robust"], check["fp32"]["robust"])]
+    check["max_difference_points"] = max(differences, default=0.0)
+    worst = [
+        f"{attack.name} {attack.describe()['eps']}: {low:.1f}% in {precision}, {ref:.1f}% in fp32"
+        for attack, low, ref, difference in zip(
+            attacks, check[precision]["robust"], check["fp32"]["robust"], differences
+        )
+        if difference > BF16_TOLERANCE_POINTS
+    ]
+    if worst:
+        raise PrecisionError(
+            f"precision: {precision} changes robust accuracy by more than {BF16_TOLERANCE_POINTS:g} point on the "
+            f"first {images} images of {name} ({'; '.join(worst)}), so its robust numbers are refused; "
+            "evaluate with precision fp32"
+        )
+    return check, lowered
 
 
 def _evaluate_batch(classifier: nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor) -> dict:
