@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 
 from mmtard.cli import main
+from mmtard.errors import ConfigError
+from mmtard.eval.distributed import Shard, start_eval_processes
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
@@ -187,3 +189,24 @@ def test_each_process_evaluates_only_its_batches(runs):
     *_, batches = runs
     assert batches[0] == [[5, 2, 5, 2], [3]]
     assert batches[1] == [[5, 5], []]
+
+
+def test_shards_cover_every_batch_once():
+    shards = [Shard(rank, 3) for rank in range(3)]
+    owned = sorted(b for shard in shards for b in shard.batches(10))
+    assert owned == list(range(10))
+    assert all(shard.owns(b) for shard in shards for b in shard.batches(10))
+    assert list(Shard().batches(4)) == [0, 1, 2, 3] and Shard().is_main and not Shard().distributed
+
+
+def test_without_torchrun_nothing_is_started(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert start_eval_processes("cpu") == Shard() and not dist.is_initialized()
+
+
+def test_one_gpu_for_every_process_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="device: 'cuda:0' puts all 2 processes on one GPU; give cuda"):
+        start_eval_processes("cuda:0")
+    assert not dist.is_initialized()

@@ -70,7 +70,8 @@ def start_eval_processes(device: str, timeout_s: float | None = None) -> Shard:
     With ``WORLD_SIZE > 1``: a CUDA ``device`` given without an index becomes this process's GPU
     (``cuda:LOCAL_RANK``, set as the current device, so ``"cuda"`` means it from here on) and the group uses
     NCCL; on the CPU, gloo. The group is destroyed at exit. The standard output of processes other than
-    rank 0 is discarded (their errors, on standard error, stay), so the table is printed once.
+    rank 0 is discarded (their errors, on standard error, stay), so the table is printed once. Calling it
+    again in the same process changes nothing.
 
     Args:
         device: the validated device name (``cpu``, ``cuda``, ``cuda:N``).
@@ -98,7 +99,7 @@ def start_eval_processes(device: str, timeout_s: float | None = None) -> Shard:
         timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
         dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo", timeout=timeout)
         atexit.register(_destroy_process_group)
-    if rank != 0:
+    if rank != 0 and getattr(sys.stdout, "name", None) != os.devnull:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the rest of the process)
     return Shard(rank, world_size)
 
