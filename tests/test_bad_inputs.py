@@ -29,6 +29,7 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 EVAL = ["eval", "--model", "tiny-vit-s", "--dataset", "cifar10", "--data-dir", "data", "--no-progress"]
 TRAIN = ["train", "--config", "run.yaml", "--no-progress"]
+EXPORT = ["export", "--model", "tiny-vit-s", "--pretrained"]
 
 
 def make_workspace(root: Path) -> None:
@@ -63,6 +64,7 @@ def make_workspace(root: Path) -> None:
     (root / "weights" / "header-only.safetensors").write_bytes(tensors)
     header = b'{"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}'
     (root / "weights" / "truncated.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(100))
+    (root / "weights" / "truncated.pt").write_bytes(b"PK\x03\x04 truncated")
     # a run folder whose latest checkpoint has a truncated trainer state, and one whose latest names nothing
     broken = root / "broken-run" / "checkpoints" / "step_00000001"
     broken.mkdir(parents=True)
@@ -92,7 +94,7 @@ CASES = [
     ("eval-steps-0", [*EVAL, "--steps", "0", "--out", "out"], "--steps"),
     ("eval-eps-unitless", [*EVAL, "--eps", "4", "--out", "out"], "--eps"),
     ("eval-eps-nan", [*EVAL, "--eps", "nan", "--out", "out"], "--eps"),
-    ("eval-eps-negative", [*EVAL, "--eps", "-1/255", "--out", "out"], "--eps"),
+    ("eval-eps-negative", [*EVAL, "--eps=-1/255", "--out", "out"], "--eps"),
     ("eval-eps-l2-negative", [*EVAL, "--norm", "l2", "--eps", "-0.5", "--out", "out"], "--eps"),
     ("eval-norm-unknown", [*EVAL, "--norm", "l3", "--out", "out"], "--norm"),
     ("eval-attack-unknown", [*EVAL, "--attack", "fgsm", "--out", "out"], "--attack"),
@@ -123,6 +125,10 @@ CASES = [
         [*EVAL, "--pretrained", "weights/truncated.safetensors", "--out", "out"],
         "--pretrained",
     ),
+    ("eval-pretrained-truncated-pt", [*EVAL, "--pretrained", "weights/truncated.pt", "--out", "out"], "--pretrained"),
+    ("eval-hf-hub-offline", ["eval", "--model", "hf-hub:nobody/nothing", *EVAL[3:], "--out", "out"], "--model"),
+    ("eval-split-not-a-name", [*EVAL[:4], "npz", "--data-dir", "data", "--split", "../x", "--out", "out"], "--split"),
+    ("eval-split-no-file", [*EVAL[:4], "npz", "--data-dir", "data", "--split", "nosuch", "--out", "out"], "--data-dir"),
     ("eval-device-cuda", [*EVAL, "--device", "cuda", "--out", "out"], "--device", None if NO_CUDA else "has CUDA"),
     ("eval-device-unknown", [*EVAL, "--device", "gpu0", "--out", "out"], "--device"),
     ("eval-out-is-a-file", [*EVAL, "--out", "a-file"], "--out"),
@@ -164,6 +170,12 @@ CASES = [
     ("demo-no-data-dir", ["demo", "--dataset", "cifar10", "--out", "out"], "--data-dir"),
     ("demo-device-cuda", ["demo", "--device", "cuda", "--out", "out"], "--device", None if NO_CUDA else "has CUDA"),
     ("demo-out-is-a-file", ["demo", "--out", "a-file"], "--out"),
+    # ----------------------------------------------------------------------------------------- export
+    ("export-pretrained-missing", [*EXPORT, "weights/none.safetensors", "--out", "out"], "--pretrained"),
+    ("export-pretrained-truncated-pt", [*EXPORT, "weights/truncated.pt", "--out", "out"], "--pretrained"),
+    ("export-model-unknown", ["export", "--model", "vit-huge-9", "--pretrained", "none", "--out", "out"], "--model"),
+    ("export-out-is-a-file", [*EXPORT, "none", "--format", "open_clip", "--out", "a-file"], "--out"),
+    ("export-format-unknown", [*EXPORT, "none", "--format", "onnx", "--out", "out"], "--format"),
     # -------------------------------------------------------------------------------------------- cli
     ("unknown-command", ["evaluate"], "command"),
 ]

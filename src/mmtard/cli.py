@@ -138,6 +138,24 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 #: The flags of the data layer's fields.
 EVAL_DATA_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "split": "--split"}
+#: The flags of the library's fields in ``mmtard eval`` (errors raised by the library name its fields).
+EVAL_FLAGS = {
+    **EVAL_DATA_FLAGS,
+    "classnames": "--data-dir",
+    "classes": "--classes",
+    "samples": "--samples",
+    "batch_size": "--batch-size",
+    "num_workers": "--workers",
+    "logit_scale": "--logit-scale",
+    "attack": "--attack",
+    "eps": "--eps",
+    "norm": "--norm",
+    "steps": "--steps",
+    "restarts": "--restarts",
+    "seed": "--seed",
+    "model": "--model",
+    "pretrained": "--pretrained",
+}
 
 
 def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[float], str]:
@@ -175,10 +193,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from mmtard.eval.report import markdown_table, write_results
     from mmtard.eval.run import EvalRequest, evaluate_bundle
     from mmtard.models import load_clip
+    from mmtard.train.preflight import renamed_fields
 
     data_dirs, eps, device = check_eval_args(args)
     journal_dir = os.path.join(args.out, "journal")  # an interrupted run, rerun as it was, continues
-    with leave_as_found(Path(args.out), inside=["journal"]):
+    with leave_as_found(Path(args.out), inside=["journal"]), renamed_fields(EVAL_FLAGS):
         torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
         bundle = load_clip(args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint)
         request = EvalRequest(
@@ -348,16 +367,18 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from mmtard.export import export_model
+    from mmtard.train.preflight import renamed_fields
 
-    paths = export_model(
-        args.model,
-        args.pretrained,
-        args.out,
-        format=args.format,
-        results=args.results,
-        license=args.license,
-        trust_checkpoint=args.trust_checkpoint,
-    )
+    with renamed_fields({"model": "--model", "pretrained": "--pretrained", "out": "--out", "format": "--format"}):
+        paths = export_model(
+            args.model,
+            args.pretrained,
+            args.out,
+            format=args.format,
+            results=args.results,
+            license=args.license,
+            trust_checkpoint=args.trust_checkpoint,
+        )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
