@@ -134,3 +134,16 @@ def test_disk_cache_refusals(tmp_path):
     with pytest.raises(ConfigError, match="beyond fp16's range"):
         cache.logits(CountingTeacher(scale=1e6), *_batch(images, [0]))
     assert len(cache) == 0  # nothing was marked filled
+
+
+def test_given_classes_the_store_is_created_at_construction_and_opened_by_the_next(tmp_path):
+    """The DDP order: rank 0 creates the files, the other processes (after a barrier) open the same ones."""
+    first = LogitCache(tmp_path / "cache", rows=ROWS, identity="t", classes=CLASSES)
+    assert json.loads((tmp_path / "cache" / "cache.json").read_text())["classes"] == CLASSES and len(first) == 0
+    second = LogitCache(tmp_path / "cache", rows=ROWS, identity="t", classes=CLASSES)
+    teacher, images = CountingTeacher(), _images()
+    written = second.logits(teacher, *_batch(images, [2, 7]))
+    assert len(first) == 2  # the same memory-mapped files: rows written by one process are seen by the other
+    other_teacher = CountingTeacher()
+    assert torch.equal(first.logits(other_teacher, *_batch(images, [7, 2])), written.flip(0))
+    assert other_teacher.forwarded == 0

@@ -127,14 +127,16 @@ class LogitCache:
       range (65504) are refused. Rows are written before their mask entries (each flushed), so a crash
       leaves at worst rows computed again, never a marked row that was not written; a folder whose
       ``cache.json`` is missing, unreadable or of another ``identity`` is started over. Under several
-      processes (DDP), create the folder on one process first (rank 0, then a barrier): processes then
-      share the files, each writing the rows of its own indices.
+      processes (DDP), construct the cache with ``classes`` on rank 0 first (it creates the files then),
+      then, after a barrier, on the others (they open them): the processes share the files, each writing
+      the rows of its own indices.
 
     Args:
         cache_dir: a folder for the disk store; None keeps the rows in memory.
         rows: the dataset's size (required with ``cache_dir``): indices are ``0..rows-1``.
         identity: what the logits depend on (the model and its weights, the dataset, split, image size,
             classes...), JSON-serialisable; a folder written for another identity is started over.
+        classes: logits per row; given, a missing store is created here, else at the first forward.
 
     Raises:
         ConfigError: ``cache_dir`` without a positive ``rows``, or a path that is not a folder.
@@ -145,7 +147,13 @@ class LogitCache:
     META_FILE = "cache.json"
     FP16_MAX = 65504.0
 
-    def __init__(self, cache_dir: str | Path | None = None, rows: int | None = None, identity: object = None) -> None:
+    def __init__(
+        self,
+        cache_dir: str | Path | None = None,
+        rows: int | None = None,
+        identity: object = None,
+        classes: int | None = None,
+    ) -> None:
         self._rows: dict[int, torch.Tensor] = {}
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.num_rows = rows
@@ -158,6 +166,8 @@ class LogitCache:
             if self.cache_dir.exists() and not self.cache_dir.is_dir():
                 raise ConfigError(f"cache_dir: '{self.cache_dir}' is a file, expected a folder")
             self._open_existing()
+            if self._logits is None and classes is not None:
+                self._create(classes)
 
     def __len__(self) -> int:
         if self.cache_dir is None:
