@@ -510,3 +510,22 @@ def test_each_teacher_forward_reaches_the_loss(role, data_dir, tmp_path, monkeyp
     cfg = load_config(MMT_ARD, small(data_dir, tmp_path / "run", "train.steps=1", "method.steps=0"))
     with pytest.raises(FloatingPointError, match="step 1"):
         train(cfg, progress=False)
+
+
+def test_without_tensorboard_the_run_logs_a_warning_and_writes_json_logs_only(tmp_path, monkeypatch, caplog):
+    from mmtard.train.rundir import RunDir
+
+    real_find_spec = trainer_module.importlib.util.find_spec
+    monkeypatch.setattr(
+        trainer_module.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a),
+    )
+    assert trainer_module.tensorboard_writer(RunDir(tmp_path / "run"), 0) is None
+    assert "pip install 'mmtard[tensorboard]'" in caplog.text
+    log = trainer_module.MetricsLog(RunDir(tmp_path / "run"), enabled=True, resume_step=0)
+    (tmp_path / "run").mkdir()
+    log.log({"step": 1, "loss": 0.5})
+    log.close()
+    assert read_metrics(tmp_path / "run") == [{"step": 1, "loss": 0.5}]
+    assert not (tmp_path / "run" / "tensorboard").exists()

@@ -311,11 +311,13 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def check_demo_args(args: argparse.Namespace) -> None:
     """The device, the output folder and the data, before the first stage starts."""
+    from mmtard.errors import import_optional
     from mmtard.train.preflight import check_data, check_device, check_output_dir
 
     check_device(args.device, "--device")
     check_output_dir(args.out, "--out")
     check_data(args.dataset, args.data_dir, "test", EVAL_DATA_FLAGS)
+    import_optional("matplotlib", "plots", "the demo's plots")  # needed at the end: say so before training
 
 
 def run_demo(args: argparse.Namespace) -> int:
