@@ -72,19 +72,24 @@ SPEC_V1 = {
     "rho": 1.0,
     "robust_target": "adversarial",
 }
-RSLAD = {"robust_target": "clean", "inner": "kl-robust-teacher"}
+RSLAD = {"robust_target": "clean", "inner": "kl-robust-teacher"}  # RSLAD's target and ARD's inner objective
+ARD_INNER = {"inner": "kl-robust-teacher"}  # ARD's adversarial examples, the robust term on P_R(x') as ARD
 ABLATION = {
     "mmt-ard_v1": SPEC_V1,
     "mmt-ard_rho9": {**SPEC_V1, "rho": 9.0},
     "mmt-ard_gap": {**SPEC_V1, "balance": "gap"},
+    "mmt-ard_rho9_ardinner": {**SPEC_V1, "rho": 9.0, **ARD_INNER},
+    "mmt-ard_gap_ardinner": {**SPEC_V1, "balance": "gap", **ARD_INNER},
     "mmt-ard_rho9_rslad": {**SPEC_V1, "rho": 9.0, **RSLAD},
     "mmt-ard_gap_rslad": {**SPEC_V1, "balance": "gap", **RSLAD},
     "ard_rslad": {"method": "ard", "robust_target": "clean"},
 }
 # The ablation's best cells, trained for every seed (chosen from the first-seed ablation; see BENCHMARKS.md).
-CANDIDATES = ("mmt-ard_rho9_rslad", "mmt-ard_gap_rslad")
+CANDIDATES = ("mmt-ard_rho9_ardinner", "mmt-ard_gap_ardinner")
 BASELINES = ("ard", "tecoa", "reference")
 TARGET_EPS = "4/255"
+# Given models also attacked with aa (the teachers are larger and cost minutes each; PGD-10 rows show them).
+AA_GIVEN = ("foundation-student",)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -101,6 +106,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=ZOO_SCALE.eval_every, help="held-out PGD period in training")
     p.add_argument("--jobs", type=int, default=1, help="students trained (and evaluated) at once, one thread each")
     p.add_argument("--skip", nargs="*", default=[], choices=["ablation", "candidates", "aa"], help="phases to skip")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train and attack nothing: tables of the students and aa results already on disk, the rest listed",
+    )
     p.add_argument("--docs", default=None, help="also write zoo-headline.json, pareto.png, lambda_r.png here")
     return p.parse_args(argv)
 
@@ -120,8 +130,34 @@ def _run_student(out: str, scale: ProtocolScale, zoo: str, job: tuple, threads: 
     return run_protocol(out, scale, methods, (seed,), variants, progress=False, zoo=zoo)[len(GIVEN_STAGES) :]
 
 
+def job_stage(job: tuple) -> str:
+    """The stage name of a :func:`student_jobs` job."""
+    methods, variants, seed = job
+    return f"student-{(list(methods) + list(variants))[0]}-seed{seed}"
+
+
+def finished(out: Path, job: tuple) -> bool:
+    """Whether the job's student is trained and evaluated (its PGD-10 results are on disk)."""
+    return any((out / job_stage(job)).glob("protocol_eval_pgd_*.json")) and RunDir(out / job_stage(job)).model.is_file()
+
+
+def aa_cached(out: Path, row: dict, samples: int) -> bool:
+    """Whether ``row``'s aa result at 4/255 on ``samples`` images per split is on disk."""
+    return (out / row["stage"] / f"protocol_eval_aa_{samples}_eps4.0.json").is_file()
+
+
+NOT_RUN: list[str] = []
+REPORT_ONLY = False  # --report-only: what the tables leave out
+
+
 def train_students(out: Path, scale: ProtocolScale, zoo: str, jobs: list[tuple], workers: int) -> list[dict]:
-    """Train and evaluate one student per job (reusing finished ones), ``workers`` at a time; rows in job order."""
+    """Train and evaluate one student per job (reusing finished ones), ``workers`` at a time; rows in job order.
+
+    With ``REPORT_ONLY`` set, unfinished jobs are listed in ``NOT_RUN`` instead of trained.
+    """
+    if REPORT_ONLY:
+        NOT_RUN.extend(job_stage(job) for job in jobs if not finished(out, job))
+        jobs = [job for job in jobs if finished(out, job)]
     if workers <= 1:
         return [row for job in jobs for row in _run_student(str(out), scale, zoo, job, None)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -237,6 +273,7 @@ def headline_records(pgd_rows: list[dict], aa_rows: list[dict], steps_to_ard: di
                     "aa4_mean": round(statistics.mean(aa), 2) if aa else None,
                     "aa4_std": round(statistics.stdev(aa), 2) if len(aa) > 1 else (0.0 if aa else None),
                     "aa4_samples": aa_group[0][split]["samples"] if aa_group else None,
+                    "aa4_seeds": sorted(g["seed"] for g in aa_group),
                     "pgd4_mean": round(statistics.mean(pgd4), 2),
                     "steps_to_ard_final": steps_to_ard.get(name),
                 }
@@ -280,7 +317,9 @@ def default_cell(name: str = "mmt-ard") -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    global REPORT_ONLY
     args = parse_args(argv)
+    REPORT_ONLY = args.report_only
     logging.basicConfig(level=logging.WARNING)
     out, started = Path(args.out), time.perf_counter()
     scale = replace(
@@ -302,12 +341,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             ablation += train_students(out, scale, args.zoo, more, args.jobs)
     cell = default_cell()
     default = [r for r in ablation if r["stage"].rsplit("-seed", 1)[0] == f"student-{cell}"]
-    if {r["seed"] for r in default} != set(args.seeds):
+    if {r["seed"] for r in default} != set(args.seeds) and not (REPORT_ONLY and default):
         default = train_students(out, scale, args.zoo, student_jobs(("mmt-ard",), {}, args.seeds), args.jobs)
     rows = given + default + baselines
     for row in rows + ablation:
         row["batch_size"] = args.batch_size
-    default_name = default[0]["stage"].rsplit("-seed", 1)[0]
+    default_name = default[0]["stage"].rsplit("-seed", 1)[0] if default else "(not run)"
     sections = [
         f"Command: `python benchmarks/cpu_protocol.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
         f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cores). Students: {args.student_steps} "
@@ -334,14 +373,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_report(out, sections, saved, started)
     aa_rows: list[dict] = []
     if "aa" not in args.skip:
-        aa_rows = evaluate_all_with_aa(out, scale, saved, args.aa_samples, args.zoo, args.jobs)
-        headline_aa = [r for r in aa_rows if r["stage"] in {row["stage"] for row in rows}]
+        candidates = {f"student-{name}" for name in CANDIDATES}
+        chosen = [r for r in saved if r["stage"] in AA_GIVEN or r["stage"].rsplit("-seed", 1)[0] in candidates]
+        chosen += [r for r in default + baselines if r not in chosen]
+        if REPORT_ONLY:
+            NOT_RUN.extend(f"{r['stage']} (aa)" for r in chosen if not aa_cached(out, r, args.aa_samples))
+            chosen = [r for r in chosen if aa_cached(out, r, args.aa_samples)]
+        aa_rows = evaluate_all_with_aa(out, scale, chosen, args.aa_samples, args.zoo, args.jobs)
         sections += [
             f"## aa (APGD-CE + APGD-T, 100 iterations each, 1 restart) beside PGD-10 at 4/255 on the same "
-            f"{args.aa_samples} images per split, seen classes\n\n" + results_table(headline_aa, "seen"),
-            "## aa at 4/255, unseen classes\n\n" + results_table(headline_aa, "unseen"),
-            "## aa at 4/255, every ablation student, seen\n\n" + results_table(aa_rows, "seen"),
-            "## aa at 4/255, every ablation student, unseen\n\n" + results_table(aa_rows, "unseen"),
+            f"{args.aa_samples} images per split, seen classes (the headline students, the candidates, the student "
+            f"foundation)\n\n" + results_table(aa_rows, "seen"),
+            "## aa at 4/255, unseen classes\n\n" + results_table(aa_rows, "unseen"),
             checks_summary(aa_rows) + " The checks compare aa with PGD-10 on the same images.",
         ]
         saved += [dict(row, stage=f"{row['stage']} (aa)") for row in aa_rows]
@@ -364,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for plot in ("pareto.png", "lambda_r.png"):
             if (out / plot).is_file():
                 (docs / plot).write_bytes((out / plot).read_bytes())
+    if NOT_RUN:
+        sections.append("Not in these tables (--report-only, not run yet): " + ", ".join(NOT_RUN) + ".")
     write_report(out, sections, saved, started)
 
 

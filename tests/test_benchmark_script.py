@@ -101,3 +101,8 @@ def test_efficiency_counts_steps_to_ards_final_held_out_accuracy(bench, tmp_path
     assert steps == {"student-ard": [60], "student-mmt-ard_x": [20], "student-reference": [None]}
     assert "| student-mmt-ard_x | 0 | 2.00 | 30.0 | 20 | 40 |" in table
     assert "| student-reference | 0 | 2.00 | 3.0 | not reached | - |" in table
+
+
+def test_job_stage_names_the_students_folder(bench):
+    assert bench.job_stage((("ard",), {}, 2)) == "student-ard-seed2"
+    assert bench.job_stage(((), {"mmt-ard_gap_ardinner": {}}, 0)) == "student-mmt-ard_gap_ardinner-seed0"
