@@ -394,9 +394,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot_lambda_trajectories(out, first_seed, out / "lambda_r.png")
     if aa_rows:
         plot_pareto(aa_rows, out / "pareto.png", attack="aa", eps=TARGET_EPS)
-    headline = headline_records(
-        rows, [r for r in aa_rows if r["stage"] in {row["stage"] for row in rows}], steps_to_ard
-    )
+    candidate_rows = [r for r in ablation if r["stage"].rsplit("-seed", 1)[0] in {f"student-{c}" for c in CANDIDATES}]
+    headline = headline_records(rows + [r for r in candidate_rows if r not in rows], aa_rows, steps_to_ard)
     for record in headline:
         record["method"] = "mmt-ard" if record["model"] == default_name else record["method"]
     atomic_write_text(out / "zoo-headline.json", json.dumps(headline, indent=2))
