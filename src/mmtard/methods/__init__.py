@@ -5,16 +5,25 @@
   objectives (``INNER_OBJECTIVES``); ``losses``: pure tensor functions.
 
 Importing this package registers every method: ``mmt-ard``, ``reference``, ``ard``, ``tecoa``, ``fare``,
-``pmg-aft``, ``clean-ft``.
+``pmg-aft``, ``clean-ft``. ``create_method(cfg, teacher_kinds)`` gives the distilling methods any number of
+named ``clean``/``robust`` teachers.
 """
 
 from mmtard.methods import clean_ft, fare, mmt_ard, pmg_aft, tecoa  # noqa: F401  (fill the registry)
 from mmtard.methods.balance import BALANCES, Balance, create_balance
-from mmtard.methods.base import TEACHER_ROLES, Method, MethodOutput, freeze, unwrap
+from mmtard.methods.base import TEACHER_KINDS, TEACHER_ROLES, Method, MethodOutput, freeze, metric_suffix, unwrap
 from mmtard.methods.config import MethodConfig
 from mmtard.methods.inner import INNER_OBJECTIVES
 from mmtard.methods.losses import per_sample_kl
-from mmtard.methods.registry import METHODS, create_method, list_methods, method_config, presets, register_method
+from mmtard.methods.registry import (
+    METHODS,
+    create_method,
+    list_methods,
+    method_config,
+    presets,
+    register_method,
+    standard_teacher_kinds,
+)
 from mmtard.methods.weighting import DIW_MODES, importance_weights
 
 __all__ = [
@@ -22,6 +31,7 @@ __all__ = [
     "DIW_MODES",
     "INNER_OBJECTIVES",
     "METHODS",
+    "TEACHER_KINDS",
     "TEACHER_ROLES",
     "Balance",
     "Method",
@@ -33,8 +43,10 @@ __all__ = [
     "importance_weights",
     "list_methods",
     "method_config",
+    "metric_suffix",
     "per_sample_kl",
     "presets",
     "register_method",
+    "standard_teacher_kinds",
     "unwrap",
 ]

@@ -1,10 +1,12 @@
 """What every training method shares: the ``Method`` interface, its output, and the forward helpers.
 
 A method computes one training step's loss (spec section 2) for a student and a mapping of frozen
-teachers, keyed by role:
+teachers, keyed by name:
 
-- ``"clean"``: the clean teacher ``C``;
-- ``"robust"``: the robust teacher ``R``;
+- distilling methods (``mmt-ard``, ``reference``, ``ard``) take named teachers, each of a kind
+  (:data:`TEACHER_KINDS`): ``clean`` (a clean teacher ``C``, seen on ``x``) or ``robust`` (a robust teacher ``R``,
+  seen on ``x'``). By default the two standard teachers, named after their kinds: ``"clean"`` and ``"robust"``;
+  any number of named teachers with ``create_method(cfg, teacher_kinds)``;
 - ``"original"``: a frozen copy of the student's starting model ``O`` (FARE, PMG-AFT).
 
 It returns named loss terms (the trainer sums them and backpropagates) and diagnostics. It has no
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -29,12 +33,16 @@ from mmtard.attacks.functional import pgd
 from mmtard.errors import ConfigError
 from mmtard.fileio import atomic_write_text
 from mmtard.methods.config import MethodConfig
-from mmtard.methods.inner import INNER_OBJECTIVES, InnerContext, LossFn
+from mmtard.methods.inner import INNER_OBJECTIVES, INNER_TEACHER_KIND, InnerContext, LossFn
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 logger = logging.getLogger(__name__)
 
 TEACHER_ROLES = ("clean", "robust", "original")
+TEACHER_KINDS = ("clean", "robust")
+# A teacher name: a letter, then letters, digits, '_' or '-' (it names metrics, config fields and cache folders).
+TEACHER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+RESERVED_TEACHER_NAMES = ("original",)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -296,18 +304,143 @@ class CleanImageOutputs:
         return self._features[role]
 
 
+def resolve_teacher_kinds(
+    method: str,
+    given: Mapping[str, str] | None,
+    standard: Mapping[str, str],
+    accepted: tuple[str, ...],
+) -> dict[str, str]:
+    """The teachers of a method, name -> kind, checked (see :class:`Method`).
+
+    Args:
+        method: the method's name, for messages.
+        given: name -> kind from the caller; None for ``standard``.
+        standard: the method's teachers when none are given (``{"clean": "clean", "robust": "robust"}``).
+        accepted: the kinds the method can distil from; empty for a method without distillation teachers.
+
+    Raises:
+        ConfigError: naming ``teachers.<name>.kind`` (or ``teachers.<name>``) and what is expected.
+    """
+    if given is None:
+        return dict(standard)
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"teachers: expected a mapping teacher name -> kind (clean or robust), got {given!r}")
+    given = dict(given)
+    if not accepted:
+        if given:
+            name = next(iter(given))
+            raise ConfigError(
+                f"teachers.{name}.kind: method '{method}' distils from no clean or robust teacher; expected no "
+                f"teachers (a distilling method such as mmt-ard or ard takes them), got {', '.join(given)}"
+            )
+        return {}
+    if not given:
+        raise ConfigError(f"teachers: method '{method}' needs at least one robust teacher; got none")
+    suffixes: dict[str, str] = {}
+    for name, kind in given.items():
+        if not isinstance(name, str) or not TEACHER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"teachers.{name}: expected a name of a letter then letters, digits, '_' or '-' (it names "
+                "metrics, config fields and cache folders)"
+            )
+        if name in RESERVED_TEACHER_NAMES:
+            raise ConfigError(
+                f"teachers.{name}: the name is reserved for the frozen copy of the starting student (fare, pmg-aft); "
+                "give this teacher another name"
+            )
+        if kind not in TEACHER_KINDS:
+            raise ConfigError(f"teachers.{name}.kind: expected one of {', '.join(TEACHER_KINDS)}; got {kind!r}")
+        if name in TEACHER_KINDS and kind != name:
+            raise ConfigError(
+                f"teachers.{name}.kind: the teacher named '{name}' is the {name} teacher (its metrics are "
+                f"L_{STANDARD_SUFFIX[name]}...); expected {name}, or give a {kind} teacher another name"
+            )
+        if kind not in accepted:
+            raise ConfigError(
+                f"teachers.{name}.kind: method '{method}' distils from {' or '.join(accepted)} teachers only; got "
+                f"{kind} (mmt-ard takes clean and robust teachers)"
+            )
+        suffix = metric_suffix(name)
+        if suffix in suffixes:
+            raise ConfigError(
+                f"teachers.{name}: its metrics (L_{suffix}, lambda_{suffix}) would be those of teacher "
+                f"'{suffixes[suffix]}'; give it another name"
+            )
+        suffixes[suffix] = name
+    if "robust" not in given.values():
+        name = next(iter(given))
+        raise ConfigError(
+            f"teachers.{name}.kind: method '{method}' needs at least one teacher of kind robust; got only "
+            f"{', '.join(f'{n} ({k})' for n, k in given.items())}"
+        )
+    return given
+
+
+# The two standard teachers keep their short metric names: L_R, lambda_R, shortfall_R; L_C, lambda_C, shortfall_C.
+STANDARD_SUFFIX = {"robust": "R", "clean": "C"}
+
+
+def metric_suffix(name: str) -> str:
+    """The suffix of a teacher's metrics (``L_<suffix>``, ``lambda_<suffix>``, ``shortfall_<suffix>``): ``R`` and
+    ``C`` for the standard teachers ``robust`` and ``clean``, the name itself for any other."""
+    return STANDARD_SUFFIX.get(name, name)
+
+
+def choose_inner_teachers(cfg: MethodConfig, teacher_kinds: Mapping[str, str]) -> dict[str, str]:
+    """Kind -> the teacher whose clean-image logits the ``kl-*`` inner objective uses (empty for other objectives).
+
+    ``cfg.inner_teacher`` names it; by default the first teacher of the objective's kind, in the teachers' order.
+
+    Raises:
+        ConfigError: ``inner_teacher`` set for an objective without teacher, or not a teacher of the right kind;
+            no teacher of the objective's kind.
+    """
+    kind = INNER_TEACHER_KIND.get(cfg.inner)
+    if kind is None:
+        if cfg.inner_teacher is not None:
+            raise ConfigError(
+                f"inner_teacher: the '{cfg.inner}' inner objective uses no teacher; expected null, got "
+                f"{cfg.inner_teacher!r}"
+            )
+        return {}
+    names = [name for name, k in teacher_kinds.items() if k == kind]
+    if cfg.inner_teacher is not None:
+        if cfg.inner_teacher not in names:
+            raise ConfigError(
+                f"inner_teacher: expected the name of a {kind} teacher ({', '.join(names) or 'there is none'}) for "
+                f"inner '{cfg.inner}', got {cfg.inner_teacher!r}"
+            )
+        return {kind: cfg.inner_teacher}
+    if not names:
+        raise ConfigError(
+            f"inner: '{cfg.inner}' needs a teacher of kind {kind}; the teachers are "
+            f"{', '.join(f'{n} ({k})' for n, k in teacher_kinds.items())}"
+        )
+    return {kind: names[0]}
+
+
 class Method:
     """One training step's loss. Subclasses set ``teacher_roles`` and ``inner_objectives``, implement ``step``.
 
+    A distilling subclass sets ``standard_teachers`` (name -> kind, its teachers when none are given) and
+    ``accepted_kinds``; an instance's ``teacher_roles`` is then the names of its teachers, in order, and
+    ``teacher_kinds`` maps each to its kind. Other methods keep their class ``teacher_roles`` (``()``,
+    ``("original",)``) and an empty ``teacher_kinds``.
+
     Args:
         cfg: the method's config (validated here).
+        teacher_kinds: teacher name -> kind (``clean`` or ``robust``); None for the method's standard teachers.
+            A method without distillation teachers takes None or an empty mapping.
 
     Raises:
-        ConfigError: an invalid config, or an inner objective this method cannot compute.
+        ConfigError: an invalid config, an inner objective this method cannot compute, or teachers it cannot
+            take (naming ``teachers.<name>.kind``).
     """
 
     teacher_roles: tuple[str, ...] = ()
     inner_objectives: tuple[str, ...] = ()
+    standard_teachers: Mapping[str, str] = MappingProxyType({})
+    accepted_kinds: tuple[str, ...] = ()
 
     @staticmethod
     def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
@@ -316,12 +449,25 @@ class Method:
         those of the global batch, and every process computes the same weights."""
         return value
 
-    def __init__(self, cfg: MethodConfig):
+    def __init__(self, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None):
         self.cfg = cfg.validate()
         if cfg.inner not in self.inner_objectives:
             raise ConfigError(
                 f"inner: method '{cfg.name}' supports {', '.join(self.inner_objectives)}; got {cfg.inner!r}"
             )
+        self.teacher_kinds = resolve_teacher_kinds(cfg.name, teacher_kinds, self.standard_teachers, self.accepted_kinds)
+        if self.accepted_kinds:
+            self.teacher_roles = tuple(self.teacher_kinds)
+        self.inner_teachers = choose_inner_teachers(cfg, self.teacher_kinds)
+        self.caches: dict[str, LogitCache] = {}
+
+    def open_logit_caches(
+        self, rows: int, identity: Mapping[str, object] | None = None, classes: int | None = None
+    ) -> None:
+        """Open the disk-backed clean-image logit caches of ``cfg.cache_dir`` (a no-op for methods without).
+
+        See :meth:`MMTARD.open_logit_caches <mmtard.methods.mmt_ard.MMTARD.open_logit_caches>`.
+        """
 
     @property
     def attacking(self) -> bool:
@@ -392,7 +538,7 @@ class Method:
         """
         if not self.attacking:
             return clean.x
-        context = InnerContext(model, y, self.cfg.temperature, clean.logits, clean.features)
+        context = InnerContext(model, y, self.cfg.temperature, clean.logits, clean.features, self.inner_teachers)
         return self.attack(model, INNER_OBJECTIVES.get(self.cfg.inner)(context), clean.x)
 
     def state_dict(self) -> dict:

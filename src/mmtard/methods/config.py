@@ -8,7 +8,9 @@ those defaults, registered with its method class (``register_method(name, **pres
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from os import PathLike
 
 from mmtard.attacks.base import NORMS
 from mmtard.errors import ConfigError
@@ -18,6 +20,8 @@ from mmtard.methods.weighting import DIW_MODES
 from mmtard.units import parse_eps
 
 ROBUST_TARGETS = ("adversarial", "clean")
+# The fixed balance's weight of each standard teacher.
+STANDARD_LAMBDA_FIELDS = {"robust": "lambda_robust", "clean": "lambda_clean"}
 
 
 def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -56,16 +60,21 @@ class MethodConfig:
         inner: inner-maximisation objective: ``kl-clean-teacher`` (``KL(P_C(x) || P_S(x + delta))``),
             ``kl-robust-teacher`` (``KL(P_R(x) || P_S(x + delta))``), ``ce`` (cross-entropy with ``y``),
             ``fare`` (squared embedding distance to the original model), ``none`` (no attack).
+        inner_teacher: the teacher (by name) whose clean-image logits a ``kl-*`` inner objective uses, of the
+            objective's kind; ``None``: the first teacher of that kind, in the teachers' order (the standard
+            ``clean`` or ``robust`` teacher with two teachers).
         diw: dynamic importance weighting: ``cosine``, ``confidence``, ``reference`` or ``none``.
         diw_temperature: ``tau_w`` of the ``confidence`` weighting.
         balance: balance between teacher terms: ``sigmoid``, ``ratio``, ``gap``, ``mtard`` or ``fixed``.
         beta: sharpness of the ``sigmoid``, ``ratio`` and ``gap`` balances.
         rho: prior odds toward the robust teacher of the softmax balances (``sigmoid``, ``ratio``, ``gap``):
-            ``log rho`` is added to the robust teacher's logit; 1 means no prior.
+            ``log rho`` is added to the logit of every robust-kind teacher; 1 means no prior.
         ema_momentum: momentum of the moving average of each teacher term.
         eta: step of the ``mtard`` balance update.
         lambda_robust: robust-teacher weight of the ``fixed`` balance.
         lambda_clean: clean-teacher weight of the ``fixed`` balance.
+        lambdas: teacher name -> weight of the ``fixed`` balance, for teachers other than the standard ``robust``
+            and ``clean`` (which take ``lambda_robust`` and ``lambda_clean``); a teacher not listed weighs 1.
         robust_target: what the robust term distils: ``adversarial`` (``P_R(x')``, spec 2.5) or ``clean``
             (``P_R(x)``, the robust teacher on the clean images, as RSLAD).
         temperature: ``tau`` in ``P = softmax(z / tau)``.
@@ -79,12 +88,16 @@ class MethodConfig:
         cache_clean_teacher: reuse the teachers' logits on clean images per dataset index (spec 2.1): the clean
             teacher's, and the robust teacher's when a term or the inner objective uses ``P_R(x)``. Only valid
             for a deterministic data pipeline (no random augmentation); the trainer decides.
+        cache_dir: with ``cache_clean_teacher``, keep those logits in a disk-backed fp16 memory-mapped store
+            (:class:`~mmtard.methods.base.LogitCache`), one folder per teacher name under this folder, reused by
+            later runs of the same teacher, data and classes; ``None`` keeps them in memory (float32).
         reference_robust_scale: robust-teacher constant of the ``reference`` weighting (50).
         reference_clean_scale: clean-teacher constant of the ``reference`` weighting (5).
     """
 
     name: str = "mmt-ard"
     inner: str = "kl-clean-teacher"
+    inner_teacher: str | None = None
     diw: str = "cosine"
     diw_temperature: float = 1.0
     balance: str = "sigmoid"
@@ -94,6 +107,7 @@ class MethodConfig:
     eta: float = 0.025
     lambda_robust: float = 1.0
     lambda_clean: float = 1.0
+    lambdas: dict[str, float] | None = None
     robust_target: str = "adversarial"
     temperature: float = 1.0
     logit_scale: float | str = 100.0
@@ -102,6 +116,7 @@ class MethodConfig:
     steps: int = 10
     norm: str = "linf"
     cache_clean_teacher: bool = False
+    cache_dir: str | None = None
     reference_robust_scale: float = 50.0
     reference_clean_scale: float = 5.0
 
@@ -133,6 +148,9 @@ class MethodConfig:
         _number("eta", self.eta, low=0, high=1, low_open=True)
         _number("lambda_robust", self.lambda_robust, low=0)
         _number("lambda_clean", self.lambda_clean, low=0)
+        self._check_lambdas()
+        if self.inner_teacher is not None and (not isinstance(self.inner_teacher, str) or not self.inner_teacher):
+            raise ConfigError(f"inner_teacher: expected a teacher's name or null, got {self.inner_teacher!r}")
         _number("temperature", self.temperature, low=0, low_open=True)
         if self.logit_scale != "model":
             _number("logit_scale", self.logit_scale, low=0, low_open=True)
@@ -143,6 +161,36 @@ class MethodConfig:
             raise ConfigError(f"steps: expected a whole number >= 0, got {self.steps!r}")
         if not isinstance(self.cache_clean_teacher, bool):
             raise ConfigError(f"cache_clean_teacher: expected true or false, got {self.cache_clean_teacher!r}")
+        self._check_cache_dir()
         _number("reference_robust_scale", self.reference_robust_scale)
         _number("reference_clean_scale", self.reference_clean_scale)
         return self
+
+    def _check_lambdas(self) -> None:
+        if self.lambdas is None:
+            return
+        if not isinstance(self.lambdas, Mapping):
+            raise ConfigError(f"lambdas: expected a mapping teacher name -> weight, got {self.lambdas!r}")
+        if self.lambdas and self.balance != "fixed":
+            raise ConfigError(
+                f"lambdas: only the fixed balance takes weights per teacher; expected balance: fixed, got "
+                f"{self.balance!r}"
+            )
+        for name, weight in self.lambdas.items():
+            if name in STANDARD_LAMBDA_FIELDS:
+                raise ConfigError(
+                    f"lambdas.{name}: the standard {name} teacher takes {STANDARD_LAMBDA_FIELDS[name]}; expected "
+                    "lambdas for the other teacher names"
+                )
+            _number(f"lambdas.{name}", weight, low=0)
+
+    def _check_cache_dir(self) -> None:
+        if self.cache_dir is None:
+            return
+        if not isinstance(self.cache_dir, (str, PathLike)) or not str(self.cache_dir):
+            raise ConfigError(f"cache_dir: expected a folder path or null, got {self.cache_dir!r}")
+        if not self.cache_clean_teacher:
+            raise ConfigError(
+                "cache_dir: a folder for the clean-image teacher logits needs cache_clean_teacher: true "
+                f"(got cache_clean_teacher: {self.cache_clean_teacher!r}); set it or remove cache_dir"
+            )

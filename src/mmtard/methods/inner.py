@@ -6,8 +6,9 @@ for no attack. A new objective is one function here with ``@INNER_OBJECTIVES.reg
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from mmtard.methods.losses import cross_entropy_objective, per_sample_kl, square
 from mmtard.registry import Registry
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+STANDARD_INNER_TEACHERS = {"clean": "clean", "robust": "robust"}
 
 
 @dataclass
@@ -26,8 +28,10 @@ class InnerContext:
         model: the unwrapped student ``ZeroShotClassifier`` (pixels in ``[0, 1]`` to logits).
         y: ``(B,)`` labels.
         temperature: ``tau`` of the distributions.
-        teacher_logits: role -> that teacher's logits on the clean images (computed once per step).
-        teacher_features: role -> that model's unnormalised image features on the clean images.
+        teacher_logits: teacher name -> that teacher's logits on the clean images (computed once per step).
+        teacher_features: name -> that model's unnormalised image features on the clean images.
+        inner_teachers: teacher kind (``clean``, ``robust``) -> the name of the teacher a ``kl-*`` objective
+            uses; by default the standard teachers, named after their kinds.
     """
 
     model: nn.Module
@@ -35,23 +39,26 @@ class InnerContext:
     temperature: float
     teacher_logits: Callable[[str], torch.Tensor]
     teacher_features: Callable[[str], torch.Tensor]
+    inner_teachers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType(STANDARD_INNER_TEACHERS))
 
 
 InnerObjective = Callable[[InnerContext], LossFn | None]
+# The kind of teacher each teacher-based objective reads (its clean-image logits); other objectives read none.
+INNER_TEACHER_KIND = {"kl-clean-teacher": "clean", "kl-robust-teacher": "robust"}
 INNER_OBJECTIVES: Registry[InnerObjective] = Registry("inner")
 
 
 @INNER_OBJECTIVES.register("kl-clean-teacher")
 def kl_to_clean_teacher(ctx: InnerContext) -> LossFn:
-    """``KL(P_C(x) || P_S(x + delta))`` (MMT-ARD, the released script)."""
-    target = ctx.teacher_logits("clean")
+    """``KL(P_C(x) || P_S(x + delta))`` (MMT-ARD, the released script); ``C`` the context's clean teacher."""
+    target = ctx.teacher_logits(ctx.inner_teachers["clean"])
     return lambda x_adv: per_sample_kl(target, ctx.model(x_adv), ctx.temperature)
 
 
 @INNER_OBJECTIVES.register("kl-robust-teacher")
 def kl_to_robust_teacher(ctx: InnerContext) -> LossFn:
-    """``KL(P_R(x) || P_S(x + delta))`` (ARD, RSLAD)."""
-    target = ctx.teacher_logits("robust")
+    """``KL(P_R(x) || P_S(x + delta))`` (ARD, RSLAD); ``R`` the context's robust teacher."""
+    target = ctx.teacher_logits(ctx.inner_teachers["robust"])
     return lambda x_adv: per_sample_kl(target, ctx.model(x_adv), ctx.temperature)
 
 

@@ -6,6 +6,10 @@ teacher logits on ``x'`` (or on ``x`` with ``robust_target: clean``, as RSLAD); 
 ``x'``; per-sample terms ``l_R,i = KL(P_R(x'_i) || P_S(x'_i))`` and ``l_C,i = KL(P_C(x_i) || P_S(x_i))``; DIW
 weights ``a_k,i``; ``L_k = mean_i a_k,i l_k,i``; loss ``sum_k lambda_k L_k`` with the balance's ``lambda_k``.
 
+K teachers: any number of named teachers, each of kind ``clean`` (its term reads it on ``x``, the student on
+``x``) or ``robust`` (it on ``x'``, or on ``x`` with ``robust_target: clean``; the student on ``x'``); the balance
+runs over all K terms. The two standard teachers are named ``clean`` and ``robust``.
+
 Teachers pass knowledge through their class-text distributions only, so teacher and student embedding
 sizes may differ.
 """
@@ -14,29 +18,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
+from mmtard.errors import ConfigError
 from mmtard.methods.balance import create_balance
 from mmtard.methods.base import (
     CleanImageOutputs,
     LogitCache,
     Method,
     MethodOutput,
-    accuracy,
+    metric_suffix,
     student_forward_pair,
     teacher_forward,
     unwrap,
 )
-from mmtard.methods.config import MethodConfig
+from mmtard.methods.config import STANDARD_LAMBDA_FIELDS, MethodConfig
 from mmtard.methods.losses import accuracy_shortfall, batch_accuracy, per_sample_kl
 from mmtard.methods.registry import register_method
 from mmtard.methods.weighting import WeightingSettings, importance_weights
 from mmtard.models.zeroshot import ZeroShotClassifier
-
-# Metric suffix of each teacher role: L_R, lambda_R, robust_teacher_score; L_C, lambda_C, clean_teacher_score.
-ROLE_SUFFIX = {"robust": "R", "clean": "C"}
 
 
 @register_method("mmt-ard")
@@ -54,24 +58,107 @@ class MMTARD(Method):
 
     The ``reference`` preset is this class with ``diw: reference`` and the ``fixed`` 1/1 balance, as in
     the released training script.
+
+    Args:
+        cfg: the method's config.
+        teacher_kinds: teacher name -> kind (``clean`` or ``robust``), at least one robust; None for the two
+            standard teachers ``{"clean": "clean", "robust": "robust"}``.
     """
 
-    teacher_roles = ("clean", "robust")
+    standard_teachers = MappingProxyType({"clean": "clean", "robust": "robust"})
+    accepted_kinds = ("clean", "robust")
     inner_objectives = ("kl-clean-teacher", "kl-robust-teacher", "ce")
 
-    def __init__(self, cfg: MethodConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None):
+        super().__init__(cfg, teacher_kinds)
         self.balance = create_balance(
             cfg.balance,
             self.teacher_roles,
             momentum=cfg.ema_momentum,
             beta=cfg.beta,
             eta=cfg.eta,
-            fixed={"robust": cfg.lambda_robust, "clean": cfg.lambda_clean},
-            log_prior={"robust": math.log(cfg.rho)},
+            fixed=self.fixed_weights(),
+            log_prior={name: math.log(cfg.rho) for name, kind in self.teacher_kinds.items() if kind == "robust"},
         )
-        self.reference_scale = {"robust": cfg.reference_robust_scale, "clean": cfg.reference_clean_scale}
-        self.caches = {role: LogitCache() for role in self.teacher_roles} if cfg.cache_clean_teacher else {}
+        scale = {"robust": cfg.reference_robust_scale, "clean": cfg.reference_clean_scale}
+        self.reference_scale = {name: scale[kind] for name, kind in self.teacher_kinds.items()}
+        self.uses_clean_images = "clean" in self.teacher_kinds.values()
+        self.disk_caches_pending = cfg.cache_clean_teacher and cfg.cache_dir is not None
+        if cfg.cache_clean_teacher and cfg.cache_dir is None:
+            self.caches = {name: LogitCache() for name in self.teacher_roles}
+
+    def fixed_weights(self) -> dict[str, float]:
+        """The ``fixed`` balance's weight per teacher: ``lambda_robust``, ``lambda_clean`` for the standard
+        teachers, ``lambdas[name]`` (default 1) for the others.
+
+        Raises:
+            ConfigError: ``lambdas`` names no teacher of this method.
+        """
+        lambdas = dict(self.cfg.lambdas or {})
+        unknown = [name for name in lambdas if name not in self.teacher_kinds]
+        if unknown:
+            raise ConfigError(
+                f"lambdas.{unknown[0]}: no teacher of that name; expected some of "
+                f"{', '.join(n for n in self.teacher_roles if n not in STANDARD_LAMBDA_FIELDS) or 'no name'}"
+            )
+        standard = {"robust": self.cfg.lambda_robust, "clean": self.cfg.lambda_clean}
+        return {name: standard[name] if name in standard else lambdas.get(name, 1.0) for name in self.teacher_roles}
+
+    def open_logit_caches(
+        self, rows: int, identity: Mapping[str, object] | None = None, classes: int | None = None
+    ) -> None:
+        """Open the disk-backed fp16 caches of the teachers' clean-image logits (``cache_dir`` set): one
+        :class:`LogitCache` folder per teacher, ``<cache_dir>/<teacher name>``. A no-op without ``cache_dir``.
+
+        Call it once, before the first step. Under several processes call it on rank 0 first with ``classes``
+        (it creates the stores), then after a barrier on the others (they open the same files).
+
+        Args:
+            rows: the training set's size (dataset indices are ``0..rows-1``).
+            identity: teacher name -> what its logits depend on (its model and weights, the dataset, split,
+                image size, classes...), JSON-serialisable; a folder written for another identity is started
+                over. The method adds its own part (the teacher's name and kind, ``logit_scale``).
+            classes: logits per row (the training label set's size); given, the stores are created now.
+        """
+        if not self.disk_caches_pending:
+            return
+        identity = identity or {}
+        folder = Path(self.cfg.cache_dir)
+        self.caches = {
+            name: LogitCache(
+                folder / name,
+                rows=rows,
+                identity={
+                    "teacher": name,
+                    "kind": self.teacher_kinds[name],
+                    "logit_scale": self.cfg.logit_scale,
+                    "source": identity.get(name),
+                },
+                classes=classes,
+            )
+            for name in self.teacher_roles
+        }
+        self.disk_caches_pending = False
+
+    def term_logits(
+        self,
+        name: str,
+        teachers: Mapping[str, ZeroShotClassifier],
+        clean: CleanImageOutputs,
+        x_adv: torch.Tensor,
+        student_clean: torch.Tensor | None,
+        student_adv: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A teacher term's target logits and the student's logits it is compared with (spec 2.5).
+
+        A clean teacher on ``x`` against the student on ``x``; a robust teacher on ``x'`` (on ``x`` with
+        ``robust_target: clean``) against the student on ``x'``.
+        """
+        if self.teacher_kinds[name] == "clean":
+            return clean.logits(name), student_clean
+        if self.cfg.robust_target == "clean":
+            return clean.logits(name), student_adv
+        return teacher_forward(teachers[name], x_adv), student_adv
 
     def step(
         self,
@@ -81,56 +168,58 @@ class MMTARD(Method):
         y: torch.Tensor,
         index: torch.Tensor | None,
     ) -> MethodOutput:
+        if self.disk_caches_pending and index is not None:
+            raise RuntimeError(
+                f"method.cache_dir is set ({self.cfg.cache_dir}): call open_logit_caches(rows=...) before the "
+                "first step"
+            )
         model = unwrap(student)
         clean = CleanImageOutputs(teachers, x, index, self.caches)
         x_adv = self.adversarial(model, clean, y)
-        has_clean = "clean" in self.teacher_roles
-        if has_clean:
+        if self.uses_clean_images:
             student_clean, student_adv = student_forward_pair(student, x, x_adv)
         else:
             student_clean, student_adv = None, student(x_adv)
 
-        # Each term's target logits and the student's logits it is compared with.
-        if self.cfg.robust_target == "clean":
-            robust_target = clean.logits("robust")
-        else:
-            robust_target = teacher_forward(teachers["robust"], x_adv)
-        pairs = {"robust": (robust_target, student_adv)}
-        if has_clean:
-            pairs["clean"] = (clean.logits("clean"), student_clean)
-
         terms: dict[str, torch.Tensor] = {}
-        shortfalls: dict[str, float] = {}
-        metrics: dict[str, float] = {}
+        statistics: list[torch.Tensor] = []  # per teacher: L_k, the raw score, the shortfall (one sync below)
         batch_mean = lambda s: self.mean_across_processes(s.mean())  # noqa: E731
-        for role in self.teacher_roles:
-            teacher_logits, student_logits = pairs[role]
+        for name in self.teacher_roles:
+            teacher_logits, student_logits = self.term_logits(name, teachers, clean, x_adv, student_clean, student_adv)
             per_sample = per_sample_kl(teacher_logits, student_logits, self.cfg.temperature)
             settings = WeightingSettings(
-                logit_scale=unwrap(teachers[role]).logit_scale,
+                logit_scale=unwrap(teachers[name]).logit_scale,
                 temperature=self.cfg.diw_temperature,
-                reference_scale=self.reference_scale[role],
+                reference_scale=self.reference_scale[name],
                 batch_mean=batch_mean,
             )
             weights, signal = importance_weights(self.cfg.diw, teacher_logits, y, settings)
-            terms[role] = (weights * per_sample).mean()
-            suffix = ROLE_SUFFIX[role]
-            metrics[f"L_{suffix}"] = self.mean_across_processes(terms[role].detach()).item()
-            metrics[f"{role}_teacher_score"] = batch_mean(signal).item()
-            shortfalls[role] = accuracy_shortfall(
+            terms[name] = (weights * per_sample).mean()
+            shortfall = accuracy_shortfall(
                 batch_mean(batch_accuracy(teacher_logits, y)), batch_mean(batch_accuracy(student_logits, y))
-            ).item()
-            metrics[f"shortfall_{suffix}"] = shortfalls[role]
+            )
+            statistics += [self.mean_across_processes(terms[name].detach()), batch_mean(signal), shortfall]
+        student_logits = ([student_clean] if student_clean is not None else []) + [student_adv]
+        statistics += [batch_accuracy(logits, y) for logits in student_logits]
+        values = host_floats(statistics)
 
-        lambdas = self.balance.update(
-            {role: metrics[f"L_{ROLE_SUFFIX[role]}"] for role in self.teacher_roles}, shortfalls
-        )
-        for role in self.teacher_roles:
-            metrics[f"lambda_{ROLE_SUFFIX[role]}"] = lambdas[role]
+        metrics: dict[str, float] = {}
+        term_values: dict[str, float] = {}
+        shortfalls: dict[str, float] = {}
+        for position, name in enumerate(self.teacher_roles):
+            suffix = metric_suffix(name)
+            term_values[name], score, shortfalls[name] = values[3 * position : 3 * position + 3]
+            metrics[f"L_{suffix}"] = term_values[name]
+            metrics[f"{name}_teacher_score"] = score
+            metrics[f"shortfall_{suffix}"] = shortfalls[name]
+        lambdas = self.balance.update(term_values, shortfalls)
+        for name in self.teacher_roles:
+            metrics[f"lambda_{metric_suffix(name)}"] = lambdas[name]
+        accuracies = values[3 * len(self.teacher_roles) :]
         if student_clean is not None:
-            metrics["acc_clean"] = accuracy(student_clean, y)
-        metrics["acc_adv"] = accuracy(student_adv, y)
-        losses = {role: lambdas[role] * terms[role] for role in self.teacher_roles}
+            metrics["acc_clean"] = 100.0 * accuracies[0]
+        metrics["acc_adv"] = 100.0 * accuracies[-1]
+        losses = {name: lambdas[name] * terms[name] for name in self.teacher_roles}
         return MethodOutput(losses=losses, metrics=metrics, x_adv=x_adv.detach())
 
     def state_dict(self) -> dict:
@@ -138,6 +227,14 @@ class MMTARD(Method):
 
     def load_state_dict(self, state: Mapping) -> None:
         self.balance.load_state_dict(state["balance"])
+
+
+def host_floats(values: list[torch.Tensor]) -> list[float]:
+    """0-d tensors as python floats with one device synchronisation (one copy of one stacked tensor).
+
+    Each value is exactly its own ``.item()``: float32 and float16 widen to float64 without rounding.
+    """
+    return torch.stack([v.detach().to(torch.float64) for v in values]).tolist()
 
 
 @register_method("ard", inner="kl-robust-teacher", diw="none", balance="fixed", lambda_robust=1.0)
@@ -149,7 +246,12 @@ class ARD(MMTARD):
     teacher and no clean student forward. The robust teacher runs twice when attacking: on ``x`` for the
     inner target, then on ``x'`` (which depends on that target, so the two cannot share a batch); once with
     ``robust_target: clean`` (RSLAD), whose target is the inner objective's.
+
+    Several robust teachers (``teacher_kinds`` of kind ``robust`` only) give one term each, weighted by the
+    balance (``fixed``: ``lambda_robust`` for the teacher named ``robust``, ``lambdas`` for the others); the inner
+    objective reads ``inner_teacher`` (the first robust teacher by default).
     """
 
-    teacher_roles = ("robust",)
+    standard_teachers = MappingProxyType({"robust": "robust"})
+    accepted_kinds = ("robust",)
     inner_objectives = ("kl-robust-teacher", "ce")

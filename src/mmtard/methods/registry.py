@@ -1,4 +1,5 @@
-"""The method registry: ``@register_method(name, **preset)``, ``method_config``, ``create_method``, ``list_methods``.
+"""The method registry: ``@register_method(name, **preset)``, ``method_config``, ``create_method``, ``list_methods``,
+``standard_teacher_kinds``.
 
 A preset (spec section 3) is a name plus overrides of :class:`MethodConfig`'s defaults, registered on the class
 that computes it; one class may serve several presets (``mmt-ard`` and ``reference``).
@@ -68,12 +69,32 @@ def method_config(preset: str, **overrides: object) -> MethodConfig:
     return MethodConfig(**values).validate()
 
 
-def create_method(cfg: MethodConfig | str) -> Method:
+def create_method(cfg: MethodConfig | str, teacher_kinds: Mapping[str, str] | None = None) -> Method:
     """Build the method named by ``cfg.name`` (a string is read as a preset with its defaults).
 
+    Args:
+        cfg: the method's config, or a preset name.
+        teacher_kinds: teacher name -> kind (``clean`` or ``robust``), in the order the terms are computed and
+            logged; the method's ``teacher_roles`` are then these names. None: the preset's standard teachers
+            (:func:`standard_teacher_kinds`: ``clean`` and ``robust`` for ``mmt-ard`` and ``reference``,
+            ``robust`` for ``ard``, none for the others). ``mmt-ard``/``reference`` take any number of clean and
+            robust teachers with at least one robust; ``ard`` robust teachers only; ``tecoa``, ``fare``,
+            ``pmg-aft`` and ``clean-ft`` none (an empty mapping or None).
+
     Raises:
-        ConfigError: unknown name (the message lists the known ones) or an invalid config.
+        ConfigError: unknown name (the message lists the known ones), an invalid config, or teachers the method
+            cannot take (naming ``teachers.<name>.kind`` and what is expected).
     """
     if isinstance(cfg, str):
         cfg = method_config(cfg)
-    return METHODS.get(cfg.name).method(cfg)
+    return METHODS.get(cfg.name).method(cfg, teacher_kinds)
+
+
+def standard_teacher_kinds(name: str) -> dict[str, str]:
+    """The teachers (name -> kind) that method ``name`` uses when none are given: ``{"clean": "clean",
+    "robust": "robust"}`` for ``mmt-ard`` and ``reference``, ``{"robust": "robust"}`` for ``ard``, ``{}`` else.
+
+    Raises:
+        ConfigError: unknown method name.
+    """
+    return dict(METHODS.get(name).method.standard_teachers)
