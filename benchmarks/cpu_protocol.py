@@ -33,12 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -47,7 +48,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmtard.attacks.checks import check_robust_results  # noqa: E402
 from mmtard.experiments import ZOO_SCALE, ProtocolScale, run_protocol  # noqa: E402
-from mmtard.experiments.protocol import GIVEN_STAGES, evaluate_stage, has_teachers  # noqa: E402
+from mmtard.experiments.protocol import (  # noqa: E402
+    GIVEN_STAGES,
+    evaluate_stage,
+    has_teachers,
+    protocol_stages,
+    stage_row,
+)
 from mmtard.experiments.report import (  # noqa: E402
     group_by_model,
     mean_std,
@@ -83,8 +90,22 @@ ABLATION = {
     "mmt-ard_rho9_rslad": {**SPEC_V1, "rho": 9.0, **RSLAD},
     "mmt-ard_gap_rslad": {**SPEC_V1, "balance": "gap", **RSLAD},
     "ard_rslad": {"method": "ard", "robust_target": "clean"},
+    # RSLAD's target with other balances and without DIW (the robust term then weighs as much as ARD's).
+    "mmt-ard_rho3_rslad": {**SPEC_V1, "rho": 3.0, **RSLAD},
+    "mmt-ard_rho9_rslad_nodiw": {**SPEC_V1, "rho": 9.0, "diw": "none", **RSLAD},
+    "mmt-ard_gap_rslad_nodiw": {**SPEC_V1, "balance": "gap", "diw": "none", **RSLAD},
+    "mmt-ard_fixed_rslad_nodiw": {
+        **SPEC_V1,
+        "balance": "fixed",
+        "lambda_robust": 1.0,
+        "lambda_clean": 0.25,
+        "diw": "none",
+        **RSLAD,
+    },
+    "mmt-ard_rho9_rslad_cleaninner": {**SPEC_V1, "rho": 9.0, "robust_target": "clean"},
 }
 # The ablation's best cells, trained for every seed (chosen from the first-seed ablation; see BENCHMARKS.md).
+# ``--cells all`` trains every cell on every seed instead (a GPU runs the whole grid in minutes).
 CANDIDATES = ("mmt-ard_rho9_ardinner", "mmt-ard_gap_ardinner")
 BASELINES = ("ard", "tecoa", "reference")
 TARGET_EPS = "4/255"
@@ -105,6 +126,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aa-samples", type=int, default=200, help="test images per split for aa at 4/255")
     p.add_argument("--eval-every", type=int, default=ZOO_SCALE.eval_every, help="held-out PGD period in training")
     p.add_argument("--jobs", type=int, default=1, help="students trained (and evaluated) at once, one thread each")
+    p.add_argument("--baselines", nargs="+", default=list(BASELINES), help="baseline presets trained on every seed")
+    p.add_argument(
+        "--cells",
+        nargs="+",
+        default=list(CANDIDATES),
+        help="ablation cells trained on every seed and attacked with aa (default: CANDIDATES; 'all': every cell)",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["ablation", "candidates", "aa"], help="phases to skip")
     p.add_argument(
         "--report-only",
@@ -121,24 +149,49 @@ def student_jobs(methods: Sequence[str], variants: Mapping[str, Mapping], seeds:
     return jobs + [((), {name: spec}, seed) for name, spec in variants.items() for seed in seeds]
 
 
-def _run_student(out: str, scale: ProtocolScale, zoo: str, job: tuple, threads: int | None) -> list[dict]:
+def _run_student(
+    out: str, scale: ProtocolScale, zoo: str, job: tuple, threads: int | None, aa_samples: int | None = None
+) -> list[dict]:
+    """Train and evaluate one student; with ``aa_samples``, attack it with aa too (cached for the aa phase)."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     methods, variants, seed = job
-    return run_protocol(out, scale, methods, (seed,), variants, progress=False, zoo=zoo)[len(GIVEN_STAGES) :]
+    rows = run_protocol(out, scale, methods, (seed,), variants, progress=False, zoo=zoo)[len(GIVEN_STAGES) :]
+    for row in rows if aa_samples else ():
+        evaluate_with_aa(scale, row, Path(out), aa_samples, Path(zoo))
+    return rows
+
+
+def row_on_disk(out: Path, scale: ProtocolScale, job: tuple) -> dict:
+    """The row of a finished job from its cached evaluation, without its model file (``--report-only``)."""
+    methods, variants, seed = job
+    ((role, stage),) = protocol_stages(scale, methods, (seed,), variants)[len(GIVEN_STAGES) :]
+    return stage_row(scale, role, stage, RunDir(out / stage.name).model, out, False)
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes started fresh (``spawn``): a forked child cannot use CUDA once the parent has."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def job_cell(job: tuple) -> str:
+    """The method or ablation cell a :func:`student_jobs` job trains."""
+    methods, variants, _ = job
+    return (list(methods) + list(variants))[0]
 
 
 def job_stage(job: tuple) -> str:
     """The stage name of a :func:`student_jobs` job."""
-    methods, variants, seed = job
-    return f"student-{(list(methods) + list(variants))[0]}-seed{seed}"
+    return f"student-{job_cell(job)}-seed{job[2]}"
 
 
 def finished(out: Path, job: tuple) -> bool:
-    """Whether the job's student is trained and evaluated (its PGD-10 results are on disk)."""
-    return any((out / job_stage(job)).glob("protocol_eval_pgd_*.json")) and RunDir(out / job_stage(job)).model.is_file()
+    """Whether the job's student is trained and evaluated (its PGD-10 results are on disk; the model file too,
+    unless ``--report-only`` reads results brought back without their weights, e.g. from a GPU machine)."""
+    evaluated = any((out / job_stage(job)).glob("protocol_eval_pgd_*.json"))
+    return evaluated and (REPORT_ONLY or RunDir(out / job_stage(job)).model.is_file())
 
 
 def aa_cached(out: Path, row: dict, samples: int) -> bool:
@@ -150,18 +203,29 @@ NOT_RUN: list[str] = []
 REPORT_ONLY = False  # --report-only: what the tables leave out
 
 
-def train_students(out: Path, scale: ProtocolScale, zoo: str, jobs: list[tuple], workers: int) -> list[dict]:
+def train_students(
+    out: Path,
+    scale: ProtocolScale,
+    zoo: str,
+    jobs: list[tuple],
+    workers: int,
+    aa_samples: int | None = None,
+    aa_stages: Collection[str] = (),
+) -> list[dict]:
     """Train and evaluate one student per job (reusing finished ones), ``workers`` at a time; rows in job order.
 
-    With ``REPORT_ONLY`` set, unfinished jobs are listed in ``NOT_RUN`` instead of trained.
+    With ``aa_samples``, the students named in ``aa_stages`` are also attacked with aa as soon as they are
+    trained (the aa phase then finds the results on disk). With ``REPORT_ONLY``
+    set, finished jobs are read from disk and unfinished ones are listed in ``NOT_RUN``.
     """
     if REPORT_ONLY:
         NOT_RUN.extend(job_stage(job) for job in jobs if not finished(out, job))
-        jobs = [job for job in jobs if finished(out, job)]
+        return [row_on_disk(out, scale, job) for job in jobs if finished(out, job)]
+    aa_of = {job_stage(job): aa_samples if job_stage(job) in aa_stages else None for job in jobs}
     if workers <= 1:
-        return [row for job in jobs for row in _run_student(str(out), scale, zoo, job, None)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_run_student, str(out), scale, zoo, job, 1) for job in jobs]
+        return [row for job in jobs for row in _run_student(str(out), scale, zoo, job, None, aa_of[job_stage(job)])]
+    with process_pool(workers) as pool:
+        futures = [pool.submit(_run_student, str(out), scale, zoo, job, 1, aa_of[job_stage(job)]) for job in jobs]
         return [row for future in futures for row in future.result()]
 
 
@@ -198,7 +262,7 @@ def evaluate_all_with_aa(out: Path, scale: ProtocolScale, rows: list[dict], samp
     """:func:`evaluate_with_aa` for every row, given models first (their caches are shared by nobody else)."""
     if workers <= 1:
         return [evaluate_with_aa(scale, row, out, samples, Path(zoo)) for row in rows]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with process_pool(workers) as pool:
         futures = [pool.submit(_aa_job, str(out), scale, row, samples, zoo) for row in rows]
         return [future.result() for future in futures]
 
@@ -331,18 +395,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         eval_samples=args.eval_samples,
         eval_every=args.eval_every,
     )
+    cells = list(ABLATION) if args.cells == ["all"] else args.cells
+    unknown = sorted(set(cells) - set(ABLATION))
+    if unknown:
+        raise SystemExit(f"--cells: unknown {unknown}; expected 'all' or names from {list(ABLATION)}")
+    aa_samples = None if "aa" in args.skip else args.aa_samples
+
+    def train(jobs: list[tuple], attacked: Callable[[tuple], bool] = lambda job: True) -> list[dict]:
+        aa_stages = {job_stage(job) for job in jobs if attacked(job)}
+        return train_students(out, scale, args.zoo, jobs, args.jobs, aa_samples, aa_stages)
+
     given = run_protocol(out, scale, methods=(), zoo=args.zoo, progress=False)  # checks the zoo, evaluates it
-    baselines = train_students(out, scale, args.zoo, student_jobs(BASELINES, {}, args.seeds), args.jobs)
+    baselines = train(student_jobs(args.baselines, {}, args.seeds))
     ablation: list[dict] = []
     if "ablation" not in args.skip:
-        ablation = train_students(out, scale, args.zoo, student_jobs((), ABLATION, args.seeds[:1]), args.jobs)
+        ablation = train(student_jobs((), ABLATION, args.seeds[:1]), lambda job: job_cell(job) in cells)
         if "candidates" not in args.skip:
-            more = student_jobs((), {name: ABLATION[name] for name in CANDIDATES}, args.seeds[1:])
-            ablation += train_students(out, scale, args.zoo, more, args.jobs)
+            ablation += train(student_jobs((), {name: ABLATION[name] for name in cells}, args.seeds[1:]))
     cell = default_cell()
     default = [r for r in ablation if r["stage"].rsplit("-seed", 1)[0] == f"student-{cell}"]
     if {r["seed"] for r in default} != set(args.seeds) and not (REPORT_ONLY and default):
-        default = train_students(out, scale, args.zoo, student_jobs(("mmt-ard",), {}, args.seeds), args.jobs)
+        default = train(student_jobs(("mmt-ard",), {}, args.seeds))
     rows = given + default + baselines
     for row in rows + ablation:
         row["batch_size"] = args.batch_size
@@ -360,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if ablation:
         context = [r for r in given + baselines if r["seed"] == args.seeds[0]]
         sections += [
-            f"## Ablation (seed {args.seeds[0]}; candidates {', '.join(CANDIDATES)} on every seed), seen, PGD-10\n\n"
+            f"## Ablation (seed {args.seeds[0]}; on every seed: {', '.join(cells)}), seen, PGD-10\n\n"
             + pgd_table(context + ablation, "seen"),
             "## Ablation, unseen, PGD-10\n\n" + pgd_table(context + ablation, "unseen"),
             checks_summary(ablation),
@@ -373,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_report(out, sections, saved, started)
     aa_rows: list[dict] = []
     if "aa" not in args.skip:
-        candidates = {f"student-{name}" for name in CANDIDATES}
+        candidates = {f"student-{name}" for name in cells}
         chosen = [r for r in saved if r["stage"] in AA_GIVEN or r["stage"].rsplit("-seed", 1)[0] in candidates]
         chosen += [r for r in default + baselines if r not in chosen]
         if REPORT_ONLY:
@@ -394,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot_lambda_trajectories(out, first_seed, out / "lambda_r.png")
     if aa_rows:
         plot_pareto(aa_rows, out / "pareto.png", attack="aa", eps=TARGET_EPS)
-    candidate_rows = [r for r in ablation if r["stage"].rsplit("-seed", 1)[0] in {f"student-{c}" for c in CANDIDATES}]
+    candidate_rows = [r for r in ablation if r["stage"].rsplit("-seed", 1)[0] in {f"student-{c}" for c in cells}]
     headline = headline_records(rows + [r for r in candidate_rows if r not in rows], aa_rows, steps_to_ard)
     for record in headline:
         record["method"] = "mmt-ard" if record["model"] == default_name else record["method"]

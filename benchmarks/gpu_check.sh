@@ -39,7 +39,7 @@ mkdir -p "$OUT"
 LOG=$OUT/log.txt
 : >"$LOG"
 PY=${PYTHON:-python3}
-export PYTHONPATH="$REPO/.carry:$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="${CARRY:-$REPO/.carry}:$REPO/src${PYTHONPATH:+:$PYTHONPATH}"  # CARRY: where the packages are
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 TINY=${MMTARD_GPU_CHECK_TINY:-0}
@@ -57,6 +57,11 @@ else
     AA=(--device cuda)
     LEVERS=(--batch-sizes 256 --steps 5 --warmup 2 --levers ${MMTARD_GPU_CHECK_LEVERS:-none channels-last compile})
     LIMITS=(220 90 140)
+    if [[ "${MMTARD_GPU_CHECK_SHORT:-0}" == 1 ]]; then  # inside benchmarks/gpu_run.sh: about 4 minutes
+        GRID=(--batch-sizes 128 256 512 --steps 3 --warmup 1)
+        LEVERS=(--batch-sizes 256 --steps 3 --warmup 1 --levers ${MMTARD_GPU_CHECK_LEVERS:-none compile})
+        LIMITS=(120 45 70)
+    fi
 fi
 
 # stage NAME LIMIT_SECONDS COMMAND...: run it under a time limit, output to the terminal and the log.

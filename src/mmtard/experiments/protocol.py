@@ -305,20 +305,24 @@ def run_protocol(
                 source = stage.pretrained[1:]
                 stage = replace(stage, pretrained=str(models.get(source, RunDir(out / source).model)))
             models[stage.name] = run_stage(scale, stage, out, models, progress)
-        results = evaluate_stage(scale, stage.arch, models[stage.name], out / stage.name, progress)
-        timing_file = out / stage.name / TRAIN_TIME_FILE
-        timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-        rows.append(
-            {
-                "stage": stage.name,
-                "role": role,
-                "method": stage.method,
-                "seed": stage.seed,
-                "arch": stage.arch,
-                "train_seconds": timing.get("seconds"),
-                "steps": stage.steps,
-                **results,
-            }
-        )
+        rows.append(stage_row(scale, role, stage, models[stage.name], out, progress))
     atomic_write_text(out / "rows.json", json.dumps(rows, indent=2))
     return rows
+
+
+def stage_row(scale: ProtocolScale, role: str, stage: StageSpec, model_file: Path, out: Path, progress: bool) -> dict:
+    """One row of :func:`run_protocol`: the stage, its training time and its evaluation (cached on disk; the
+    model file is read only when the evaluation is not)."""
+    results = evaluate_stage(scale, stage.arch, model_file, out / stage.name, progress)
+    timing_file = out / stage.name / TRAIN_TIME_FILE
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    return {
+        "stage": stage.name,
+        "role": role,
+        "method": stage.method,
+        "seed": stage.seed,
+        "arch": stage.arch,
+        "train_seconds": timing.get("seconds"),
+        "steps": stage.steps,
+        **results,
+    }
