@@ -1,4 +1,5 @@
-"""The clean-teacher ``LogitCache``: the in-memory default, and the disk-backed fp16 memory-mapped store."""
+"""The clean-teacher ``LogitCache``: the in-memory default, and the disk-backed fp16 memory-mapped store; the
+method's ``cache_dir`` (one store per teacher name)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmtard.errors import ConfigError
+from mmtard.methods import create_method, method_config
 from mmtard.methods.base import LogitCache
+from mmtard.models.zeroshot import ZeroShotClassifier
 
 ROWS, CLASSES = 12, 5
 
@@ -147,3 +151,106 @@ def test_given_classes_the_store_is_created_at_construction_and_opened_by_the_ne
     other_teacher = CountingTeacher()
     assert torch.equal(first.logits(other_teacher, *_batch(images, [7, 2])), written.flip(0))
     assert other_teacher.forwarded == 0
+
+
+# ---------------------------------------------------------------- method.cache_dir: the method's disk caches
+
+EPS = 8 / 255
+TEACHER_KINDS = {"clip": "clean", "tecoa": "robust", "fare": "robust"}
+
+
+def _classifier(seed: int, dim: int) -> ZeroShotClassifier:
+    torch.manual_seed(seed)
+    prototypes = F.normalize(torch.randn(CLASSES, dim), dim=-1)
+    return ZeroShotClassifier(
+        nn.Sequential(nn.Flatten(), nn.Linear(48, dim)), (0.5,) * 3, (0.25,) * 3, prototypes, 10.0
+    )
+
+
+def _teachers() -> dict[str, ZeroShotClassifier]:
+    teachers = {"clip": _classifier(1, 7), "tecoa": _classifier(2, 5), "fare": _classifier(3, 9)}
+    for teacher in teachers.values():
+        teacher.forwarded = []
+        teacher.visual.register_forward_hook(lambda m, inputs, out, t=teacher: t.forwarded.append(len(inputs[0])))
+    return teachers
+
+
+def _method(cache_dir, **overrides):
+    cfg = method_config(
+        "mmt-ard", eps=EPS, steps=1, cache_clean_teacher=True, cache_dir=None if cache_dir is None else str(cache_dir),
+        **overrides,
+    )  # fmt: skip
+    return create_method(cfg, TEACHER_KINDS)
+
+
+IDENTITY = {
+    "clip": {"arch": "fake", "seed": 1},
+    "tecoa": {"arch": "fake", "seed": 2},
+    "fare": {"arch": "fake", "seed": 3},
+}
+
+
+def _step(method, teachers, keys: list[int]):
+    images = _images()
+    x, index = _batch(images, keys)
+    y = torch.tensor(keys) % CLASSES
+    torch.manual_seed(0)
+    return method(_classifier(0, 6).train(), teachers, x, y, index)
+
+
+def test_method_cache_dir_keeps_each_teachers_clean_logits_in_its_own_fp16_folder(tmp_path):
+    teachers = _teachers()
+    method = _method(tmp_path / "logits", robust_target="clean")
+    method.open_logit_caches(rows=ROWS, identity=IDENTITY, classes=CLASSES)
+    for name in TEACHER_KINDS:  # with robust_target: clean every teacher's clean-image logits are read
+        meta = json.loads((tmp_path / "logits" / name / "cache.json").read_text())
+        assert meta["rows"] == ROWS and meta["classes"] == CLASSES and meta["identity"]["source"] == IDENTITY[name]
+        assert np.load(tmp_path / "logits" / name / "logits.npy", mmap_mode="r").dtype == np.float16
+    first = _step(method, teachers, [0, 1, 2, 3])
+    assert {name: t.forwarded for name, t in teachers.items()} == {"clip": [4], "tecoa": [4], "fare": [4]}
+    _step(method, teachers, [2, 3, 4, 5])
+    assert {name: t.forwarded for name, t in teachers.items()} == {"clip": [4, 2], "tecoa": [4, 2], "fare": [4, 2]}
+
+    # a later run with the same teachers and data forwards nothing and computes the same loss, bitwise
+    later = _method(tmp_path / "logits", robust_target="clean")
+    later.open_logit_caches(rows=ROWS, identity=IDENTITY, classes=CLASSES)
+    again = _step(later, teachers, [0, 1, 2, 3])
+    assert all(len(t.forwarded) == 2 for t in teachers.values())
+    assert again.total().item() == first.total().item()
+    # against float32 logits kept in memory: the same within fp16 rounding
+    in_memory = _step(_method(None, robust_target="clean"), _teachers(), [0, 1, 2, 3])
+    assert again.total().item() == pytest.approx(in_memory.total().item(), rel=1e-3)
+    assert again.total().item() != in_memory.total().item()  # the fp16 store is really read
+
+
+def test_method_cache_dir_holds_only_the_logits_a_step_reads(tmp_path):
+    """Robust teachers distilled on x' read no clean-image logits (except the inner objective's teacher)."""
+    method = _method(tmp_path / "logits")
+    assert method.clean_image_readers() == ("clip",)
+    method.open_logit_caches(rows=ROWS, identity=IDENTITY, classes=CLASSES)
+    assert sorted(p.name for p in (tmp_path / "logits").iterdir()) == ["clip"]
+    inner = _method(tmp_path / "inner", inner="kl-robust-teacher", inner_teacher="fare")
+    assert inner.clean_image_readers() == ("clip", "fare")
+
+
+def test_method_cache_dir_of_another_teacher_is_started_over(tmp_path):
+    teachers = _teachers()
+    method = _method(tmp_path / "logits")
+    method.open_logit_caches(rows=ROWS, identity=IDENTITY, classes=CLASSES)
+    _step(method, teachers, [0, 1])
+    changed = _method(tmp_path / "logits")
+    changed.open_logit_caches(rows=ROWS, identity={**IDENTITY, "clip": {"arch": "fake", "seed": 99}}, classes=CLASSES)
+    _step(changed, teachers, [0, 1])
+    assert teachers["clip"].forwarded == [2, 2]
+
+
+def test_method_cache_dir_must_be_opened_before_a_step(tmp_path):
+    method = _method(tmp_path / "logits")
+    with pytest.raises(RuntimeError, match=r"open_logit_caches\(rows=...\) before the first step"):
+        _step(method, _teachers(), [0, 1])
+    with pytest.raises(ConfigError, match="cache_dir: .*needs cache_clean_teacher: true"):
+        method_config("mmt-ard", cache_dir=str(tmp_path / "logits"))
+    memory = _method(None)
+    memory.open_logit_caches(rows=ROWS)  # without cache_dir: a no-op, the caches stay in memory
+    assert all(cache.cache_dir is None for cache in memory.caches.values())
+    create_method("tecoa").open_logit_caches(rows=ROWS)  # methods without teacher logits: a no-op

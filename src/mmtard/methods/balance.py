@@ -4,6 +4,11 @@ A balance is a small state object updated once per step, without gradient, from 
 exact to save and restore). Each rule is one registered class; a new rule is one class here with
 ``@BALANCES.register(name)`` and its test.
 
+Every rule runs over any number K >= 1 of teachers, keyed by teacher name, in a fixed order: the softmax rules
+(``sigmoid``, ``ratio``, ``gap``) are softmaxes over the K terms (for K = 2 the softmax of two logits is the
+sigmoid of their difference, so the two-teacher formulas of the spec are these rules at K = 2), ``mtard`` moves
+each weight toward its share ``r_k / sum(r)``, ``fixed`` takes a weight per teacher.
+
 Every step the method passes:
 
 - ``terms``: each teacher's term ``L_k`` (the global batch mean under DDP);
@@ -41,13 +46,13 @@ class Balance:
     """Weights ``lambda_k`` of the teacher terms.
 
     Args:
-        roles: the teachers, in a fixed order (e.g. ``("clean", "robust")``).
+        roles: the teacher names, in a fixed order (e.g. ``("clean", "robust")``).
         momentum: moving-average momentum.
         beta: sharpness of the softmax rules.
         eta: step of the ``mtard`` update.
-        fixed: the ``fixed`` rule's weight per role.
-        log_prior: a constant added to each role's softmax logit (``log rho`` for robust teachers); softmax
-            rules only.
+        fixed: the ``fixed`` rule's weight per teacher (1 for a teacher not listed).
+        log_prior: a constant added to each teacher's softmax logit (``log rho`` for every robust-kind teacher,
+            0 for the others); softmax rules only.
     """
 
     uses_prior = False
@@ -177,8 +182,9 @@ class AccuracyGapBalance(Balance):
 class MTARDBalance(Balance):
     """MTARD's update: ``w_k <- w_k - eta * (w_k - r_k / sum(r))`` every step, from ``w_k = 1 / K``.
 
-    With two teachers this is ``w_C <- w_C - eta * (w_C - r_C / (r_R + r_C))``, ``lambda_R = 1 - w_C``.
-    Where ``sum(r) == 0`` the target is uniform.
+    With two teachers this is ``w_C <- w_C - eta * (w_C - r_C / (r_R + r_C))``, ``lambda_R = 1 - w_C``; for K
+    teachers the same update per teacher, so the weights keep summing to 1 (up to rounding). Where
+    ``sum(r) == 0`` the target is uniform.
     """
 
     def __init__(self, roles: Sequence[str], **settings):
@@ -209,7 +215,7 @@ class MTARDBalance(Balance):
 
 @BALANCES.register("fixed")
 class FixedBalance(Balance):
-    """Constant weights from the config (the ``reference`` preset uses 1 and 1)."""
+    """Constant weights from the config, one per teacher (the ``reference`` preset uses 1 and 1)."""
 
     def weights(self) -> dict[str, float]:
         return dict(self.fixed)

@@ -487,7 +487,7 @@ class Method:
         Args:
             student: the student ``ZeroShotClassifier``, possibly wrapped in DistributedDataParallel, in
                 train mode.
-            teachers: frozen models by role; must hold every role of ``teacher_roles`` (others are
+            teachers: frozen models by name; must hold every name of ``teacher_roles`` (others are
                 ignored). They are put in eval mode without parameter gradients.
             x: ``(B, 3, H, W)`` images in ``[0, 1]``.
             y: ``(B,)`` labels in the student's (and teachers') label set.
@@ -499,7 +499,7 @@ class Method:
         missing = [role for role in self.teacher_roles if role not in teachers]
         if missing:
             raise ConfigError(
-                f"teachers: method '{self.cfg.name}' needs roles {self.teacher_roles}; missing {tuple(missing)}"
+                f"teachers: method '{self.cfg.name}' needs teachers {self.teacher_roles}; missing {tuple(missing)}"
             )
         for role in self.teacher_roles:
             if unwrap(teachers[role]).visual is unwrap(student).visual:

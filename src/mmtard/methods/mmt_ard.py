@@ -85,7 +85,16 @@ class MMTARD(Method):
         self.uses_clean_images = "clean" in self.teacher_kinds.values()
         self.disk_caches_pending = cfg.cache_clean_teacher and cfg.cache_dir is not None
         if cfg.cache_clean_teacher and cfg.cache_dir is None:
-            self.caches = {name: LogitCache() for name in self.teacher_roles}
+            self.caches = {name: LogitCache() for name in self.clean_image_readers()}
+
+    def clean_image_readers(self) -> tuple[str, ...]:
+        """The teachers whose logits on the clean images a step reads (the ones a cache can serve): every clean
+        teacher, the robust ones with ``robust_target: clean``, and the inner objective's teacher."""
+        read = {
+            name for name, kind in self.teacher_kinds.items() if kind == "clean" or self.cfg.robust_target == "clean"
+        }
+        read |= set(self.inner_teachers.values())
+        return tuple(name for name in self.teacher_roles if name in read)
 
     def fixed_weights(self) -> dict[str, float]:
         """The ``fixed`` balance's weight per teacher: ``lambda_robust``, ``lambda_clean`` for the standard
@@ -108,7 +117,8 @@ class MMTARD(Method):
         self, rows: int, identity: Mapping[str, object] | None = None, classes: int | None = None
     ) -> None:
         """Open the disk-backed fp16 caches of the teachers' clean-image logits (``cache_dir`` set): one
-        :class:`LogitCache` folder per teacher, ``<cache_dir>/<teacher name>``. A no-op without ``cache_dir``.
+        :class:`LogitCache` folder per teacher whose clean-image logits a step reads
+        (:meth:`clean_image_readers`), ``<cache_dir>/<teacher name>``. A no-op without ``cache_dir``.
 
         Call it once, before the first step. Under several processes call it on rank 0 first with ``classes``
         (it creates the stores), then after a barrier on the others (they open the same files).
@@ -136,7 +146,7 @@ class MMTARD(Method):
                 },
                 classes=classes,
             )
-            for name in self.teacher_roles
+            for name in self.clean_image_readers()
         }
         self.disk_caches_pending = False
 
