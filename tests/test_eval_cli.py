@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
+import torch
+import torch.distributed
 
 from mmtard.cli import main
 
@@ -106,3 +112,81 @@ def test_unknown_model_is_one_clear_error(tmp_path, npz_dir, capsys):
         ["eval", "--model", "ViT-Nope", "--dataset", "cifar10", "--data-dir", str(npz_dir), "--out", str(tmp_path)]
     )
     assert code == 2 and "unknown architecture 'ViT-Nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+def test_precision_bf16_is_used_and_recorded(tmp_path, npz_dir):
+    code, out = _run(tmp_path, "--data-dir", str(npz_dir), "--samples", "10", "--attack", "none", "--precision", "bf16")
+    assert code == 0
+    record = json.loads((out / "results.json").read_text())
+    assert record["precision"] == "bf16" and record["samples"] == 10
+
+
+def test_precision_defaults_to_fp32(tmp_path, npz_dir):
+    code, out = _run(tmp_path, "--data-dir", str(npz_dir), "--samples", "10", "--attack", "none")
+    assert code == 0 and json.loads((out / "results.json").read_text())["precision"] == "fp32"
+
+
+def test_an_unknown_precision_is_one_clear_error_before_anything_is_written(tmp_path, npz_dir, capsys):
+    code, out = _run(tmp_path, "--data-dir", str(npz_dir), "--precision", "fp16")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert err == ["mmtard eval: error: --precision: expected fp32 or bf16, got 'fp16'"]
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+def test_eval_joins_torchrun_processes_with_its_device(tmp_path, npz_dir, monkeypatch):
+    """``mmtard eval`` calls ``start_eval_processes`` with the checked device (it starts nothing without torchrun)."""
+    from mmtard.eval import distributed
+
+    devices = []
+    real = distributed.start_eval_processes
+
+    def recording(device, *args, **kwargs):
+        devices.append(device)
+        return real(device, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "start_eval_processes", recording)
+    code, _ = _run(tmp_path, "--data-dir", str(npz_dir), "--samples", "4", "--attack", "none", "--device", "cpu")
+    assert code == 0 and devices == ["cpu"]
+
+
+def without_seconds(value):
+    if isinstance(value, dict):
+        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [without_seconds(v) for v in value]
+    return value
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_torchrun_module_cli_shards_and_equals_one_process(tmp_path, npz_dir):
+    """``torchrun --nproc_per_node 2 -m mmtard.cli eval ...`` as a user types it (gloo on the CPU): only rank 0
+    writes and prints, and ``results.json`` equals one process's but for the wall time."""
+    args = ["--data-dir", str(npz_dir), "--samples", "12", "--batch-size", "5", "--attack", "pgd", "--steps", "1"]
+    args += ["--eps", "8/255", "--device", "cpu", "--seed", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    launch += ["--master_port", str(port), "-m", "mmtard.cli"]
+    common = ["eval", "--model", "tiny-vit-s", "--dataset", "cifar10", "--no-progress", *args]
+    proc = subprocess.run(
+        [*launch, *common, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("| tiny-vit-s | cifar10 | 12 |") == 1  # the table, printed by rank 0 only
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process: the same summation order in the kernels
+    try:
+        assert main([*common, "--out", str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    ddp, single = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("ddp", "single"))
+    assert without_seconds(ddp) == without_seconds(single)
+    assert not (tmp_path / "ddp" / "journal").exists()

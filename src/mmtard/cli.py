@@ -122,7 +122,17 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         default=100.0,
         help="fixed scale (default 100) or 'model' for the model's learned scale",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: cuda if available; under torchrun, cuda is each process's own GPU)",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 (default) or bf16 (autocast; robust accuracy checked against fp32 on the first batch, "
+        "refused beyond 1 point)",
+    )
     p.add_argument("--seed", type=whole_number(0), default=0)
     p.add_argument(
         "--download", action="store_true", help="let torchvision download the dataset (never done otherwise)"
@@ -155,6 +165,7 @@ EVAL_FLAGS = {
     "seed": "--seed",
     "model": "--model",
     "pretrained": "--pretrained",
+    "precision": "--precision",
 }
 
 
@@ -165,7 +176,8 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[fl
         ``(data_dirs, eps, device)``: one folder per dataset, the radii as floats, the device to use.
     """
     from mmtard.attacks import list_attacks
-    from mmtard.train.preflight import check_data, check_device, check_model, check_output_dir
+    from mmtard.eval.zeroshot import check_precision
+    from mmtard.train.preflight import check_data, check_device, check_model, check_output_dir, renamed_fields
     from mmtard.units import parse_eps
 
     if len(args.data_dir) not in (1, len(args.dataset)):
@@ -179,6 +191,8 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[fl
     for name in args.attack:
         if name not in attacks:
             raise ConfigError(f"--attack: unknown attack {name!r}; expected one of {', '.join(attacks)}")
+    with renamed_fields(EVAL_FLAGS):
+        check_precision(args.precision)
     device = str(check_device(args.device, "--device"))
     check_output_dir(args.out, "--out")
     check_model(args.model, args.pretrained, "--model", "--pretrained", trust_checkpoint=args.trust_checkpoint)
@@ -190,12 +204,15 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[fl
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from mmtard.eval.distributed import start_eval_processes
     from mmtard.eval.report import markdown_table, write_results
     from mmtard.eval.run import EvalRequest, evaluate_bundle
     from mmtard.models import load_clip
     from mmtard.train.preflight import renamed_fields
 
     data_dirs, eps, device = check_eval_args(args)
+    with renamed_fields({"device": "--device"}):
+        start_eval_processes(device)  # under torchrun: each process its share of the batches; else nothing
     journal_dir = os.path.join(args.out, "journal")  # an interrupted run, rerun as it was, continues
     with leave_as_found(Path(args.out), inside=["journal"]), renamed_fields(EVAL_FLAGS):
         torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
@@ -218,6 +235,7 @@ def run_eval(args: argparse.Namespace) -> int:
             download=args.download,
             progress=not args.no_progress,
             journal_dir=journal_dir,
+            precision=args.precision,
         )
         records = evaluate_bundle(bundle, request)
         paths = write_results(args.out, records)
