@@ -103,9 +103,12 @@ def all_trajectories() -> dict:
 @pytest.mark.parametrize("name", sorted(TRAJECTORIES))
 def test_two_teacher_presets_are_bitwise_as_saved(name):
     """Exact equality (floats round-trip through JSON): losses, lambdas, every metric, x', the student's weights."""
-    saved = json.loads(FIXTURE.read_text())["trajectories"][name]
+    fixture = json.loads(FIXTURE.read_text())
     preset, overrides = TRAJECTORIES[name]
-    assert trajectory(preset, overrides) == saved
+    assert trajectory(preset, overrides) == fixture["trajectories"][name], (
+        f"not bitwise the saved trajectory (written with torch {fixture['torch']} on a CPU; here torch "
+        f"{torch.__version__}): float bits may also change with another CPU's kernels"
+    )
 
 
 @pytest.mark.parametrize("preset", ["mmt-ard", "ard"])

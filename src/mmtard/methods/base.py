@@ -96,13 +96,22 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * (logits.detach().argmax(dim=-1) == y).float().mean().item()
 
 
+def host_floats(values: list[torch.Tensor]) -> list[float]:
+    """0-d tensors as python floats with one device synchronisation (one copy of one stacked tensor).
+
+    Each value is exactly its own ``.item()``: float32 and float16 widen to float64 without rounding.
+    """
+    return torch.stack([v.detach().to(torch.float64) for v in values]).tolist()
+
+
 @dataclass
 class MethodOutput:
     """One step's result.
 
     Attributes:
         losses: named, already weighted loss terms; the trainer backpropagates their sum.
-        metrics: python floats for logging (``L_R``, ``L_C``, ``lambda_R``, ``acc_adv``...).
+        metrics: python floats for logging (``L_R``, ``L_C``, ``lambda_R``, ``L_<name>``, ``lambda_<name>``,
+            ``acc_adv``...).
         x_adv: the adversarial images ``x'`` of the step (detached), for inspection and tests.
     """
 

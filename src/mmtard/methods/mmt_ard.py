@@ -31,6 +31,7 @@ from mmtard.methods.base import (
     LogitCache,
     Method,
     MethodOutput,
+    host_floats,
     metric_suffix,
     student_forward_pair,
     teacher_forward,
@@ -237,14 +238,6 @@ class MMTARD(Method):
 
     def load_state_dict(self, state: Mapping) -> None:
         self.balance.load_state_dict(state["balance"])
-
-
-def host_floats(values: list[torch.Tensor]) -> list[float]:
-    """0-d tensors as python floats with one device synchronisation (one copy of one stacked tensor).
-
-    Each value is exactly its own ``.item()``: float32 and float16 widen to float64 without rounding.
-    """
-    return torch.stack([v.detach().to(torch.float64) for v in values]).tolist()
 
 
 @register_method("ard", inner="kl-robust-teacher", diw="none", balance="fixed", lambda_robust=1.0)
