@@ -39,7 +39,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -226,7 +226,14 @@ def train_students(
         return [row for job in jobs for row in _run_student(str(out), scale, zoo, job, None, aa_of[job_stage(job)])]
     with process_pool(workers) as pool:
         futures = [pool.submit(_run_student, str(out), scale, zoo, job, 1, aa_of[job_stage(job)]) for job in jobs]
-        return [row for future in futures for row in future.result()]
+        rows = []
+        for job, future in zip(jobs, futures):
+            try:
+                rows += future.result()
+            except Exception as error:  # one student's failure leaves the others' results in the tables
+                logging.exception("%s failed", job_stage(job))
+                NOT_RUN.append(f"{job_stage(job)} (failed: {type(error).__name__}: {error})")
+        return rows
 
 
 def evaluate_with_aa(scale: ProtocolScale, row: dict, out: Path, samples: int, zoo: Path) -> dict:
@@ -399,23 +406,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(cells) - set(ABLATION))
     if unknown:
         raise SystemExit(f"--cells: unknown {unknown}; expected 'all' or names from {list(ABLATION)}")
-    aa_samples = None if "aa" in args.skip else args.aa_samples
-
-    def train(jobs: list[tuple], attacked: Callable[[tuple], bool] = lambda job: True) -> list[dict]:
-        aa_stages = {job_stage(job) for job in jobs if attacked(job)}
-        return train_students(out, scale, args.zoo, jobs, args.jobs, aa_samples, aa_stages)
-
     given = run_protocol(out, scale, methods=(), zoo=args.zoo, progress=False)  # checks the zoo, evaluates it
-    baselines = train(student_jobs(args.baselines, {}, args.seeds))
-    ablation: list[dict] = []
+    phases = {"baselines": student_jobs(args.baselines, {}, args.seeds), "ablation": [], "default": []}
     if "ablation" not in args.skip:
-        ablation = train(student_jobs((), ABLATION, args.seeds[:1]), lambda job: job_cell(job) in cells)
+        phases["ablation"] = student_jobs((), ABLATION, args.seeds[:1])
         if "candidates" not in args.skip:
-            ablation += train(student_jobs((), {name: ABLATION[name] for name in cells}, args.seeds[1:]))
+            phases["ablation"] += student_jobs((), {name: ABLATION[name] for name in cells}, args.seeds[1:])
     cell = default_cell()
-    default = [r for r in ablation if r["stage"].rsplit("-seed", 1)[0] == f"student-{cell}"]
-    if {r["seed"] for r in default} != set(args.seeds) and not (REPORT_ONLY and default):
-        default = train(student_jobs(("mmt-ard",), {}, args.seeds))
+    default_jobs = [job for job in phases["ablation"] if job_cell(job) == cell]
+    if {job[2] for job in default_jobs} != set(args.seeds) and not (REPORT_ONLY and default_jobs):
+        phases["default"] = default_jobs = student_jobs(("mmt-ard",), {}, args.seeds)
+    # Every student in one pool (no phase waits for another's slowest job); aa on all but the first-seed-only cells.
+    jobs = [job for phase in phases.values() for job in phase]
+    aa_stages = {job_stage(job) for job in jobs if job_cell(job) in {*args.baselines, "mmt-ard", *cells}}
+    aa_samples = None if "aa" in args.skip else args.aa_samples
+    trained = train_students(out, scale, args.zoo, jobs, args.jobs, aa_samples, aa_stages)
+    by_stage = {row["stage"]: row for row in trained}
+    baselines, ablation, default = (
+        [by_stage[job_stage(job)] for job in phase if job_stage(job) in by_stage]
+        for phase in (phases["baselines"], phases["ablation"], default_jobs)
+    )
     rows = given + default + baselines
     for row in rows + ablation:
         row["batch_size"] = args.batch_size
@@ -480,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if (out / plot).is_file():
                 (docs / plot).write_bytes((out / plot).read_bytes())
     if NOT_RUN:
-        sections.append("Not in these tables (--report-only, not run yet): " + ", ".join(NOT_RUN) + ".")
+        sections.append("Not in these tables (failed, or not run yet with --report-only): " + ", ".join(NOT_RUN) + ".")
     write_report(out, sections, saved, started)
 
 

@@ -41,7 +41,7 @@ if [[ "${1:-}" == "--tiny" ]]; then
     LIMITS=(900 300)
     CHECK=(--tiny)
 else
-    BENCH=(--jobs 12 --cells all)
+    BENCH=(--jobs 16 --cells all)
     LIMITS=(300 245)
     CHECK=()
 fi
@@ -58,8 +58,10 @@ stage() {
 
 # save: everything small so far, the students' weights and checkpoints left out.
 save() {
+    local parts=()
+    for part in bench-gpu docs gpu_check; do [[ -e "$WORK/$part" ]] && parts+=("$part"); done
     tar czf "$OUT/results.tar.gz.part" --exclude model.safetensors --exclude checkpoints --exclude tensorboard \
-        --exclude eval_journal -C "$WORK" . && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+        --exclude eval_journal -C "$WORK" "${parts[@]}" && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
     [[ -f "$WORK/bench-gpu/benchmark.md" ]] && cp "$WORK/bench-gpu/benchmark.md" "$OUT/benchmark.md"
     return 0
 }
