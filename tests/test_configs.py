@@ -145,11 +145,42 @@ MMT_ARD = REPO / "configs" / "cpu" / "mmt-ard.yaml"
         ("device=gpu", "device: expected auto, cpu, cuda or cuda:N"),
         ("output_dir=''", "output_dir: expected a folder"),
         ("eval.eps=[1/255,", "--set eval.eps: cannot read"),
+        ("data.augment=1", "data.augment: expected true or false"),
+        ("train.compile=yes please", "train.compile: expected true or false"),
+        ("data.augment=true", "data.augment: .*method.cache_clean_teacher=false or data.augment=false"),
     ],
 )
 def test_every_field_is_checked_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(MMT_ARD, [override])
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+PAPER_CONFIGS = [p for p in RUN_CONFIGS if "paper" in p.relative_to(REPO / "configs").parts]
+
+
+def test_augmentation_and_compilation_are_off_by_default():
+    assert RunConfig().data.augment is False and RunConfig().train.compile is False
+    cpu_configs = [p for p in RUN_CONFIGS if p not in PAPER_CONFIGS]
+    assert cpu_configs and not any(load_config(p).data.augment for p in cpu_configs)
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=ids(PAPER_CONFIGS))
+def test_paper_configs_train_with_augmentation_and_no_logit_cache(path):
+    cfg = load_config(path)
+    assert cfg.data.augment is True and cfg.method.cache_clean_teacher is False
+
+
+def test_augmentation_with_the_clean_teacher_cache_is_one_error_naming_both(tmp_path):
+    assert load_config(MMT_ARD).method.cache_clean_teacher  # the CPU preset caches; augmenting it is refused
+    with pytest.raises(ConfigError, match=r"^data\.augment: .*method\.cache_clean_teacher.* would be stale"):
+        load_config(MMT_ARD, ["data.augment=true"])
+    cfg = load_config(MMT_ARD, ["data.augment=true", "method.cache_clean_teacher=false"])
+    assert cfg.data.augment and not cfg.method.cache_clean_teacher
+    paper = REPO / "configs" / "paper" / "mmt-ard-vit-b32.yaml"
+    with pytest.raises(ConfigError, match="method.cache_clean_teacher"):
+        load_config(paper, ["method.cache_clean_teacher=true"])
 
 
 # ----------------------------------------------------------------------------------------------- radii

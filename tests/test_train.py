@@ -529,3 +529,139 @@ def test_without_tensorboard_the_run_logs_a_warning_and_writes_json_logs_only(tm
     log.close()
     assert read_metrics(tmp_path / "run") == [{"step": 1, "loss": 0.5}]
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+# --------------------------------------------------------------------------------------- augmentation
+
+NO_CACHE = ("method.cache_clean_teacher=false",)  # the CPU preset caches teacher logits, which augmenting refuses
+
+
+@pytest.fixture
+def recorded_batches(monkeypatch) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(step, x, index)`` of every batch the loop hands to ``train_step``."""
+    seen = []
+    real_train_step = trainer_module.train_step
+
+    def recording_train_step(state, teachers, x, y, index, *args, **kwargs):
+        seen.append((state.step, x.clone(), index.clone()))
+        return real_train_step(state, teachers, x, y, index, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", recording_train_step)
+    return seen
+
+
+def test_augmentation_changes_each_training_batch_as_seeded_per_step(data_dir, tmp_path, recorded_batches):
+    """Off (the default), the step sees the dataset's images; on, the same images through ``TrainAugment`` with
+    the generator of (seed, step, rank 0); a second run draws the same boxes."""
+    from mmtard.data import TrainAugment, step_generator
+
+    plain_cfg = load_config(MMT_ARD, small(data_dir, tmp_path / "plain", "train.steps=2", *NO_CACHE))
+    assert plain_cfg.data.augment is False
+    train(plain_cfg, progress=False)
+    plain = list(recorded_batches)
+    train_set, _ = trainer_module.build_datasets(plain_cfg, 32, plain_cfg.train.seed)
+    for _, x, index in plain:
+        assert torch.equal(x, torch.stack([train_set[i][0] for i in index.tolist()]))
+
+    for run in ("augmented", "again"):
+        recorded_batches.clear()
+        cfg = load_config(MMT_ARD, small(data_dir, tmp_path / run, "train.steps=2", "data.augment=true", *NO_CACHE))
+        train(cfg, progress=False)
+        assert [step for step, _, _ in recorded_batches] == [0, 1]
+        for (step, x, index), (_, x_plain, index_plain) in zip(recorded_batches, plain):
+            assert torch.equal(index, index_plain)  # the same images, in the same order
+            assert not torch.allclose(x, x_plain) and 0 <= x.min() and x.max() <= 1
+            expected = TrainAugment()(x_plain, generator=step_generator(cfg.train.seed, step, 0))
+            assert torch.equal(x, expected)
+    assert same_weights(tmp_path / "augmented" / "model.safetensors", tmp_path / "again" / "model.safetensors")
+    assert not same_weights(tmp_path / "augmented" / "model.safetensors", tmp_path / "plain" / "model.safetensors")
+    final = json.loads((tmp_path / "augmented" / "final_eval.json").read_text())
+    assert final == json.loads((tmp_path / "again" / "final_eval.json").read_text())
+
+
+def test_an_augmented_run_resumes_bitwise(data_dir, tmp_path):
+    sets = ("train.steps=3", "train.checkpoint_every=1", "eval.final=false", "data.augment=true", *NO_CACHE)
+    train(load_config(MMT_ARD, small(data_dir, tmp_path / "whole", *sets)), progress=False)
+    overrides = small(data_dir, tmp_path / "resumed", *sets)
+    assert main(as_argv(MMT_ARD, overrides, "--stop-after", "2")) == 0
+    assert main(as_argv(MMT_ARD, overrides, "--resume", "latest")) == 0
+    assert same_weights(tmp_path / "resumed" / "model.safetensors", tmp_path / "whole" / "model.safetensors")
+    got, want = read_metrics(tmp_path / "resumed"), read_metrics(tmp_path / "whole")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(got, want):
+        a.pop("samples_per_s"), b.pop("samples_per_s")
+        assert a == b
+
+
+def test_augmentation_with_the_teacher_cache_is_refused_before_anything_is_written(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(as_argv(MMT_ARD, small(data_dir, out, "data.augment=true"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmtard train: error: data.augment:") and "cache_clean_teacher" in err[0]
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ host syncs
+
+DEVICE_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+def test_the_loop_reads_the_device_once_per_step_and_once_per_logged_step(data_dir, tmp_path, monkeypatch):
+    """The trainer's own code waits for the device once per step (the non-finite check) and once per logged
+    step (``train.log_every``): metrics stay tensors in between. Checkpoints and the end are left out."""
+    reads = []
+    for name in DEVICE_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == trainer_module.__file__:
+                reads.append((_name, sys._getframe(1).f_code.co_name))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    monkeypatch.setattr(trainer_module, "save", lambda *args: None)
+    monkeypatch.setattr(trainer_module, "check_finite_student", lambda *args: None)
+    sets = ("train.steps=4", "train.log_every=2", "eval.final=false")
+    train(load_config(MMT_ARD, small(data_dir, tmp_path / "run", *sets)), progress=False)
+    assert sorted(reads) == sorted([("tolist", "non_finite_problem")] * 4 + [("tolist", "logged_values")] * 2)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [2, 4]
+
+
+def test_logged_values_are_python_numbers_from_tensors_or_numbers():
+    env = trainer_module.DistEnv(0, 1, 0, torch.device("cpu"))
+    metrics = {"L_R": torch.tensor(0.25), "acc": torch.tensor([50.0]), "lambda_R": 0.3, "name": "x"}
+    values = trainer_module.logged_values(torch.tensor(1.5, requires_grad=True), metrics, env)
+    assert values == {"loss": 1.5, "L_R": 0.25, "acc": 50.0, "lambda_R": 0.3, "name": "x"}
+    assert all(type(values[k]) is float for k in ("loss", "L_R", "acc", "lambda_R"))
+
+
+def test_a_skipped_step_leaves_the_grad_scaler_ready_with_its_scale(monkeypatch):
+    """With a grad scaler (fp16's), a dropped update forgets that step's ``unscale_`` and keeps the scale, so
+    the next step runs (a scaler left mid-step refuses the next ``unscale_``)."""
+    from torch import nn
+
+    from mmtard.methods.base import MethodOutput
+    from mmtard.train.config import OptimConfig, RunConfig
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    poisoned = [True]
+
+    def method(student, teachers, x, y, index):
+        scale = float("nan") if poisoned[0] else 1.0
+        return MethodOutput(losses={"loss": scale * student(x).pow(2).mean()})
+
+    cfg = RunConfig(train=OptimConfig(steps=4, on_nonfinite="skip", grad_clip=1.0))
+    params = list(model.parameters())
+    optimizer, scheduler = trainer_module.build_optimizer(cfg, params)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    state = trainer_module.TrainState(0, model, optimizer, scheduler, scaler, method)
+    x, y = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    before = [p.detach().clone() for p in params]
+    _, _, skipped = trainer_module.train_step(state, {}, x, y, None, None, params, cfg)
+    assert skipped and state.step == 1 and state.skipped_steps == 1 and scaler.get_scale() == 16.0
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    poisoned[0] = False
+    _, _, skipped = trainer_module.train_step(state, {}, x, y, None, None, params, cfg)
+    assert not skipped and state.step == 2 and scaler.get_scale() == 16.0
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))

@@ -63,7 +63,14 @@ class StudentConfig(ModelConfig):
 
 @dataclass
 class DataConfig:
-    """Training and held-out data. ``batch_size`` is the global batch, split across processes."""
+    """Training and held-out data. ``batch_size`` is the global batch, split across processes.
+
+    ``augment``: open_clip's training augmentation (:class:`mmtard.data.augment.TrainAugment`: random
+    resized crop, scale 0.9-1, plus a horizontal flip) on every training batch, drawn per step from the
+    seed (a resumed run augments as the uninterrupted one); held-out images are never augmented. It
+    cannot be combined with ``method.cache_clean_teacher``, whose cached logits belong to one image per
+    dataset index.
+    """
 
     dataset: str = "cifar10"
     dir: str | None = None
@@ -75,6 +82,7 @@ class DataConfig:
     eval_split: str = "test"
     eval_classes: str = "seen"
     eval_samples: int | None = 200
+    augment: bool = False
 
 
 @dataclass
@@ -86,6 +94,11 @@ class OptimConfig:
     counts it (``skipped_steps`` in ``metrics.jsonl``). ``dist_timeout_s``: under torchrun, how long a
     process waits for the others in a collective before the run ends with an error (a stalled or dead
     worker); raise it if a held-out evaluation, which rank 0 runs alone, takes longer.
+
+    ``compile``: ``torch.compile`` the student's and the teachers' zero-shot classifiers (image tower,
+    normalisation and prototypes) for the training steps; results equal eager ones within floating-point
+    reordering, not bitwise. The first step pays the compilation (its seconds are logged as
+    ``first_step_s``); it needs a C++ compiler on the CPU and Triton on CUDA.
     """
 
     steps: int = 100
@@ -101,6 +114,7 @@ class OptimConfig:
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"
     dist_timeout_s: float = 600.0
+    compile: bool = False
 
 
 @dataclass
@@ -168,6 +182,7 @@ class RunConfig:
         _check_device_name(self.device)
         _check_dataset(self.data.dataset)
         _check_eval_attacks(self)
+        _check_augment(self)
         return self
 
 
@@ -195,6 +210,17 @@ def _check_teachers(cfg: RunConfig) -> None:
     if missing:
         raise ConfigError(
             f"teachers: method {cfg.method.name} needs teacher(s) {missing}; add teachers.<role>.arch and .pretrained"
+        )
+
+
+def _check_augment(cfg: RunConfig) -> None:
+    """Random augmentation changes the image behind a dataset index every epoch; the clean-teacher cache
+    keeps the teachers' logits of the first one it saw."""
+    if cfg.data.augment and cfg.method.cache_clean_teacher:
+        raise ConfigError(
+            "data.augment: random augmentation changes each training image every epoch, so the teacher logits "
+            "that method.cache_clean_teacher keeps per dataset index would be stale; set "
+            "method.cache_clean_teacher=false or data.augment=false"
         )
 
 

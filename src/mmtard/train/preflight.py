@@ -44,6 +44,43 @@ def check_device(requested: str | None, field: str = "device") -> torch.device:
     return device
 
 
+def check_compile(device: torch.device, field: str = "train.compile") -> None:
+    """``torch.compile`` can run on ``device``: TorchDynamo supports this Python, and Inductor has its
+    compiler (Triton for CUDA, a C++ compiler for the CPU, ``CXX`` or ``g++``).
+
+    Raises:
+        ConfigError: naming ``field`` and what is missing.
+    """
+    import platform
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(
+            f"{field}: torch.compile does not support Python {platform.python_version()} with torch "
+            f"{torch.__version__}; set {field}=false"
+        )
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError(f"{field}: torch.compile on CUDA needs Triton (pip install triton); set {field}=false")
+    elif device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except RuntimeError as exc:  # torch._inductor.exc.InvalidCxxCompiler
+            raise ConfigError(
+                f"{field}: torch.compile on the CPU needs a C++ compiler ({one_line(exc)}); install g++ or set "
+                f"CXX, or set {field}=false"
+            ) from None
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def check_output_dir(path: str | Path, field: str) -> Path:
     """``path`` is a folder that can be written, or can be created (its nearest existing parent is a
     writable folder). Nothing is created.

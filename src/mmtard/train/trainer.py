@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from mmtard.data import ImageDataset, create_dataset
+from mmtard.data import ImageDataset, TrainAugment, create_dataset, step_generator
 from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted, WorkerTimeoutError
 from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.fileio import atomic_write_text
@@ -298,16 +298,35 @@ def tensorboard_writer(run: RunDir, resume_step: int):
 # ------------------------------------------------------------------------------------------------- loop
 
 
-def global_metrics(metrics: dict, env: DistEnv) -> dict:
-    """The step's metrics over the global batch: the mean over processes of each one's value (the batch
-    accuracies are per shard; terms the method already averaged across processes are unchanged)."""
-    if not env.distributed:
-        return metrics
-    names = [name for name, value in metrics.items() if isinstance(value, (int, float))]
-    means = all_reduce_mean(
-        torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=env.device)
-    )
-    return {**metrics, **dict(zip(names, means.tolist()))}
+def logged_values(loss: torch.Tensor, metrics: dict, env: DistEnv) -> dict:
+    """The step's loss and metrics as Python numbers over the global batch, read from the device here, at
+    log time only, in one transfer (the steps in between never wait for the device to report a number).
+
+    ``loss`` is the mean over processes of each one's loss (in float32, as computed). A metric is the mean
+    over processes of each one's value, in float64 (the batch accuracies are per shard; terms the method
+    already averaged across processes are unchanged); in one process a metric that is already a Python
+    number is kept as it is. Metrics may be tensors (one element) or Python numbers.
+
+    Returns:
+        ``{"loss": float, **metrics}``.
+    """
+    names = [
+        name
+        for name, value in metrics.items()
+        if isinstance(value, torch.Tensor) or (env.distributed and isinstance(value, (int, float)))
+    ]
+    values = [all_reduce_mean(loss.detach().float()).double().reshape(1)]
+    if names:
+        values.append(all_reduce_mean(torch.stack([as_float64(metrics[name], loss.device) for name in names])))
+    loss_value, *means = torch.cat(values).tolist()  # the one host sync of a logged step
+    return {"loss": loss_value, **metrics, **dict(zip(names, means))}
+
+
+def as_float64(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A one-element tensor or a Python number as a float64 scalar on ``device`` (no host sync)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().reshape(()).to(device=device, dtype=torch.float64)
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
 def evaluate_student(cfg: RunConfig, bundle: CLIPBundle, eval_set: ImageDataset, progress: bool) -> dict:
@@ -341,13 +360,14 @@ def check_finite_student(built: Run, step: int, run: RunDir) -> None:
 @torch.no_grad()
 def probe_logits(built: Run) -> torch.Tensor:
     """The student's logits on the first :data:`PROBE_IMAGES` held-out images, in eval mode (batch-norm
-    statistics untouched), leaving the mode as it was."""
+    statistics untouched), leaving the mode as it was; eagerly (``forward``: with ``train.compile`` the
+    compiled call would compile an eval-mode graph for these few images)."""
     student = built.student
     images = torch.stack([built.eval_set[i][0] for i in range(min(PROBE_IMAGES, len(built.eval_set)))])
     was_training = student.training
     student.eval()
     try:
-        return student(images.to(next(student.parameters()).device))
+        return student.forward(images.to(next(student.parameters()).device))
     finally:
         student.train(was_training)
 
@@ -438,23 +458,25 @@ def train_step(
     """One optimizer step: the method's loss under autocast, backward, clipping, update. Returns
     ``(loss, MethodOutput, skipped)``.
 
-    A non-finite loss (agreed across processes, so none is left waiting in an all-reduce) raises
-    :class:`NonFiniteError` before any update, or with ``train.on_nonfinite: skip`` drops this batch's
-    update: the step counts (the schedule and the data order stay those of the planned run) and
-    ``state.skipped_steps`` grows. With gradient clipping, a non-finite gradient norm is handled the same way.
+    A non-finite loss (agreed across processes) raises :class:`NonFiniteError` before any update, or with
+    ``train.on_nonfinite: skip`` drops this batch's update: the step counts (the schedule and the data order
+    stay those of the planned run) and ``state.skipped_steps`` grows. With gradient clipping, a non-finite
+    gradient norm is handled the same way. Both checks are read from the device together, after the
+    backward: the step's one host sync (the loss and metrics stay on the device until they are logged).
     """
     with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         output = state.method(state.student, teachers, x, y, index)
     loss = output.total()
-    if all_reduce_mean(torch.isfinite(loss.detach()).float()).item() < 1:
-        return _non_finite(state, cfg, loss, output, f"the loss is not finite on some process (here {loss.item()})")
+    loss_finite = all_reduce_mean(torch.isfinite(loss.detach()).float())  # 1 on every process, or not
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
+    norm = None
     if cfg.train.grad_clip:
         state.scaler.unscale_(state.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        if not torch.isfinite(norm) and state.scaler.get_scale() == 1.0:  # fp16's scaler skips such steps itself
-            return _non_finite(state, cfg, loss, output, f"the gradient norm is not finite ({norm.item()})")
+    problem = non_finite_problem(loss, loss_finite, norm, state.scaler)
+    if problem:
+        return _non_finite(state, cfg, loss, output, problem)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
@@ -462,19 +484,47 @@ def train_step(
     return loss, output, False
 
 
+def non_finite_problem(
+    loss: torch.Tensor, loss_finite: torch.Tensor, norm: torch.Tensor | None, scaler: torch.amp.GradScaler
+) -> str | None:
+    """What is not finite in this step (None when all is well), read from the device in one transfer.
+
+    Args:
+        loss: this process's loss.
+        loss_finite: the mean over processes of ``isfinite(loss)``: 1 when every process's loss is finite.
+        norm: the clipped gradients' total norm, or None without clipping. A non-finite norm with fp16's
+            grad scaler (scale above 1) is the scaler's to handle: it skips such steps itself.
+    """
+    checks = [loss_finite < 1] if norm is None else [loss_finite < 1, ~torch.isfinite(norm)]
+    loss_bad, *norm_bad = torch.stack(checks).tolist()
+    if loss_bad:
+        return f"the loss is not finite on some process (here {loss.item()})"
+    if norm_bad and norm_bad[0] and scaler.get_scale() == 1.0:
+        return f"the gradient norm is not finite ({norm.item()})"
+    return None
+
+
 def _non_finite(state: TrainState, cfg: RunConfig, loss: torch.Tensor, output, what: str):
     step = state.step + 1
     if cfg.train.on_nonfinite == "stop":
         raise NonFiniteError(
-            f"step {step}: {what}, terms {output.metrics}; stopped before the update (train.on_nonfinite: stop). "
-            "Lower train.lr or check the teachers, or set train.on_nonfinite=skip to drop such batches"
+            f"step {step}: {what}, terms {plain_metrics(output.metrics)}; stopped before the update "
+            "(train.on_nonfinite: stop). Lower train.lr or check the teachers, or set train.on_nonfinite=skip "
+            "to drop such batches"
         )
     logger.warning("step %d: %s; this batch's update is dropped (train.on_nonfinite: skip)", step, what)
     state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler.is_enabled():  # forget this step's unscale_, keep the scale as it was
+        state.scaler.update(state.scaler.get_scale())
     state.scheduler.step()
     state.step += 1
     state.skipped_steps += 1
     return loss, output, True
+
+
+def plain_metrics(metrics: dict) -> dict:
+    """``metrics`` with one-element tensors read as Python floats (for messages)."""
+    return {name: value.item() if isinstance(value, torch.Tensor) else value for name, value in metrics.items()}
 
 
 class StopSignals:
@@ -525,6 +575,7 @@ class Run:
     autocast_dtype: torch.dtype | None
     train_set: ImageDataset
     eval_set: ImageDataset
+    augment: TrainAugment | None = None  # data.augment: applied to every training batch
 
 
 def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, stop_after: int | None) -> Path | None:
@@ -558,6 +609,8 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
             cfg.data.dataset, cfg.data.dir, split, data_fields("eval_" if split != cfg.data.split else "")
         )
     build_precision(cfg, env.device)
+    if cfg.train.compile:
+        preflight.check_compile(env.device)
     if not resume:
         return None
     path = ckpt.resolve_resume(run.path, resume)
@@ -588,6 +641,8 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
         student_bundle, train_set.classnames, train_set.templates, cfg.method.logit_scale
     )
     student.train()
+    if cfg.train.compile:
+        compile_models(student, teachers)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(cfg, params)
     autocast_dtype = build_precision(cfg, env.device)
@@ -597,7 +652,17 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
     if resume_from is not None:
         restore(state, student_bundle, resume_from, cfg, env)
         logger.info("resumed from step %d", state.step)
-    return Run(state, student_bundle, teachers, student, params, autocast_dtype, train_set, eval_set)
+    augment = TrainAugment() if cfg.data.augment else None
+    return Run(state, student_bundle, teachers, student, params, autocast_dtype, train_set, eval_set, augment)
+
+
+def compile_models(student: ZeroShotClassifier, teachers: dict[str, ZeroShotClassifier]) -> None:
+    """``torch.compile`` the classifiers a training step calls (``train.compile``), in place
+    (``nn.Module.compile``): parameters, state-dict names and checkpoints stay as they are, and the held-out
+    evaluation, which builds its own classifier on the student's tower, runs eagerly. ``dynamic=False``:
+    the step's shapes are fixed (``drop_last``), so each gets its own static graph."""
+    for model in (student, *teachers.values()):
+        model.compile(dynamic=False)
 
 
 def agree(env: DistEnv, work, *args):
@@ -693,12 +758,16 @@ def train_loop(
         disable=not (progress and env.is_main),
     )
     stream = batches(built.train_set, cfg, env, state.step)
+    timing_first_step = cfg.train.compile  # time this invocation's first step (compilation included)
+    first_step_s = None  # its seconds, until a logged record carries them
     try:
         while state.step < last_step:
             started = time.perf_counter()
             epoch, (x, y, index) = next(stream)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             index = index.to(env.device)
+            if built.augment is not None:  # boxes drawn from (seed, step, rank): a resume redraws them
+                x = built.augment(x, generator=step_generator(cfg.train.seed, state.step, env.rank))
             lr = state.scheduler.get_last_lr()[0]  # the rate this step uses
             try:
                 loss, output, skipped = train_step(
@@ -707,18 +776,22 @@ def train_loop(
             except NonFiniteError as exc:
                 raise NonFiniteError(f"{exc}. {last_good_checkpoint(run)}") from None
             bar.update(1)
+            if timing_first_step:
+                first_step_s, timing_first_step = time.perf_counter() - started, False
+                logger.info("train.compile: the first step took %.1f s, compilation included", first_step_s)
 
             if state.step % cfg.train.log_every == 0 or state.step == last_step or skipped:
                 record = {
                     "step": state.step,
                     "epoch": epoch,
-                    "loss": all_reduce_mean(loss.detach().float()).item(),
-                    **global_metrics(output.metrics, env),
+                    **logged_values(loss, output.metrics, env),
                     "lr": lr,
                     "samples_per_s": cfg.data.batch_size / (time.perf_counter() - started),
                 }
                 if state.skipped_steps:
                     record.update(skipped=skipped, skipped_steps=state.skipped_steps)
+                if first_step_s is not None:
+                    record["first_step_s"], first_step_s = first_step_s, None
                 log.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
