@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from mmtard.errors import ConfigError
-from mmtard.methods import MethodConfig, method_config
+from mmtard.methods import TEACHER_KINDS, Method, MethodConfig, method_config
 from mmtard.units import parse_eps
 
 DEFAULTS_KEY = "defaults"
@@ -38,6 +38,15 @@ class ModelConfig:
     arch: str = "tiny-vit-s"
     pretrained: str = "none"
     trust_checkpoint: bool = False
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """A teacher: a model and its ``kind``, ``clean`` (distilled on the clean images ``x``) or ``robust`` (on
+    the adversarial images ``x'``). The teachers named ``clean`` and ``robust`` have those kinds (``kind`` may
+    be left out); any other name needs one."""
+
+    kind: str | None = None
 
 
 @dataclass
@@ -132,12 +141,13 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything one training run needs. ``teachers`` maps a role (``clean``, ``robust``) to a model."""
+    """Everything one training run needs. ``teachers`` maps a teacher's name to its model and kind, in the
+    order the method computes and logs their terms (``clean`` and ``robust`` are the two standard teachers)."""
 
     output_dir: str = "runs/default"
     device: str = "auto"
     student: StudentConfig = field(default_factory=StudentConfig)
-    teachers: dict[str, ModelConfig] = field(default_factory=dict)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
@@ -203,14 +213,80 @@ def _in_range(name: str, value: float, low: float, high: float, expected: str) -
 
 
 def _check_teachers(cfg: RunConfig) -> None:
+    """Every teacher's kind, and the teachers the method distils from (:func:`build_method`)."""
+    build_method(cfg)
+
+
+def teacher_kinds(cfg: RunConfig) -> dict[str, str]:
+    """Every configured teacher, name -> kind (``clean`` or ``robust``), in the config's order.
+
+    A teacher without ``kind`` (or a :class:`ModelConfig`, which has none) takes its name's kind when it is
+    named ``clean`` or ``robust``.
+
+    Raises:
+        ConfigError: ``teachers.<name>.kind: expected clean or robust``.
+    """
+    kinds = {}
+    for name, spec in cfg.teachers.items():
+        kind = getattr(spec, "kind", None)
+        if kind is None and name in TEACHER_KINDS:
+            kind = name
+        if kind not in TEACHER_KINDS:
+            got = "" if kind is None else f", got {kind!r}"
+            raise ConfigError(f"teachers.{name}.kind: expected {' or '.join(TEACHER_KINDS)}{got}")
+        kinds[name] = kind
+    return kinds
+
+
+def method_teachers(cfg: RunConfig) -> dict[str, str] | None:
+    """The teachers the method distils from, name -> kind: the configured teachers of the kinds it accepts
+    (``mmt-ard``, ``reference``: clean and robust; ``ard``: robust), in the config's order; the method's own
+    order when they are exactly its standard teachers (``clean`` then ``robust``: two-teacher runs are those
+    of the method's defaults whatever the YAML's order). None for a method without distillation teachers
+    (``tecoa``, ``fare``, ``pmg-aft``, ``clean-ft``).
+
+    Raises:
+        ConfigError: a teacher's kind (:func:`teacher_kinds`), or no teacher of a kind the method accepts.
+    """
+    from mmtard.methods import METHODS, standard_teacher_kinds
+
+    kinds = teacher_kinds(cfg)
+    accepted = METHODS.get(cfg.method.name).method.accepted_kinds
+    if not accepted:
+        return None
+    chosen = {name: kind for name, kind in kinds.items() if kind in accepted}
+    standard = standard_teacher_kinds(cfg.method.name)
+    if not chosen:
+        raise ConfigError(
+            f"teachers: method {cfg.method.name} needs teacher(s) {list(standard)}; add teachers.<name>.arch and "
+            f".pretrained (and .kind: {' or '.join(accepted)} for names other than {' and '.join(TEACHER_KINDS)})"
+        )
+    return standard if chosen == standard else chosen
+
+
+def unused_teachers(cfg: RunConfig) -> list[str]:
+    """The configured teachers the method does not distil from (a kind it does not take, or a method without
+    teachers): they are not loaded."""
+    used = method_teachers(cfg) or {}
+    return [name for name in cfg.teachers if name not in used]
+
+
+def build_method(cfg: RunConfig) -> Method:
+    """The run's method with its teachers (:func:`method_teachers`).
+
+    Raises:
+        ConfigError: naming ``teachers.<name>`` or ``teachers.<name>.kind`` for teachers the method refuses,
+            or the ``method.`` field of a bad method setting.
+    """
     from mmtard.methods import create_method
 
-    method = create_method(cfg.method)
-    missing = [role for role in method.teacher_roles if role != "original" and role not in cfg.teachers]
-    if missing:
-        raise ConfigError(
-            f"teachers: method {cfg.method.name} needs teacher(s) {missing}; add teachers.<role>.arch and .pretrained"
-        )
+    kinds = method_teachers(cfg)
+    try:
+        return create_method(cfg.method, teacher_kinds=kinds)
+    except ConfigError as exc:
+        if str(exc).startswith("teachers"):
+            raise
+        raise ConfigError(f"method.{exc}") from None
 
 
 def _check_augment(cfg: RunConfig) -> None:
@@ -329,8 +405,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
         sub = f"{path}.{name}" if path else name
         if cls is RunConfig and name == "teachers":
             if not isinstance(value, dict):
-                raise ConfigError(f"teachers: expected a mapping role -> model, got {value!r}")
-            values[name] = {role: _build(ModelConfig, spec, f"teachers.{role}") for role, spec in value.items()}
+                raise ConfigError(f"teachers: expected a mapping teacher name -> model, got {value!r}")
+            values[name] = {
+                teacher: _build(TeacherConfig, spec, f"teachers.{teacher}") for teacher, spec in value.items()
+            }
         elif cls is RunConfig and name == "method":
             values[name] = _build_method(value, sub)
         else:

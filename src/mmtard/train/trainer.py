@@ -32,13 +32,22 @@ from tqdm.auto import tqdm
 
 from mmtard.data import ImageDataset, TrainAugment, create_dataset, step_generator
 from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted, WorkerTimeoutError
+from mmtard.eval.journal import weights_stamp
 from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.fileio import atomic_write_text
-from mmtard.methods import Method, create_method, freeze
+from mmtard.methods import Method, freeze
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier, load_clip
 from mmtard.train import checkpoint as ckpt
 from mmtard.train import preflight
-from mmtard.train.config import RunConfig, build_eval_attacks, check_resume, load_config, save_config
+from mmtard.train.config import (
+    RunConfig,
+    build_eval_attacks,
+    build_method,
+    check_resume,
+    load_config,
+    save_config,
+    unused_teachers,
+)
 from mmtard.train.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -153,21 +162,22 @@ def data_fields(prefix: str) -> dict[str, str]:
 def build_teachers(
     cfg: RunConfig, method: Method, student: CLIPBundle, dataset: ImageDataset, device
 ) -> dict[str, ZeroShotClassifier]:
-    """Frozen classifiers for every role the method needs; ``original`` is a copy of the starting student."""
+    """Frozen classifiers for every teacher the method reads, by name (``method.teacher_roles``: the teachers
+    of ``cfg.teachers`` it distils from, or ``original``, a copy of the starting student)."""
     teachers = {}
-    for role in method.teacher_roles:
-        if role == "original":
+    for name in method.teacher_roles:
+        if name == "original":
             bundle = copy.copy(student)
             bundle.model = copy.deepcopy(student.model)
             bundle._prototype_cache = dict(student._prototype_cache)
         else:
-            spec = cfg.teachers[role]
+            spec = cfg.teachers[name]
             bundle = load_clip(spec.arch, spec.pretrained, device=device, trust_checkpoint=spec.trust_checkpoint)
         freeze(bundle.model)
-        teachers[role] = build_zero_shot_classifier(
+        teachers[name] = build_zero_shot_classifier(
             bundle, dataset.classnames, dataset.templates, cfg.method.logit_scale
         )
-        freeze(teachers[role])
+        freeze(teachers[name])
     return teachers
 
 
@@ -594,16 +604,23 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
         "student.pretrained",
         trust_checkpoint=student.trust_checkpoint,
     )
-    for role in create_method(cfg.method).teacher_roles:
-        if role != "original":
-            spec = cfg.teachers[role]
+    for name in build_method(cfg).teacher_roles:
+        if name != "original":
+            spec = cfg.teachers[name]
             preflight.check_model(
                 spec.arch,
                 spec.pretrained,
-                f"teachers.{role}.arch",
-                f"teachers.{role}.pretrained",
+                f"teachers.{name}.arch",
+                f"teachers.{name}.pretrained",
                 trust_checkpoint=spec.trust_checkpoint,
             )
+    unused = unused_teachers(cfg)
+    if unused and env.is_main:
+        logger.warning(
+            "method %s does not distil from teacher(s) %s (their kind, or a method without teachers): not loaded",
+            cfg.method.name,
+            ", ".join(unused),
+        )
     for split in (cfg.data.split, cfg.data.eval_split):
         preflight.check_data(
             cfg.data.dataset, cfg.data.dir, split, data_fields("eval_" if split != cfg.data.split else "")
@@ -633,7 +650,7 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
     if student_bundle.image_size != image_size:
         train_set, eval_set = build_datasets(cfg, student_bundle.image_size, cfg.train.seed)
         check_batch_size(cfg, len(train_set), env.world_size)
-    method = create_method(cfg.method)
+    method = build_method(cfg)
     method.mean_across_processes = all_reduce_mean
     teachers = build_teachers(cfg, method, student_bundle, train_set, env.device)
     build_student(cfg, student_bundle)
@@ -740,6 +757,41 @@ def is_collective_timeout(exc: RuntimeError) -> bool:
     return "timed out" in text or "timeout" in text
 
 
+def open_logit_caches(cfg: RunConfig, built: Run, env: DistEnv) -> None:
+    """``method.cache_dir``: open the disk-backed fp16 caches of the teachers' clean-image logits (one folder
+    per teacher whose clean-image logits a step reads), rank 0 first (it creates the stores), then, after a
+    barrier, the other processes (they open the same files). A cache written for other teacher weights,
+    data, classes or image size is started over. Nothing happens without ``cache_dir``."""
+    if cfg.method.cache_dir is None:
+        return
+    train_set, data = built.train_set, cfg.data
+    source = {
+        "dataset": data.dataset,
+        "data_dir": None if data.dir is None else str(Path(data.dir).resolve()),
+        "split": data.split,
+        "classnames": list(train_set.classnames),
+        "templates": list(train_set.templates),
+        "samples": data.samples,
+        "seed": cfg.train.seed,
+        "image_size": train_set.image_size,
+    }
+    identity = {
+        name: {
+            "arch": spec.arch,
+            "pretrained": spec.pretrained,
+            "weights_file": weights_stamp(spec.pretrained),
+            **source,
+        }
+        for name, spec in cfg.teachers.items()
+    }
+    rows, classes = len(train_set), len(train_set.classnames)
+    if env.is_main:
+        built.state.method.open_logit_caches(rows=rows, identity=identity, classes=classes)
+    barrier()
+    if not env.is_main:
+        built.state.method.open_logit_caches(rows=rows, identity=identity, classes=classes)
+
+
 def train_loop(
     cfg: RunConfig, run: RunDir, env: DistEnv, built: Run, stop_after: int | None, progress: bool, stop: StopSignals
 ) -> dict:
@@ -749,6 +801,7 @@ def train_loop(
         state.student = DistributedDataParallel(
             state.student, device_ids=[env.device.index] if env.device.type == "cuda" else None
         )
+    open_logit_caches(cfg, built, env)
     log = MetricsLog(run, env.is_main, state.step)
     last_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, state.step + stop_after)
     bar = tqdm(
