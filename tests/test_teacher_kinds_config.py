@@ -287,3 +287,16 @@ def test_the_disk_cache_of_clean_image_logits_is_opened_per_teacher(tmp_path, da
     identity = json.loads((cache / "clip" / "cache.json").read_text())
     assert str(teacher_files["clip"]) in json.dumps(identity)
     assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run"))
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_anything_is_written(tmp_path, data_dir, teacher_files, capsys):
+    (tmp_path / "cache").write_text("not a folder")
+    out = tmp_path / "run"
+    sets = [*run_sets(data_dir, out), "method.cache_clean_teacher=true", f"method.cache_dir={tmp_path / 'cache'}"]
+    argv = ["train", "--config", str(three_teacher_yaml(tmp_path, teacher_files)), "--no-progress"]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmtard train: error: method.cache_dir:") and "is a file" in err[0]
+    assert not out.exists()

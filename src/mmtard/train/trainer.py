@@ -628,6 +628,8 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
     build_precision(cfg, env.device)
     if cfg.train.compile:
         preflight.check_compile(env.device)
+    if cfg.method.cache_dir is not None:
+        preflight.check_output_dir(cfg.method.cache_dir, "method.cache_dir")
     if not resume:
         return None
     path = ckpt.resolve_resume(run.path, resume)
