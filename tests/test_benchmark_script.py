@@ -106,3 +106,45 @@ def test_efficiency_counts_steps_to_ards_final_held_out_accuracy(bench, tmp_path
 def test_job_stage_names_the_students_folder(bench):
     assert bench.job_stage((("ard",), {}, 2)) == "student-ard-seed2"
     assert bench.job_stage(((), {"mmt-ard_gap_ardinner": {}}, 0)) == "student-mmt-ard_gap_ardinner-seed0"
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bundle.py"
+    spec = importlib.util.spec_from_file_location("gpu_bundle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bundle_jpeg_round_trip_shares_one_header(bundle, tmp_path):
+    import numpy as np
+
+    ramp = np.linspace(0, 1, 32)
+    smooth = np.stack(  # smooth colour ramps, what JPEG keeps well, a different one per image
+        [np.stack([np.add.outer(ramp, ramp * k / 6) * 100 + 20 * c for c in range(3)], -1) for k in range(6)]
+    ).astype(np.uint8)
+    packed = bundle.encode_jpeg(smooth, quality=90)
+    assert packed["jpeg_lengths"].sum() == packed["jpeg_body"].size and len(packed["jpeg_lengths"]) == 6
+    np.savez(tmp_path / "x.npz", **packed)
+    decoded = bundle.decode_jpeg(np.load(tmp_path / "x.npz"))
+    assert decoded.shape == smooth.shape and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - smooth).mean() < 3  # lossy, but the same images
+
+
+def test_gpu_bundle_cifar10_unpacks_to_the_npz_layout(bundle, tmp_path):
+    import numpy as np
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "classes.txt").write_text("a\nb\n")
+    images = np.full((4, 32, 32, 3), 128, np.uint8)
+    for split in ("train", "test"):
+        np.savez(source / f"{split}.npz", x=images, y=np.array([0, 1, 0, 1]), orig_index=np.arange(4))
+    bundle.pack_cifar10(source, tmp_path / "packed")
+    bundle.unpack_cifar10(tmp_path / "packed", tmp_path / "out")
+    for split in ("train", "test"):
+        data = np.load(tmp_path / "out" / f"{split}.npz")
+        assert sorted(data.files) == ["orig_index", "x", "y"]
+        assert data["x"].shape == images.shape and data["y"].tolist() == [0, 1, 0, 1]
+    assert (tmp_path / "out" / "classes.txt").read_text() == "a\nb\n"
