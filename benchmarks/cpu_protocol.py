@@ -96,6 +96,9 @@ ABLATION = {
     "mmt-ard_fixed_rslad": {**SPEC_V1, "balance": "fixed", "lambda_robust": 1.0, "lambda_clean": 0.25, **RSLAD},
     "mmt-ard_fixed_ardinner": {**SPEC_V1, "balance": "fixed", "lambda_robust": 1.0, "lambda_clean": 0.25, **ARD_INNER},
     "mmt-ard_rho9b1_rslad": {**SPEC_V1, "rho": 9.0, "beta": 1.0, **RSLAD},
+    # The clean teacher's P_C(x) distilled into the student's adversarial output P_S(x') (clean_input).
+    "mmt-ard_cleanadv": {**SPEC_V1, "clean_input": "adversarial"},
+    "mmt-ard_cleanadv_fixed": {**SPEC_V1, "clean_input": "adversarial", "balance": "fixed", **ARD_INNER},
 }
 # The ablation's best cells, trained for every seed (chosen from the first-seed ablation; see BENCHMARKS.md).
 # ``--cells all`` trains every cell on every seed instead (a GPU runs the whole grid in minutes).

@@ -243,6 +243,26 @@ def test_robust_target_clean_distils_the_robust_teacher_on_clean_images(inner):
     assert abs(out.metrics["shortfall_R"] - hand_shortfall(robust_clean, s_adv, y)) < TOL
 
 
+@pytest.mark.parametrize("robust_target", ["adversarial", "clean"])
+def test_clean_input_adversarial_distils_the_clean_teacher_into_the_adversarial_output(robust_target):
+    """clean_input: adversarial: l_C,i = KL(P_C(x_i) || P_S(x'_i)), and no clean student forward."""
+    overrides = dict(diw="none", balance="fixed", lambda_robust=1.0, lambda_clean=0.5, robust_target=robust_target)
+    out, _, student, teachers, x, y = run_method("mmt-ard", clean_input="adversarial", **overrides)
+    with torch.no_grad():
+        s_adv = hand_logits(student, out.x_adv)
+        robust = hand_logits(teachers["robust"], x if robust_target == "clean" else out.x_adv)
+        l_r = hand_kl(robust, s_adv).mean()
+        l_c = hand_kl(hand_logits(teachers["clean"], x), s_adv).mean()
+    assert abs(out.total().item() - (l_r + 0.5 * l_c).item()) < TOL
+    assert abs(out.metrics["L_C"] - l_c.item()) < TOL
+    assert "acc_clean" not in out.metrics  # the clean student output is never computed
+
+
+def test_clean_input_is_checked():
+    with pytest.raises(ConfigError, match="clean_input"):
+        method_config("mmt-ard", clean_input="x_adv")
+
+
 def test_ard_with_the_clean_target_is_rslad():
     out, _, student, teachers, x, y = run_method("ard", robust_target="clean")
     with torch.no_grad():

@@ -20,6 +20,7 @@ from mmtard.methods.weighting import DIW_MODES
 from mmtard.units import parse_eps
 
 ROBUST_TARGETS = ("adversarial", "clean")
+CLEAN_INPUTS = ("clean", "adversarial")
 # The fixed balance's weight of each standard teacher.
 STANDARD_LAMBDA_FIELDS = {"robust": "lambda_robust", "clean": "lambda_clean"}
 
@@ -77,6 +78,10 @@ class MethodConfig:
             and ``clean`` (which take ``lambda_robust`` and ``lambda_clean``); a teacher not listed weighs 1.
         robust_target: what the robust term distils: ``adversarial`` (``P_R(x')``, spec 2.5) or ``clean``
             (``P_R(x)``, the robust teacher on the clean images, as RSLAD).
+        clean_input: which student output a clean teacher's term distils into: ``clean`` (``P_S(x)``, spec 2.5)
+            or ``adversarial`` (``P_S(x')``: the clean teacher's ``P_C(x)`` as a soft label for the adversarial
+            image, like TRADES / TeCoA with the clean teacher's distribution in place of the label; the step then
+            runs no clean student forward).
         temperature: ``tau`` in ``P = softmax(z / tau)``.
         logit_scale: ``s`` of every zero-shot classifier, or ``"model"`` for each model's learned scale.
             Stored here; the trainer resolves it when it builds the classifiers.
@@ -109,6 +114,7 @@ class MethodConfig:
     lambda_clean: float = 1.0
     lambdas: dict[str, float] | None = None
     robust_target: str = "adversarial"
+    clean_input: str = "clean"
     temperature: float = 1.0
     logit_scale: float | str = 100.0
     eps: float = 4 / 255
@@ -138,6 +144,7 @@ class MethodConfig:
         _choice("diw", self.diw, tuple(DIW_MODES.names()))
         _choice("balance", self.balance, tuple(BALANCES.names()))
         _choice("robust_target", self.robust_target, ROBUST_TARGETS)
+        _choice("clean_input", self.clean_input, CLEAN_INPUTS)
         _choice("norm", self.norm, NORMS)
         _number("diw_temperature", self.diw_temperature, low=0, low_open=True)
         _number("beta", self.beta)

@@ -83,7 +83,8 @@ class MMTARD(Method):
         )
         scale = {"robust": cfg.reference_robust_scale, "clean": cfg.reference_clean_scale}
         self.reference_scale = {name: scale[kind] for name, kind in self.teacher_kinds.items()}
-        self.uses_clean_images = "clean" in self.teacher_kinds.values()
+        # The student's clean forward: for the clean teachers' terms unless they distil into P_S(x').
+        self.uses_clean_images = "clean" in self.teacher_kinds.values() and cfg.clean_input == "clean"
         self.disk_caches_pending = cfg.cache_clean_teacher and cfg.cache_dir is not None
         if cfg.cache_clean_teacher and cfg.cache_dir is None:
             self.caches = {name: LogitCache() for name in self.clean_image_readers()}
@@ -162,11 +163,11 @@ class MMTARD(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A teacher term's target logits and the student's logits it is compared with (spec 2.5).
 
-        A clean teacher on ``x`` against the student on ``x``; a robust teacher on ``x'`` (on ``x`` with
-        ``robust_target: clean``) against the student on ``x'``.
+        A clean teacher on ``x`` against the student on ``x`` (on ``x'`` with ``clean_input: adversarial``); a
+        robust teacher on ``x'`` (on ``x`` with ``robust_target: clean``) against the student on ``x'``.
         """
         if self.teacher_kinds[name] == "clean":
-            return clean.logits(name), student_clean
+            return clean.logits(name), student_adv if self.cfg.clean_input == "adversarial" else student_clean
         if self.cfg.robust_target == "clean":
             return clean.logits(name), student_adv
         return teacher_forward(teachers[name], x_adv), student_adv
