@@ -99,6 +99,7 @@ ABLATION = {
     # The clean teacher's P_C(x) distilled into the student's adversarial output P_S(x') (clean_input).
     "mmt-ard_cleanadv": {**SPEC_V1, "clean_input": "adversarial"},
     "mmt-ard_cleanadv_fixed": {**SPEC_V1, "clean_input": "adversarial", "balance": "fixed", **ARD_INNER},
+    "mmt-ard_cleanboth": {**SPEC_V1, "clean_input": "both"},
 }
 # The ablation's best cells, trained for every seed (chosen from the first-seed ablation; see BENCHMARKS.md).
 # ``--cells all`` trains every cell on every seed instead (a GPU runs the whole grid in minutes).

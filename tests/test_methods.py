@@ -258,6 +258,18 @@ def test_clean_input_adversarial_distils_the_clean_teacher_into_the_adversarial_
     assert "acc_clean" not in out.metrics  # the clean student output is never computed
 
 
+def test_clean_input_both_averages_the_clean_teachers_kl_over_the_clean_and_adversarial_outputs():
+    overrides = dict(diw="none", balance="fixed", lambda_robust=1.0, lambda_clean=0.5)
+    out, _, student, teachers, x, y = run_method("mmt-ard", clean_input="both", **overrides)
+    with torch.no_grad():
+        s_clean, s_adv = hand_logits(student, x), hand_logits(student, out.x_adv)
+        clean_logits = hand_logits(teachers["clean"], x)
+        l_r = hand_kl(hand_logits(teachers["robust"], out.x_adv), s_adv).mean()
+        l_c = ((hand_kl(clean_logits, s_clean) + hand_kl(clean_logits, s_adv)) / 2).mean()
+    assert abs(out.total().item() - (l_r + 0.5 * l_c).item()) < TOL
+    assert abs(out.metrics["L_C"] - l_c.item()) < TOL and "acc_clean" in out.metrics
+
+
 def test_clean_input_is_checked():
     with pytest.raises(ConfigError, match="clean_input"):
         method_config("mmt-ard", clean_input="x_adv")

@@ -20,7 +20,7 @@ from mmtard.methods.weighting import DIW_MODES
 from mmtard.units import parse_eps
 
 ROBUST_TARGETS = ("adversarial", "clean")
-CLEAN_INPUTS = ("clean", "adversarial")
+CLEAN_INPUTS = ("clean", "adversarial", "both")
 # The fixed balance's weight of each standard teacher.
 STANDARD_LAMBDA_FIELDS = {"robust": "lambda_robust", "clean": "lambda_clean"}
 
@@ -81,7 +81,7 @@ class MethodConfig:
         clean_input: which student output a clean teacher's term distils into: ``clean`` (``P_S(x)``, spec 2.5)
             or ``adversarial`` (``P_S(x')``: the clean teacher's ``P_C(x)`` as a soft label for the adversarial
             image, like TRADES / TeCoA with the clean teacher's distribution in place of the label; the step then
-            runs no clean student forward).
+            runs no clean student forward) or ``both`` (the mean of the two per-sample KLs).
         temperature: ``tau`` in ``P = softmax(z / tau)``.
         logit_scale: ``s`` of every zero-shot classifier, or ``"model"`` for each model's learned scale.
             Stored here; the trainer resolves it when it builds the classifiers.

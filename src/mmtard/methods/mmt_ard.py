@@ -84,7 +84,7 @@ class MMTARD(Method):
         scale = {"robust": cfg.reference_robust_scale, "clean": cfg.reference_clean_scale}
         self.reference_scale = {name: scale[kind] for name, kind in self.teacher_kinds.items()}
         # The student's clean forward: for the clean teachers' terms unless they distil into P_S(x').
-        self.uses_clean_images = "clean" in self.teacher_kinds.values() and cfg.clean_input == "clean"
+        self.uses_clean_images = "clean" in self.teacher_kinds.values() and cfg.clean_input != "adversarial"
         self.disk_caches_pending = cfg.cache_clean_teacher and cfg.cache_dir is not None
         if cfg.cache_clean_teacher and cfg.cache_dir is None:
             self.caches = {name: LogitCache() for name in self.clean_image_readers()}
@@ -163,7 +163,8 @@ class MMTARD(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A teacher term's target logits and the student's logits it is compared with (spec 2.5).
 
-        A clean teacher on ``x`` against the student on ``x`` (on ``x'`` with ``clean_input: adversarial``); a
+        A clean teacher on ``x`` against the student on ``x`` (on ``x'`` with ``clean_input: adversarial``; ``both``
+        adds the student on ``x'`` in :meth:`step`); a
         robust teacher on ``x'`` (on ``x`` with ``robust_target: clean``) against the student on ``x'``.
         """
         if self.teacher_kinds[name] == "clean":
@@ -199,6 +200,8 @@ class MMTARD(Method):
         for name in self.teacher_roles:
             teacher_logits, student_logits = self.term_logits(name, teachers, clean, x_adv, student_clean, student_adv)
             per_sample = per_sample_kl(teacher_logits, student_logits, self.cfg.temperature)
+            if self.teacher_kinds[name] == "clean" and self.cfg.clean_input == "both":
+                per_sample = (per_sample + per_sample_kl(teacher_logits, student_adv, self.cfg.temperature)) / 2
             settings = WeightingSettings(
                 logit_scale=unwrap(teachers[name]).logit_scale,
                 temperature=self.cfg.diw_temperature,
