@@ -140,9 +140,11 @@ class RunLockedError(ConfigError):
 class RunLock:
     """``<run>/.lock``: one training process per run folder.
 
-    The file holds ``<pid> <host>``. It is created exclusively (``O_EXCL``) and removed when the run ends,
-    however it ends; a lock left by a process that no longer exists on this host (killed with SIGKILL) is
-    taken over with a warning.
+    The file holds ``<pid> <host> <start>``, ``start`` the process's start time where the system tells it
+    (Linux: ``/proc/<pid>/stat``; ``-`` elsewhere). It is created exclusively (``O_EXCL``) and removed when
+    the run ends, however it ends; a lock left by a process that no longer exists on this host (killed with
+    SIGKILL) is taken over with a warning, also when its process id now belongs to a newer process (ids are
+    reused, within seconds on a busy machine with a small ``pid_max``).
 
     Args:
         run: the run folder.
@@ -156,7 +158,7 @@ class RunLock:
         """Raise :class:`RunLockedError` naming the holder if a live process holds the lock; writes nothing."""
         holder = self._holder()
         if holder is not None and _alive(*holder):
-            pid, host = holder
+            pid, host, _ = holder
             where = f"process {pid}" if host == socket.gethostname() else f"process {pid} on {host}"
             raise RunLockedError(
                 f"output_dir: '{self.run.path}' is in use by {where} (lock file {self.run.lock}); wait for it to "
@@ -175,7 +177,7 @@ class RunLock:
                 self.run.lock.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+                f.write(f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid()) or '-'}\n")
             self.held = True
             return
         self.check_free()  # lost a race with another starting process
@@ -186,18 +188,22 @@ class RunLock:
             self.run.lock.unlink(missing_ok=True)
             self.held = False
 
-    def _holder(self) -> tuple[int, str] | None:
+    def _holder(self) -> tuple[int, str, str | None] | None:
+        """``(pid, host, start)`` of the lock file (``start`` None when not recorded), None without one."""
         try:
-            pid, host = self.run.lock.read_text().split()
-            return int(pid), host
+            pid, host, *start = self.run.lock.read_text().split()
+            if len(start) > 1:
+                raise ValueError("too many fields")
+            return int(pid), host, (start[0] if start and start[0] != "-" else None)
         except FileNotFoundError:
             return None
         except (ValueError, OSError):
-            return -1, "?"  # unreadable or half written: treat as held by an unknown process
+            return -1, "?", None  # unreadable or half written: treat as held by an unknown process
 
 
-def _alive(pid: int, host: str) -> bool:
-    """Whether process ``pid`` runs (on this host; a lock from another host or unreadable counts as live)."""
+def _alive(pid: int, host: str, start: str | None = None) -> bool:
+    """Whether process ``pid`` started at ``start`` runs (on this host; a lock from another host or unreadable
+    counts as live). A process with that id but another start time is a newer one: the holder is gone."""
     if pid <= 0 or host != socket.gethostname():
         return True
     if pid == os.getpid():
@@ -207,5 +213,17 @@ def _alive(pid: int, host: str) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+        pass  # exists, owned by someone else
+    now = _start_time(pid)
+    return start is None or now is None or now == start
+
+
+def _start_time(pid: int) -> str | None:
+    """Process ``pid``'s start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), None where
+    there is no ``/proc`` or the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": field 3 (state) onwards
+    return fields[19] if len(fields) > 19 else None
