@@ -95,6 +95,9 @@ ABLATION = {
     "mmt-ard_cleanadv": {**SPEC_V1, "clean_input": "adversarial"},
     "mmt-ard_cleanadv_fixed": {**SPEC_V1, "clean_input": "adversarial", "balance": "fixed", **ARD_INNER},
     "mmt-ard_cleanboth": {**SPEC_V1, "clean_input": "both"},
+    # Two robust teachers (issue 12): the zoo's TeCoA teacher and a FARE teacher trained here from the teacher
+    # foundation (stage teacher-fare, ProtocolScale.teacher_steps of the benchmark's batch).
+    "mmt-ard_cleanadv_fare": {**SPEC_V1, "clean_input": "adversarial", "more_teachers": {"fare": "robust"}},
 }
 # The ablation's best cells, trained for every seed (chosen from the first-seed ablation; see BENCHMARKS.md).
 # ``--cells all`` trains every cell on every seed instead (a GPU runs the whole grid in minutes).
@@ -374,6 +377,8 @@ def default_cell(name: str = "mmt-ard") -> str | None:
     preset = method_config(name)
     for cell, spec in ABLATION.items():
         overrides = {k: v for k, v in spec.items() if k != "method"}
+        if "more_teachers" in spec:  # the preset has the two standard teachers
+            continue
         if spec["method"] == name and method_config(name, **overrides) == preset:
             return cell
     return None
@@ -398,7 +403,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(cells) - set(ABLATION))
     if unknown:
         raise SystemExit(f"--cells: unknown {unknown}; expected 'all' or names from {list(ABLATION)}")
-    given = run_protocol(out, scale, methods=(), zoo=args.zoo, progress=False)  # checks the zoo, evaluates it
+    # Checks the zoo and evaluates it; trains the extra teachers some cells add (before the students, which share them).
+    more_teachers = {name: spec for name, spec in ABLATION.items() if "more_teachers" in spec}
+    given = run_protocol(out, scale, methods=(), seeds=(), variants=more_teachers, zoo=args.zoo, progress=False)
     phases = {"baselines": student_jobs(args.baselines, {}, args.seeds), "ablation": [], "default": []}
     if "ablation" not in args.skip:
         phases["ablation"] = student_jobs((), ABLATION, args.seeds[:1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 
@@ -103,3 +104,29 @@ def test_a_missing_or_incomplete_zoo_is_one_error_naming_the_rebuild_script(tmp_
         run_protocol(out, TOY, methods=("ard",), zoo=zoo, progress=False)
     assert (remove or "does not exist") in str(info.value)
     assert not out.exists()  # refused before anything was written
+
+
+def test_more_teachers_trains_the_extra_teacher_once_and_distils_from_all_three(tmp_path, toy_zoo):
+    """A variant's ``more_teachers`` adds teacher-<preset> (trained from the teacher foundation) of that kind."""
+    scale = replace(TOY, teacher_arch="tiny-vit-s")
+    variants = {
+        "three": {"method": "mmt-ard", "clean_input": "adversarial", "more_teachers": {"fare": "robust"}},
+        "three-b": {"method": "mmt-ard", "more_teachers": {"fare": "robust"}},
+    }
+    stages = protocol_stages(scale, (), (0,), variants)
+    assert [stage.name for _, stage in stages].count("teacher-fare") == 1
+    student = next(stage for _, stage in stages if stage.name == "student-three-seed0")
+    assert student.teachers == {"clean": "teacher-clean", "robust": "teacher-robust", "fare": "teacher-fare"}
+    assert student.teacher_kinds == {"clean": "clean", "robust": "robust", "fare": "robust"}
+    assert "more_teachers" not in student.method_overrides
+
+    rows = run_protocol(tmp_path, scale, (), (0,), {"three": variants["three"]}, zoo=toy_zoo, progress=False)
+    assert [row["stage"] for row in rows] == [*GIVEN_STAGES, "teacher-fare", "student-three-seed0"]
+    fare = load_config(RunDir(tmp_path / "teacher-fare").config)
+    assert fare.method.name == "fare" and fare.student.pretrained == str(given_models(toy_zoo)["foundation-teacher"])
+    config = load_config(RunDir(tmp_path / "student-three-seed0").config)
+    assert config.teachers["fare"].kind == "robust"
+    assert config.teachers["fare"].pretrained == str(RunDir(tmp_path / "teacher-fare").model)
+    logged = json.loads(RunDir(tmp_path / "student-three-seed0").metrics.read_text().splitlines()[-1])
+    assert {"lambda_R", "lambda_C", "lambda_fare", "L_fare"} <= set(logged)
+    assert abs(logged["lambda_R"] + logged["lambda_C"] + logged["lambda_fare"] - 1) < 1e-6

@@ -23,7 +23,7 @@ from mmtard.fileio import atomic_write_text
 from mmtard.methods import create_method, method_config
 from mmtard.models import load_clip
 from mmtard.train import RunDir
-from mmtard.train.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig, StudentConfig
+from mmtard.train.config import DataConfig, EvalConfig, OptimConfig, RunConfig, StudentConfig, TeacherConfig
 from mmtard.train.trainer import train
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ class StageSpec:
     classes: str
     steps: int
     lr: float
-    teachers: dict[str, str] = field(default_factory=dict)  # role -> stage name
+    teachers: dict[str, str] = field(default_factory=dict)  # teacher name -> stage name
+    teacher_kinds: dict[str, str] = field(default_factory=dict)  # teacher name -> kind; {} for the standard ones
     method_overrides: dict = field(default_factory=dict)
     seed: int = 0
     eval_every: int = 0  # held-out PGD evaluation period during training (0: none)
@@ -130,8 +131,8 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapp
     if "clean" in probe.teacher_roles:  # a deterministic pipeline: the clean teacher's logits are cached
         overrides.setdefault("cache_clean_teacher", True)
     teachers = {
-        role: ModelConfig(arch=scale.teacher_arch, pretrained=str(models[source]))
-        for role, source in stage.teachers.items()
+        name: TeacherConfig(arch=scale.teacher_arch, pretrained=str(models[source]), kind=stage.teacher_kinds.get(name))
+        for name, source in stage.teachers.items()
     }
     return RunConfig(
         output_dir=str(out / stage.name),
@@ -230,7 +231,9 @@ def protocol_stages(
     """``(role, stage)`` in training order: foundations, teachers, then one student per method and seed.
 
     ``variants`` adds students named ``<name>`` with method overrides, e.g. ablations of DIW x balance:
-    ``{"diw=none": {"method": "mmt-ard", "diw": "none"}}``.
+    ``{"diw=none": {"method": "mmt-ard", "diw": "none"}}``. A variant's ``more_teachers`` (``{"fare": "robust"}``)
+    adds a teacher of that kind, stage ``teacher-<method>``, trained from the teacher foundation with that preset
+    like the two standard teachers (once, before the first student; with ``seeds=()`` only those teachers).
     """
     fs, ft = "foundation-student", "foundation-teacher"
     foundation = dict(method="clean-ft", pretrained="none", classes="all", steps=scale.foundation_steps)
@@ -245,11 +248,20 @@ def protocol_stages(
     ]
     students = {name: {"method": name} for name in methods}
     students.update(variants or {})
+    more_teacher_stages = {
+        f"teacher-{preset}": StageSpec(name=f"teacher-{preset}", method=preset, **teacher)
+        for spec in students.values()
+        for preset in spec.get("more_teachers", {})
+    }
+    stages += [("teacher", stage) for stage in more_teacher_stages.values()]
     for name, spec in students.items():
         overrides = dict(spec)
         method = overrides.pop("method")
+        more = overrides.pop("more_teachers", {})
         roles = create_method(method_config(method, **overrides)).teacher_roles  # "original" is the trainer's copy
         teachers = {role: f"teacher-{role}" for role in roles if role != "original"}
+        kinds = {role: role for role in teachers} | dict(more) if more else {}
+        teachers.update({preset: f"teacher-{preset}" for preset in more})
         for seed in seeds:
             stage = StageSpec(
                 name=f"student-{name}-seed{seed}",
@@ -260,6 +272,7 @@ def protocol_stages(
                 steps=scale.student_steps,
                 lr=scale.finetune_lr,
                 teachers=teachers,
+                teacher_kinds=kinds,
                 method_overrides=overrides,
                 seed=seed,
                 eval_every=scale.eval_every if has_teachers(method, overrides) else 0,
