@@ -32,11 +32,20 @@ EPS = 8 / 255
 TRAJECTORY_STEPS = 4
 # name -> (preset, overrides): every balance and the switches that change which logits a term reads.
 TRAJECTORIES = {
-    "mmt-ard": ("mmt-ard", {}),
-    "mmt-ard-gap-rho-robust-inner": ("mmt-ard", {"balance": "gap", "rho": 9.0, "inner": "kl-robust-teacher"}),
-    "mmt-ard-ratio-confidence": ("mmt-ard", {"balance": "ratio", "diw": "confidence", "diw_temperature": 2.0}),
-    "mmt-ard-mtard-rslad": ("mmt-ard", {"balance": "mtard", "robust_target": "clean"}),
-    "mmt-ard-fixed-cached": ("mmt-ard", {"balance": "fixed", "lambda_robust": 0.7, "cache_clean_teacher": True}),
+    "mmt-ard": ("mmt-ard", {"clean_input": "clean"}),
+    "mmt-ard-gap-rho-robust-inner": (
+        "mmt-ard",
+        {"clean_input": "clean", "balance": "gap", "rho": 9.0, "inner": "kl-robust-teacher"},
+    ),
+    "mmt-ard-ratio-confidence": (
+        "mmt-ard",
+        {"clean_input": "clean", "balance": "ratio", "diw": "confidence", "diw_temperature": 2.0},
+    ),
+    "mmt-ard-mtard-rslad": ("mmt-ard", {"clean_input": "clean", "balance": "mtard", "robust_target": "clean"}),
+    "mmt-ard-fixed-cached": (
+        "mmt-ard",
+        {"clean_input": "clean", "balance": "fixed", "lambda_robust": 0.7, "cache_clean_teacher": True},
+    ),
     "reference": ("reference", {}),
     "ard": ("ard", {}),
     "ard-rslad": ("ard", {"robust_target": "clean"}),
@@ -252,7 +261,7 @@ def test_three_teacher_step_matches_a_hand_computation(rho):
     for name, teacher in teachers.items():
         count_forwards(teacher.visual, logs[name])
     x, y, _ = batch(0)
-    method = create_method(method_config("mmt-ard", eps=EPS, steps=2, rho=rho), THREE_KINDS)
+    method = create_method(method_config("mmt-ard", eps=EPS, steps=2, rho=rho, clean_input="clean"), THREE_KINDS)
     assert method.teacher_roles == NAMES and method.teacher_kinds == THREE_KINDS
     torch.manual_seed(0)
     out = method(student, teachers, x, y)
@@ -408,7 +417,7 @@ def test_a_step_reads_its_metrics_with_one_host_copy(monkeypatch):
 
     student, teachers = fake_classifier(0, 6), three_teachers()
     x, y, _ = batch(0)
-    method = create_method(method_config("mmt-ard", eps=EPS, steps=2, balance="gap"), THREE_KINDS)
+    method = create_method(method_config("mmt-ard", eps=EPS, steps=2, balance="gap", clean_input="clean"), THREE_KINDS)
     monkeypatch.setattr(torch.Tensor, "item", counted("item", original_item))
     monkeypatch.setattr(torch.Tensor, "tolist", counted("tolist", original_tolist))
     out = method(student, teachers, x, y)

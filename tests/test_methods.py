@@ -37,7 +37,7 @@ TWO_TEACHER_METRICS = {
     "shortfall_C",
 }
 EXPECTED_METRICS = {
-    "mmt-ard": TWO_TEACHER_METRICS,
+    "mmt-ard": TWO_TEACHER_METRICS - {"acc_clean"},  # clean_input: adversarial runs no clean student forward
     "reference": TWO_TEACHER_METRICS,
     "ard": {"L_R", "lambda_R", "robust_teacher_score", "shortfall_R", "acc_adv"},
     "tecoa": {"ce", "acc_adv"},
@@ -142,7 +142,8 @@ def hand_loss(preset: str, student, teachers, x, y, x_adv) -> torch.Tensor:
             cos_r = hand_cos(teachers["robust"], x_adv)[rows, y]
             cos_c = hand_cos(teachers["clean"], x)[rows, y]
             l_r = weighted_term(hand_kl(hand_logits(teachers["robust"], x_adv), s_adv), cos_r, diw, 50.0)
-            l_c = weighted_term(hand_kl(hand_logits(teachers["clean"], x), s_clean), cos_c, diw, 5.0)
+            s_for_clean = s_adv if preset == "mmt-ard" else s_clean  # the preset's clean_input: adversarial
+            l_c = weighted_term(hand_kl(hand_logits(teachers["clean"], x), s_for_clean), cos_c, diw, 5.0)
             if preset == "reference":
                 return l_r + l_c
             lambda_r = 1 / (1 + math.exp(-5.0 * (l_r - l_c) / (l_r + l_c)))  # EMA = first values
@@ -192,7 +193,7 @@ def test_loss_matches_hand_computation(preset, steps):
 
 
 def test_mmt_ard_metrics_are_the_raw_terms_and_scores():
-    out, _, student, teachers, x, y = run_method("mmt-ard", steps=0)
+    out, _, student, teachers, x, y = run_method("mmt-ard", clean_input="clean", steps=0)
     rows = torch.arange(B)
     with torch.no_grad():
         s = hand_logits(student, x)
@@ -210,7 +211,9 @@ def test_mmt_ard_metrics_are_the_raw_terms_and_scores():
 
 
 def test_confidence_diw_score_is_true_class_probability():
-    out, _, _, teachers, x, y = run_method("mmt-ard", steps=0, diw="confidence", diw_temperature=2.0)
+    out, _, _, teachers, x, y = run_method(
+        "mmt-ard", clean_input="clean", steps=0, diw="confidence", diw_temperature=2.0
+    )
     with torch.no_grad():
         prob = torch.softmax(hand_logits(teachers["clean"], x) / 2.0, dim=1)[torch.arange(B), y]
     assert abs(out.metrics["clean_teacher_score"] - prob.mean().item()) < TOL
@@ -225,7 +228,7 @@ def hand_shortfall(teacher_logits: torch.Tensor, student_logits: torch.Tensor, y
 @pytest.mark.parametrize("inner", ["kl-clean-teacher", "kl-robust-teacher"])
 def test_robust_target_clean_distils_the_robust_teacher_on_clean_images(inner):
     """RSLAD's target: l_R,i = KL(P_R(x_i) || P_S(x'_i)); DIW reads the robust teacher on x."""
-    out, _, student, teachers, x, y = run_method("mmt-ard", robust_target="clean", inner=inner)
+    out, _, student, teachers, x, y = run_method("mmt-ard", clean_input="clean", robust_target="clean", inner=inner)
     rows = torch.arange(B)
     with torch.no_grad():
         target = hand_logits(teachers["clean" if inner == "kl-clean-teacher" else "robust"], x)
@@ -285,7 +288,9 @@ def test_ard_with_the_clean_target_is_rslad():
 @pytest.mark.parametrize("rho", [1.0, 9.0])
 def test_gap_balance_weights_the_first_step_by_the_accuracy_shortfalls(rho):
     """lambda_R = sigmoid(beta * (s_R - s_C) + log rho) at the first step (EMA = first values)."""
-    out, _, student, teachers, x, y = run_method("mmt-ard", balance="gap", rho=rho, diw="none", beta=3.0)
+    out, _, student, teachers, x, y = run_method(
+        "mmt-ard", clean_input="clean", balance="gap", rho=rho, diw="none", beta=3.0
+    )
     with torch.no_grad():
         s_clean, s_adv = hand_logits(student, x), hand_logits(student, out.x_adv)
         robust_adv, clean_logits = hand_logits(teachers["robust"], out.x_adv), hand_logits(teachers["clean"], x)
@@ -461,7 +466,7 @@ def test_batch_norm_student_uses_separate_forwards():
 def test_batch_norm_student_mmt_ard():
     student = fake_classifier(0, 6, batch_norm=True)
     reference = copy.deepcopy(student)
-    out, _, _, teachers, x, y = run_method("mmt-ard", student=student, diw="none", balance="fixed")
+    out, _, _, teachers, x, y = run_method("mmt-ard", clean_input="clean", student=student, diw="none", balance="fixed")
     with torch.no_grad():
         expected = (
             hand_kl(teachers["robust"](out.x_adv), reference(out.x_adv)).mean()
@@ -500,7 +505,7 @@ def test_validate_rejects_bad_number(field, value):
 
 
 def test_method_config_presets_and_errors():
-    assert method_config("mmt-ard") == MethodConfig()
+    assert method_config("mmt-ard") == MethodConfig(clean_input="adversarial")  # spec 2.7: chosen on the zoo
     reference = method_config("reference")
     assert (reference.diw, reference.balance) == ("reference", "fixed")
     assert (reference.lambda_robust, reference.lambda_clean) == (1.0, 1.0)
@@ -562,7 +567,7 @@ def test_tiny_vit_student_with_larger_teacher():
     }
     assert student.prototypes.shape[1] != teachers["clean"].prototypes.shape[1]
     x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
-    out = create_method(method_config("mmt-ard", steps=1))(student, teachers, x, y)
+    out = create_method(method_config("mmt-ard", steps=1, clean_input="clean"))(student, teachers, x, y)
     loss = out.total()
     assert torch.isfinite(loss)
     loss.backward()

@@ -44,7 +44,7 @@ from mmtard.methods.weighting import WeightingSettings, importance_weights
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 
-@register_method("mmt-ard")
+@register_method("mmt-ard", clean_input="adversarial")
 @register_method(
     "reference",
     inner="kl-clean-teacher",
@@ -57,7 +57,10 @@ from mmtard.models.zeroshot import ZeroShotClassifier
 class MMTARD(Method):
     """Multi-teacher adversarial distillation with DIW and an adaptive balance (presets ``mmt-ard``, ``reference``).
 
-    The ``reference`` preset is this class with ``diw: reference`` and the ``fixed`` 1/1 balance, as in
+    The ``mmt-ard`` preset distils the clean teacher into the student's adversarial output
+    (``clean_input: adversarial``), the setting that beat ``ard`` on robustness in the zoo benchmark (spec 2.7,
+    BENCHMARKS.md section 2). The ``reference`` preset is this class with ``diw: reference`` and the ``fixed`` 1/1
+    balance, as in
     the released training script.
 
     Args:
