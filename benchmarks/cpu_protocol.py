@@ -1,6 +1,7 @@
 """The zoo benchmark of MMT-ARD against its baselines (spec section 5), on ../shared/data/cifar10.
 
-Run by hand, not in CI (about two hours on 2 idle cores at the default scale):
+Run by hand, not in CI (about three hours on 2 idle cores at the default scale; a GPU machine runs every cell on
+every seed with ``--jobs 16 --cells all``, see ``benchmarks/gpu_run.sh``):
 
     python ../shared/zoo/rebuild.py --out runs/zoo
     python benchmarks/cpu_protocol.py --zoo runs/zoo --out runs/bench-zoo --jobs 2
@@ -12,14 +13,16 @@ rerun at will):
 1. Baseline students on the seen classes, every seed, 200 steps of batch 64 each (PGD-2 at 4/255 inside
    training): ``ard``, ``tecoa``, ``reference``. Every model, the given ones too, is evaluated clean and with
    PGD-10 at 1/255, 2/255, 4/255 on seen and unseen test images.
-2. Ablation (first seed): balances (the spec's first sigmoid default, the same with a robust prior, the
-   accuracy-gap rule) crossed with the robust term's target (``P_R(x')``, or RSLAD's ``P_R(x)``), and ``ard`` with
-   RSLAD's target. The candidates (``CANDIDATES``) are then trained for every seed.
+2. Ablation (first seed): the spec's first defaults (``mmt-ard_v1``), a robust prior or the accuracy-gap balance
+   with ARD's inner objective, RSLAD's target (``P_R(x)``) alone and beside a light clean term, the clean teacher
+   distilled into the adversarial output (``clean_input: adversarial``) or into both outputs, and two robust
+   teachers (the zoo's TeCoA teacher and a FARE teacher trained here). The candidates (``CANDIDATES``, or
+   ``--cells``) are then trained for every seed.
 3. ``mmt-ard`` with the preset's defaults, every seed: the rows of the ablation cell whose settings equal the
-   preset's (trained once), or trained here when no cell does.
-4. ``aa`` (APGD-CE + APGD-T, 100 iterations each) at 4/255 beside PGD-10 on the same images, for the given
-   models, the headline students (every seed) and every ablation student; the gradient-masking checks compare
-   the two attacks on the same images.
+   preset's (``mmt-ard_cleanadv`` since issue 8), or trained here when no cell does.
+4. ``aa`` (APGD-CE + APGD-T, 100 iterations each) at 4/255 beside PGD-10 on the same images, for the student
+   foundation, the headline students and the candidates (every seed; each student is attacked in its own job,
+   right after training); the gradient-masking checks compare the two attacks on the same images.
 5. Efficiency: steps and training seconds each distillation student needs to reach ``ard``'s final held-out
    robust accuracy (PGD-10 at 4/255, 100 held-out images every 20 steps), per seed.
 
@@ -101,7 +104,7 @@ ABLATION = {
 }
 # The ablation's best cells, trained for every seed (chosen from the first-seed ablation; see BENCHMARKS.md).
 # ``--cells all`` trains every cell on every seed instead (a GPU runs the whole grid in minutes).
-CANDIDATES = ("mmt-ard_rho9_ardinner", "mmt-ard_gap_ardinner")
+CANDIDATES = ("mmt-ard_cleanadv", "mmt-ard_v1", "mmt-ard_rho9_ardinner", "mmt-ard_gap_ardinner")
 BASELINES = ("ard", "tecoa", "reference")
 TARGET_EPS = "4/255"
 # Given models also attacked with aa (the teachers are larger and cost minutes each; PGD-10 rows show them).
