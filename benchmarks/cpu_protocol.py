@@ -156,7 +156,8 @@ def _run_student(
 
         torch.set_num_threads(threads)
     methods, variants, seed = job
-    rows = run_protocol(out, scale, methods, (seed,), variants, progress=False, zoo=zoo)[len(GIVEN_STAGES) :]
+    rows = run_protocol(out, scale, methods, (seed,), variants, progress=False, zoo=zoo)
+    rows = [row for row in rows if row["stage"] == job_stage(job)]  # not the given or extra teachers' rows
     for row in rows if aa_samples else ():
         evaluate_with_aa(scale, row, Path(out), aa_samples, Path(zoo))
     return rows
