@@ -1,7 +1,7 @@
 """The zoo benchmark of MMT-ARD against its baselines (spec section 5), on ../shared/data/cifar10.
 
-Run by hand, not in CI (about three hours on 2 idle cores at the default scale; a GPU machine runs every cell on
-every seed with ``--jobs 16 --cells all``, see ``benchmarks/gpu_run.sh``):
+Run by hand, not in CI (about three and a half hours on 2 idle cores at the default scale; a GPU machine runs
+every cell on every seed with ``--jobs 16 --cells all``, see ``benchmarks/gpu_run.sh``):
 
     python ../shared/zoo/rebuild.py --out runs/zoo
     python benchmarks/cpu_protocol.py --zoo runs/zoo --out runs/bench-zoo --jobs 2
@@ -166,7 +166,9 @@ def _run_student(
 def row_on_disk(out: Path, scale: ProtocolScale, job: tuple) -> dict:
     """The row of a finished job from its cached evaluation, without its model file (``--report-only``)."""
     methods, variants, seed = job
-    ((role, stage),) = protocol_stages(scale, methods, (seed,), variants)[len(GIVEN_STAGES) :]
+    ((role, stage),) = [
+        (r, s) for r, s in protocol_stages(scale, methods, (seed,), variants) if s.name == job_stage(job)
+    ]
     return stage_row(scale, role, stage, RunDir(out / stage.name).model, out, False)
 
 
