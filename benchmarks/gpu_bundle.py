@@ -17,7 +17,7 @@ git-ignored folder with:
 differ from the originals by the JPEG round trip (mean absolute error about 1 to 2 of 255), so numbers from a
 GPU run are compared with each other, not with a CPU run's.
 
-    python benchmarks/gpu_bundle.py pack --out .gpu          # here, once (echo /.gpu/ >> .git/info/exclude)
+    python benchmarks/gpu_bundle.py pack --out .gpu          # here, once (.gpu/ is git-ignored)
     python benchmarks/gpu_bundle.py unpack --bundle .gpu --data /tmp/cifar10   # there, by gpu_run.sh
 """
 

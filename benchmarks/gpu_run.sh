@@ -2,11 +2,10 @@
 # The one prepared run on a lent GPU machine (about 9 minutes): the zoo benchmark of issue 8 on every ablation
 # cell and seed, then the GPU check of issue 9 (benchmarks/gpu_check.sh, shortened).
 #
-# The machine has PyTorch and nothing else, and no internet. Prepare the bundle here once (about 55 MiB,
+# The machine has PyTorch and nothing else, and no internet. Prepare the bundle here once (about 61 MiB,
 # git-ignored; it holds the committed tree to run), then run that tree there with .gpu carried (the device tool:
 # carry [".gpu"], timeout_s 595):
 #
-#   echo /.gpu/ >> .git/info/exclude
 #   python benchmarks/gpu_bundle.py pack --out .gpu
 #   mkdir -p /tmp/snap && tar xzf .gpu/repo.tar.gz -C /tmp/snap && BUNDLE=$PWD/.gpu bash /tmp/snap/benchmarks/gpu_run.sh
 #
