@@ -260,7 +260,7 @@ def protocol_stages(
         more = overrides.pop("more_teachers", {})
         roles = create_method(method_config(method, **overrides)).teacher_roles  # "original" is the trainer's copy
         teachers = {role: f"teacher-{role}" for role in roles if role != "original"}
-        kinds = {role: role for role in teachers} | dict(more) if more else {}
+        kinds = ({role: role for role in teachers} | dict(more)) if more else {}
         teachers.update({preset: f"teacher-{preset}" for preset in more})
         for seed in seeds:
             stage = StageSpec(
