@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import make_npz_dir
 
 from mmtard.cli import main
 from mmtard.errors import ConfigError
@@ -26,7 +27,6 @@ from mmtard.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 MMT_ARD = REPO / "configs" / "cpu" / "mmt-ard.yaml"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def compile_unavailable() -> str | None:
@@ -40,17 +40,7 @@ def compile_unavailable() -> str | None:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    folder = tmp_path_factory.mktemp("compile-data")
-    colours = rng.integers(0, 256, size=(10, 3))
-    for split, per_class in (("train", 8), ("test", 2)):
-        y = np.repeat(np.arange(10), per_class)
-        x = colours[y][:, None, None, :] + rng.normal(0, 20, size=(len(y), 32, 32, 3))
-        np.savez(folder / f"{split}.npz", x=np.clip(x, 0, 255).astype(np.uint8), y=y.astype(np.int64))
-    (folder / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return folder
+    return make_npz_dir(tmp_path_factory.mktemp("compile-data"), train_per_class=8, test_per_class=2)
 
 
 def tiny_run(data_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed
+from test_eval_distributed import without_seconds
 
 from mmtard.cli import main
 
@@ -153,14 +154,6 @@ def test_eval_joins_torchrun_processes_with_its_device(tmp_path, npz_dir, monkey
     monkeypatch.setattr(distributed, "start_eval_processes", recording)
     code, _ = _run(tmp_path, "--data-dir", str(npz_dir), "--samples", "4", "--attack", "none", "--device", "cpu")
     assert code == 0 and devices == ["cpu"]
-
-
-def without_seconds(value):
-    if isinstance(value, dict):
-        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
-    if isinstance(value, list):
-        return [without_seconds(v) for v in value]
-    return value
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

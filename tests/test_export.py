@@ -19,6 +19,7 @@ import open_clip
 import pytest
 import torch
 import yaml
+from test_train import make_npz_dir
 
 from mmtard.cli import main
 from mmtard.errors import ConfigError, MissingExtraError
@@ -32,7 +33,6 @@ from mmtard.units import format_eps
 
 REPO = Path(__file__).resolve().parents[1]
 MMT_ARD = REPO / "configs" / "cpu" / "mmt-ard.yaml"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TOLERANCE = 1e-4
 PROMPTS = ["a photo of a cat.", "a blurry photo of a truck, seen from far away."]
 
@@ -238,25 +238,12 @@ def test_vit_l14_hf_image_embeddings_equal_open_clip(tmp_path_factory, transform
 # ---------------------------------------------------------------- a run folder, both formats, the card
 
 
-def make_npz_dir(folder: Path) -> Path:
-    """A learnable CIFAR-format npz folder: each class a colour plus noise; 8 train, 2 test images a class."""
-    rng = np.random.default_rng(0)
-    colours = rng.integers(0, 256, size=(10, 3))
-    folder.mkdir(parents=True)
-    for split, per_class in (("train", 8), ("test", 2)):
-        y = np.repeat(np.arange(10), per_class)
-        x = colours[y][:, None, None, :] + rng.normal(0, 20, size=(len(y), 32, 32, 3))
-        np.savez(folder / f"{split}.npz", x=np.clip(x, 0, 255).astype(np.uint8), y=y)
-    (folder / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A two-step MMT-ARD run of tiny-vit-s (tiny-vit-s teachers) through the CLI, and a results.json of
     ``mmtard eval`` on its student."""
     root = tmp_path_factory.mktemp("tiny-run")
-    data = make_npz_dir(root / "data")
+    data = make_npz_dir(root / "data", train_per_class=8, test_per_class=2)
     run = root / "run"
     overrides = [
         f"data.dir={data}",
