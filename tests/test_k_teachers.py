@@ -1,14 +1,17 @@
-"""Teachers by name and kind (issue 12 part 4): the two-teacher presets bitwise as before, against a saved
-trajectory; K-teacher steps and balances by hand; refusals.
+"""Teachers by name and kind (issue 12 part 4): the two-teacher presets as before, against a saved trajectory;
+K-teacher steps and balances by hand; refusals.
 
-The fixture ``tests/data/two_teacher_reference.json`` was written by the code before teachers became named
-(commit "tests: two-teacher trajectories saved from the current code"). Regenerate it only for an intended
-change of the two-teacher numbers: ``python tests/test_k_teachers.py --write-fixture``.
+The fixture ``tests/data/two_teacher_reference.json`` holds float64 trajectories (losses, metrics, ``x'`` and the
+student's weights after 4 SGD steps). The float32 trajectories of the code before teachers became named were saved
+first (commit "tests: two-teacher trajectories saved from the current code") and matched bitwise on that CPU; on
+another CPU float32 kernels differ in the last bits and sign-gradient PGD amplifies that (up to 2e-4 relative on a
+near-zero KL), so the comparison runs in float64, where another CPU stays far below the 1e-6 relative tolerance and a
+change of a formula does not. Regenerate it only for an intended change of the two-teacher numbers:
+``python tests/test_k_teachers.py --write-fixture``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -67,16 +70,37 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, y, index
 
 
-def parameter_digest(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def parameter_values(model: nn.Module) -> dict[str, list[float]]:
+    return {name: value.detach().flatten().tolist() for name, value in sorted(model.state_dict().items())}
+
+
+def assert_close(got, saved, path: str = "", rel: float = 1e-6) -> None:
+    """``got`` equals ``saved`` in structure, and each number within ``rel`` relative (1e-12 absolute near 0)."""
+    if isinstance(saved, dict):
+        assert isinstance(got, dict) and set(got) == set(saved), f"{path}: keys {sorted(got)} != {sorted(saved)}"
+        for key in saved:
+            assert_close(got[key], saved[key], f"{path}/{key}", rel)
+    elif isinstance(saved, list):
+        assert isinstance(got, list) and len(got) == len(saved), f"{path}: length differs"
+        for i, (a, b) in enumerate(zip(got, saved)):
+            assert_close(a, b, f"{path}[{i}]", rel)
+    elif isinstance(saved, float) or (isinstance(saved, int) and not isinstance(saved, bool)):
+        assert math.isclose(got, saved, rel_tol=rel, abs_tol=1e-12), f"{path}: {got!r} != saved {saved!r}"
+    else:
+        assert got == saved, f"{path}: {got!r} != saved {saved!r}"
 
 
 def trajectory(preset: str, overrides: dict, method_factory=None) -> dict:
-    """A few SGD steps of ``preset`` on the fakes: every step's losses and metrics, then the student's digest."""
+    """A few SGD steps of ``preset`` on the fakes in float64: every step's losses and metrics, then the weights."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return _trajectory(preset, overrides, method_factory)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _trajectory(preset: str, overrides: dict, method_factory=None) -> dict:
     cfg = method_config(preset, eps=EPS, steps=2, **overrides)
     method = create_method(cfg) if method_factory is None else method_factory(cfg)
     student = fake_classifier(0, 6)
@@ -99,25 +123,29 @@ def trajectory(preset: str, overrides: dict, method_factory=None) -> dict:
                 "x_adv_sum": out.x_adv.double().sum().item(),
             }
         )
-    return {"steps": steps, "student": parameter_digest(student), "method_state": method.state_dict()}
+    return {"steps": steps, "student": parameter_values(student), "method_state": method.state_dict()}
 
 
 def all_trajectories() -> dict:
     return {name: trajectory(preset, overrides) for name, (preset, overrides) in TRAJECTORIES.items()}
 
 
-# ---------------------------------------------------------------- two teachers: bitwise as before
+# ---------------------------------------------------------------- two teachers: as before, within 1e-6
 
 
 @pytest.mark.parametrize("name", sorted(TRAJECTORIES))
-def test_two_teacher_presets_are_bitwise_as_saved(name):
-    """Exact equality (floats round-trip through JSON): losses, lambdas, every metric, x', the student's weights."""
+def test_two_teacher_presets_match_the_saved_trajectory(name):
+    """Losses, lambdas, every metric, x' and the student's weights within 1e-6 relative of the saved float64 run."""
     fixture = json.loads(FIXTURE.read_text())
     preset, overrides = TRAJECTORIES[name]
-    assert trajectory(preset, overrides) == fixture["trajectories"][name], (
-        f"not bitwise the saved trajectory (written with torch {fixture['torch']} on a CPU; here torch "
-        f"{torch.__version__}): float bits may also change with another CPU's kernels"
-    )
+    assert_close(trajectory(preset, overrides), fixture["trajectories"][name], name)
+
+
+def test_the_saved_trajectory_comparison_catches_a_change_of_a_formula():
+    """A changed number (a balance's beta 5 -> 5.01) is beyond the tolerance: the comparison can fail."""
+    fixture = json.loads(FIXTURE.read_text())
+    with pytest.raises(AssertionError, match="saved"):
+        assert_close(trajectory("mmt-ard", {"clean_input": "clean", "beta": 5.01}), fixture["trajectories"]["mmt-ard"])
 
 
 @pytest.mark.parametrize("preset", ["mmt-ard", "ard"])

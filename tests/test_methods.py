@@ -23,7 +23,7 @@ SCALE = 10.0  # logit scale of the fakes: small enough that softmaxes are not sa
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 EPS = 8 / 255
 ATTACK_STEPS = 3
-PRESETS = ["mmt-ard", "reference", "ard", "tecoa", "fare", "pmg-aft", "clean-ft"]
+PRESETS = ["mmt-ard", "mmt-ard-adv", "reference", "ard", "tecoa", "fare", "pmg-aft", "clean-ft"]
 TWO_TEACHER_METRICS = {
     "L_R",
     "L_C",
@@ -37,7 +37,8 @@ TWO_TEACHER_METRICS = {
     "shortfall_C",
 }
 EXPECTED_METRICS = {
-    "mmt-ard": TWO_TEACHER_METRICS - {"acc_clean"},  # clean_input: adversarial runs no clean student forward
+    "mmt-ard": TWO_TEACHER_METRICS,
+    "mmt-ard-adv": TWO_TEACHER_METRICS - {"acc_clean"},  # clean_input: adversarial runs no clean student forward
     "reference": TWO_TEACHER_METRICS,
     "ard": {"L_R", "lambda_R", "robust_teacher_score", "shortfall_R", "acc_adv"},
     "tecoa": {"ce", "acc_adv"},
@@ -48,6 +49,7 @@ EXPECTED_METRICS = {
 # Teacher tower forwards per step when attacking (a forward computed and not used would show here).
 EXPECTED_TEACHER_FORWARDS = {
     "mmt-ard": {"clean": 1, "robust": 1, "original": 0},
+    "mmt-ard-adv": {"clean": 1, "robust": 1, "original": 0},
     "reference": {"clean": 1, "robust": 1, "original": 0},
     "ard": {"clean": 0, "robust": 2, "original": 0},
     "tecoa": {"clean": 0, "robust": 0, "original": 0},
@@ -113,6 +115,7 @@ def hand_x_adv(preset: str, student, teachers, x, y, steps: int) -> torch.Tensor
         original_features = hand_features(teachers["original"], x)
     objectives = {
         "mmt-ard": lambda xa: hand_kl(clean_target, hand_logits(student, xa)),
+        "mmt-ard-adv": lambda xa: hand_kl(clean_target, hand_logits(student, xa)),
         "reference": lambda xa: hand_kl(clean_target, hand_logits(student, xa)),
         "ard": lambda xa: hand_kl(robust_target, hand_logits(student, xa)),
         "tecoa": lambda xa: hand_ce(hand_logits(student, xa), y),
@@ -137,12 +140,12 @@ def hand_loss(preset: str, student, teachers, x, y, x_adv) -> torch.Tensor:
     with torch.no_grad():
         s_clean, s_adv = hand_logits(student, x), hand_logits(student, x_adv)
         rows = torch.arange(len(y))
-        if preset in ("mmt-ard", "reference"):
-            diw = "cosine" if preset == "mmt-ard" else "reference"
+        if preset in ("mmt-ard", "mmt-ard-adv", "reference"):
+            diw = "reference" if preset == "reference" else "cosine"
             cos_r = hand_cos(teachers["robust"], x_adv)[rows, y]
             cos_c = hand_cos(teachers["clean"], x)[rows, y]
             l_r = weighted_term(hand_kl(hand_logits(teachers["robust"], x_adv), s_adv), cos_r, diw, 50.0)
-            s_for_clean = s_adv if preset == "mmt-ard" else s_clean  # the preset's clean_input: adversarial
+            s_for_clean = s_adv if preset == "mmt-ard-adv" else s_clean  # the preset's clean_input: adversarial
             l_c = weighted_term(hand_kl(hand_logits(teachers["clean"], x), s_for_clean), cos_c, diw, 5.0)
             if preset == "reference":
                 return l_r + l_c
@@ -250,7 +253,7 @@ def test_robust_target_clean_distils_the_robust_teacher_on_clean_images(inner):
 def test_clean_input_adversarial_distils_the_clean_teacher_into_the_adversarial_output(robust_target):
     """clean_input: adversarial: l_C,i = KL(P_C(x_i) || P_S(x'_i)), and no clean student forward."""
     overrides = dict(diw="none", balance="fixed", lambda_robust=1.0, lambda_clean=0.5, robust_target=robust_target)
-    out, _, student, teachers, x, y = run_method("mmt-ard", clean_input="adversarial", **overrides)
+    out, _, student, teachers, x, y = run_method("mmt-ard-adv", **overrides)
     with torch.no_grad():
         s_adv = hand_logits(student, out.x_adv)
         robust = hand_logits(teachers["robust"], x if robust_target == "clean" else out.x_adv)
@@ -505,7 +508,8 @@ def test_validate_rejects_bad_number(field, value):
 
 
 def test_method_config_presets_and_errors():
-    assert method_config("mmt-ard") == MethodConfig(clean_input="adversarial")  # spec 2.7: chosen on the zoo
+    assert method_config("mmt-ard") == MethodConfig()  # the seed's objective with the spec's defaults
+    assert method_config("mmt-ard-adv") == MethodConfig(name="mmt-ard-adv", clean_input="adversarial")
     reference = method_config("reference")
     assert (reference.diw, reference.balance) == ("reference", "fixed")
     assert (reference.lambda_robust, reference.lambda_clean) == (1.0, 1.0)
@@ -573,3 +577,45 @@ def test_tiny_vit_student_with_larger_teacher():
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in teacher_bundle.model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("preset", "clean_input", "instead"),
+    [
+        ("mmt-ard", "adversarial", "mmt-ard-adv"),
+        ("mmt-ard-adv", "clean", "mmt-ard"),
+        ("mmt-ard-adv", "both", "mmt-ard"),
+    ],
+)
+def test_a_preset_name_refuses_a_setting_that_leaves_its_objective(preset, clean_input, instead):
+    """The name belongs to the objective: mmt-ard keeps its term on P_S(x), mmt-ard-adv its term on P_S(x')."""
+    with pytest.raises(ConfigError, match=rf"clean_input: the '{preset}' preset .* preset {instead}$"):
+        method_config(preset, clean_input=clean_input)
+    assert method_config("mmt-ard", clean_input="both").clean_input == "both"
+
+
+@pytest.mark.parametrize(("preset", "clean_output_gets_gradient"), [("mmt-ard", True), ("mmt-ard-adv", False)])
+def test_mmt_ard_has_a_loss_term_on_the_students_clean_output(preset, clean_output_gets_gradient):
+    """Gradient probe: the loss's gradient with respect to the student's clean logits P_S(x) is non-zero for
+    mmt-ard (the clean teacher's term), and absent for mmt-ard-adv (which distils into P_S(x') only)."""
+    student, teachers = fake_classifier(0, 6), make_teachers()
+    x, y = make_batch()
+    clean_logits = []
+
+    def keep_clean_logits(module, inputs, output):
+        images = inputs[0]
+        if len(images) >= len(x) and torch.equal(images[: len(x)], x):  # a forward on x (or on cat([x, x']))
+            output.retain_grad()
+            clean_logits.append(output)
+
+    handle = student.register_forward_hook(keep_clean_logits)
+    try:
+        out = create_method(method_config(preset, eps=EPS, steps=1))(student, teachers, x, y)
+    finally:
+        handle.remove()
+    out.total().backward()
+    grads = [logits.grad[: len(x)] for logits in clean_logits if logits.grad is not None]
+    if clean_output_gets_gradient:
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    else:
+        assert not grads

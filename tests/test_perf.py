@@ -35,8 +35,8 @@ BATCH = 2
 #: Teacher forwards per step: MMT-ARD's clean teacher on x and robust teacher on x'; ARD's robust teacher
 #: on x (the inner target) and on x'; TeCoA has none.
 TEACHER_FORWARDS = {"mmt-ard": 2, "ard": 2, "tecoa": 0}
-# Images through the student's update: mmt-ard's preset (clean_input: adversarial) has no clean student forward.
-STUDENT_UPDATE_IMAGES = {"mmt-ard": BATCH, "ard": BATCH, "tecoa": BATCH}
+# Images through the student's update: mmt-ard's student sees x and x'.
+STUDENT_UPDATE_IMAGES = {"mmt-ard": 2 * BATCH, "ard": BATCH, "tecoa": BATCH}
 
 
 @pytest.fixture

@@ -110,7 +110,7 @@ def test_more_teachers_trains_the_extra_teacher_once_and_distils_from_all_three(
     """A variant's ``more_teachers`` adds teacher-<preset> (trained from the teacher foundation) of that kind."""
     scale = replace(TOY, teacher_arch="tiny-vit-s")
     variants = {
-        "three": {"method": "mmt-ard", "clean_input": "adversarial", "more_teachers": {"fare": "robust"}},
+        "three": {"method": "mmt-ard-adv", "more_teachers": {"fare": "robust"}},
         "three-b": {"method": "mmt-ard", "more_teachers": {"fare": "robust"}},
     }
     stages = protocol_stages(scale, (), (0,), variants)

@@ -42,7 +42,7 @@ METRIC_KEYS = {
     "lambda_R",
     "robust_teacher_score",
     "clean_teacher_score",
-    # no acc_clean: the mmt-ard preset (clean_input: adversarial) runs no clean student forward
+    "acc_clean",
     "acc_adv",
     "lr",
     "samples_per_s",

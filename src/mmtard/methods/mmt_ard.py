@@ -44,7 +44,8 @@ from mmtard.methods.weighting import WeightingSettings, importance_weights
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 
-@register_method("mmt-ard", clean_input="adversarial")
+@register_method("mmt-ard", objective={"clean_input": ("clean", "both")})
+@register_method("mmt-ard-adv", objective={"clean_input": ("adversarial",)}, clean_input="adversarial")
 @register_method(
     "reference",
     inner="kl-clean-teacher",
@@ -55,12 +56,14 @@ from mmtard.models.zeroshot import ZeroShotClassifier
     alpha=1 / 255,
 )
 class MMTARD(Method):
-    """Multi-teacher adversarial distillation with DIW and an adaptive balance (presets ``mmt-ard``, ``reference``).
+    """Multi-teacher adversarial distillation with DIW and an adaptive balance (presets ``mmt-ard``,
+    ``mmt-ard-adv``, ``reference``).
 
-    The ``mmt-ard`` preset distils the clean teacher into the student's adversarial output
-    (``clean_input: adversarial``), the setting that beat ``ard`` on robustness in the zoo benchmark (spec 2.7,
-    BENCHMARKS.md section 2). The ``reference`` preset is this class with ``diw: reference`` and the ``fixed`` 1/1
-    balance, as in
+    ``mmt-ard`` is the seed's objective: the clean teacher on the student's clean output ``P_S(x)`` (clean feature
+    preservation), the robust teacher on ``P_S(x')`` (robust feature enhancement), DIW and an adaptive balance;
+    ``clean_input`` may be ``clean`` or ``both``, never ``adversarial``, which drops the ``P_S(x)`` term.
+    ``mmt-ard-adv`` is that variant (``clean_input: adversarial``: the clean teacher's ``P_C(x)`` as the soft label
+    of ``x'``; spec 2.7). ``reference`` is this class with ``diw: reference`` and the ``fixed`` 1/1 balance, as in
     the released training script.
 
     Args:
