@@ -17,6 +17,7 @@ from mmtard.eval.report import markdown_table, result_names, write_results
 from mmtard.eval.run import EvalRequest, check_eval_request, evaluate_bundle
 from mmtard.eval.zeroshot import NonFiniteLogitsError
 from mmtard.models import load_clip
+from mmtard.models.zeroshot import ZeroShotClassifier
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -153,3 +154,27 @@ def test_missing_data_folders_are_refused_before_any_dataset_is_read(tmp_path):
     with pytest.raises(ConfigError, match="data_dir: one data folder per dataset"):
         check_eval_request(_request(["npz", "npz"], [str(folder)]))
     assert check_eval_request(_request(["npz"], [str(folder)], attacks=["pgd", "aa"], eps=(1 / 255, 2 / 255)))
+
+
+def test_outcomes_record_each_image_in_dataset_order_and_agree_with_the_accuracies():
+    """``outcomes``: one "0"/"1" per image, clean and per attack; robust never "1" where clean is "0"."""
+    from mmtard.attacks import create_attack
+    from mmtard.eval.zeroshot import evaluate_classifier
+
+    torch.manual_seed(0)
+    tower = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
+    prototypes = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    classifier = ZeroShotClassifier(tower, (0.5,) * 3, (0.25,) * 3, prototypes, 10.0)
+    images, labels = torch.rand(10, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    attack = create_attack("pgd", eps=8 / 255, steps=3)
+    result = evaluate_classifier(classifier, dataset, [attack], batch_size=4, progress=False)
+    clean, (robust,) = result.outcomes["clean"], result.outcomes["robust"]
+    with torch.no_grad():
+        expected = "".join("1" if c else "0" for c in (classifier(images).argmax(1) == labels).tolist())
+    assert clean == expected
+    assert len(robust) == 10 and set(robust) <= {"0", "1"}
+    assert all(r == "0" for c, r in zip(clean, robust) if c == "0")
+    assert 100.0 * clean.count("1") / 10 == result.clean_acc
+    assert 100.0 * robust.count("1") / 10 == result.robust[0]["acc"]
+    assert result.to_dict()["outcomes"] == {"clean": clean, "robust": [robust]}

@@ -86,6 +86,9 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
 class EvalResult:
     """Accuracies in percent over ``samples`` images; ``robust`` has one entry per attack x eps.
 
+    ``outcomes``: per image, in dataset order, ``"1"`` where it was classified correctly and ``"0"`` where not:
+    ``clean`` one string, ``robust`` one string per entry of ``robust`` (an image wrong when clean is ``"0"``).
+    They make paired comparisons of two models on the same images possible (bootstrap intervals).
     ``precision_check`` (bf16 with attacks only): the first batch's accuracies in both precisions.
     """
 
@@ -97,6 +100,7 @@ class EvalResult:
     seconds: float = 0.0
     precision: str = "fp32"
     precision_check: dict | None = None
+    outcomes: dict | None = None
 
     def to_dict(self) -> dict:
         result = {
@@ -110,6 +114,8 @@ class EvalResult:
         }
         if self.precision_check is not None:
             result["precision_check"] = self.precision_check
+        if self.outcomes is not None:
+            result["outcomes"] = self.outcomes
         return result
 
 
@@ -175,6 +181,8 @@ def evaluate_classifier(
     bar = tqdm(zip(own, loader), total=len(own), desc=f"eval {name}", disable=not (progress and shard.is_main))
     for index, batch in bar:
         counts = journal.done.get(index) if journal is not None else None
+        if counts is not None and "clean_outcomes" not in counts:  # journaled before outcomes were kept
+            counts = None
         if counts is None:
             counts = computed.pop(index, None)
             if counts is None:
@@ -203,6 +211,7 @@ def _merge(
     merged = {index: counts for counts_by_batch, _ in parts for index, counts in counts_by_batch.items()}
     clean_correct, zero_grad, total = 0, 0, 0
     robust_correct = [0] * len(attacks)
+    outcomes = {"clean": "", "robust": [""] * len(attacks)}
     for index in sorted(merged):
         counts = merged[index]
         clean_correct += counts["clean"]
@@ -210,6 +219,8 @@ def _merge(
             robust_correct[i] += count
         zero_grad += counts["zero_grad"]
         total += counts["images"]
+        outcomes["clean"] += counts["clean_outcomes"]
+        outcomes["robust"] = [done + more for done, more in zip(outcomes["robust"], counts["robust_outcomes"])]
 
     def percent(count: int) -> float:
         return 100.0 * count / max(total, 1)
@@ -220,7 +231,7 @@ def _merge(
     for warning in checks.get("warnings", []) if log_warnings else ():
         logger.warning("%s: %s", name, warning)
     seconds = max(elapsed for _, elapsed in parts)
-    return EvalResult(name, total, clean_acc, robust, checks, seconds, precision, precision_check)
+    return EvalResult(name, total, clean_acc, robust, checks, seconds, precision, precision_check, outcomes)
 
 
 def _compare_precisions(
@@ -274,7 +285,7 @@ def _evaluate_batch(classifier: nn.Module, attacks: list[Attack], x: torch.Tenso
     start = time.perf_counter()
     with torch.no_grad():
         correct = check_finite_logits(classifier(x), "clean").argmax(1) == y
-    robust = [0] * len(attacks)
+    robust_correct = [torch.zeros_like(correct) for _ in attacks]
     zero_grad = 0
     if attacks:
         zero_grad = round(zero_gradient_fraction(classifier, x, y) * len(y))
@@ -284,11 +295,18 @@ def _evaluate_batch(classifier: nn.Module, attacks: list[Attack], x: torch.Tenso
                 x_adv = attack(classifier, x_ok, y_ok)
                 with torch.no_grad():
                     logits = check_finite_logits(classifier(x_adv), f"{attack.name} at {attack.describe()['eps']}")
-                    robust[i] = int((logits.argmax(1) == y_ok).sum())
+                    robust_correct[i][correct] = logits.argmax(1) == y_ok
     return {
         "images": len(y),
         "clean": int(correct.sum()),
-        "robust": robust,
+        "robust": [int(r.sum()) for r in robust_correct],
+        "clean_outcomes": _bits(correct),
+        "robust_outcomes": [_bits(r) for r in robust_correct],
         "zero_grad": zero_grad,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _bits(correct: torch.Tensor) -> str:
+    """``"1"``/``"0"`` per image: correct or not."""
+    return "".join("1" if c else "0" for c in correct.tolist())
