@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared run on a lent GPU machine (about 9 minutes): the zoo benchmark of issue 8 on every ablation
-# cell and seed, then the GPU check of issue 9 (benchmarks/gpu_check.sh, shortened).
+# The one prepared run on a lent GPU machine (about 9 minutes): the zoo benchmark's calibration grid and then
+# every cell on every seed with the calibrated recipe (issue 16), then the GPU check of issue 9
+# (benchmarks/gpu_check.sh, shortened).
 #
 # The machine has PyTorch and nothing else, and no internet. Prepare the bundle here once (about 61 MiB,
 # git-ignored; it holds the committed tree to run), then run that tree there with .gpu carried (the device tool:
@@ -15,7 +16,7 @@
 # machine; the tables are rebuilt here from the results alone:
 #
 #   mkdir -p runs/bench-gpu && tar xzf results.tar.gz -C runs/bench-gpu --strip-components=2 runs/bench-gpu
-#   python benchmarks/cpu_protocol.py --zoo runs/zoo --out runs/bench-gpu --cells all --report-only
+#   python benchmarks/zoo_benchmark.py --zoo runs/zoo --out runs/bench-gpu --cells all --report-only
 #
 # CPU smoke test at toy scale (a few steps, tiny evaluations; about 5 minutes on 2 cores):
 #
@@ -35,11 +36,12 @@ export PYTHONPATH="$BUNDLE/site:$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 if [[ "${1:-}" == "--tiny" ]]; then
-    BENCH=(--seeds 0 1 --student-steps 2 --eval-samples 10 --aa-samples 10 --eval-every 1 --jobs 2
-        --cells mmt-ard_rho3_rslad ard_rslad --baselines ard)
+    CALIBRATE=(--calibrate smoke --seeds 0 --eval-samples 10 --eval-every 1 --jobs 2)
+    BENCH=(--recipe smoke --seeds 0 1 --eval-samples 10 --eval-every 1 --jobs 2 --cells ard mmt-ard --ablation mmt-ard_gap)
     LIMITS=(900 300)
     CHECK=(--tiny)
 else
+    CALIBRATE=(--calibrate lr1e-3 lr2e-3 lr1e-3-400 lr2e-3-400 lr4e-3 --jobs 16)
     BENCH=(--jobs 16 --cells all)
     LIMITS=(300 245)
     CHECK=()
@@ -61,7 +63,9 @@ save() {
     for part in bench-gpu docs gpu_check; do [[ -e "$WORK/$part" ]] && parts+=("$part"); done
     tar czf "$OUT/results.tar.gz.part" --exclude model.safetensors --exclude checkpoints --exclude tensorboard \
         --exclude eval_journal -C "$WORK" "${parts[@]}" && mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
-    [[ -f "$WORK/bench-gpu/benchmark.md" ]] && cp "$WORK/bench-gpu/benchmark.md" "$OUT/benchmark.md"
+    for report in benchmark.md calibration.md; do
+        [[ -f "$WORK/bench-gpu/$report" ]] && cp "$WORK/bench-gpu/$report" "$OUT/$report"
+    done
     return 0
 }
 
@@ -75,7 +79,10 @@ save() {
 
 stage unpack 120 "$PY" benchmarks/gpu_bundle.py unpack --bundle "$BUNDLE" --data "$WORK/cifar10"
 stage zoo 120 "$PY" "$BUNDLE/zoo/rebuild.py" --out "$WORK/zoo"
-stage bench "${LIMITS[0]}" "$PY" benchmarks/cpu_protocol.py --zoo "$WORK/zoo" --data-dir "$WORK/cifar10" \
+stage calibrate "${LIMITS[0]}" "$PY" benchmarks/zoo_benchmark.py --zoo "$WORK/zoo" --data-dir "$WORK/cifar10" \
+    --out "$WORK/bench-gpu" "${CALIBRATE[@]}"
+save
+stage bench "${LIMITS[0]}" "$PY" benchmarks/zoo_benchmark.py --zoo "$WORK/zoo" --data-dir "$WORK/cifar10" \
     --out "$WORK/bench-gpu" --docs "$WORK/docs" "${BENCH[@]}"
 save
 OUT_CHECK=$WORK/gpu_check

@@ -1,4 +1,4 @@
-"""Helpers of ``benchmarks/cpu_protocol.py`` (the run itself is by hand: about two hours on 2 cores)."""
+"""Helpers of ``benchmarks/zoo_benchmark.py`` and its cells (the run itself is by hand: hours on 2 cores)."""
 
 from __future__ import annotations
 
@@ -8,104 +8,131 @@ from pathlib import Path
 
 import pytest
 
+from mmtard.experiments.cells import ABLATION, BASELINES, CALIBRATED, CALIBRATION, CELLS, RECIPES, Job, make_jobs
 from mmtard.methods import method_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_protocol.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo_benchmark.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("cpu_protocol", SCRIPT)
+    spec = importlib.util.spec_from_file_location("zoo_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_every_ablation_cell_is_a_valid_config_and_candidates_are_cells(bench):
-    for spec in bench.ABLATION.values():
-        method_config(spec["method"], **{k: v for k, v in spec.items() if k not in ("method", "more_teachers")})
-    assert set(bench.CANDIDATES) <= set(bench.ABLATION)
-    v1 = method_config("mmt-ard", **{k: v for k, v in bench.SPEC_V1.items() if k != "method"})
-    assert (v1.diw, v1.balance, v1.rho, v1.robust_target, v1.inner) == (
-        "cosine",
-        "sigmoid",
-        1.0,
-        "adversarial",
-        "kl-clean-teacher",
-    )
+def test_every_cell_is_a_valid_config_and_the_lists_name_cells():
+    for cell in CELLS.values():
+        assert cell.config().name == cell.preset
+    assert set(BASELINES) | set(ABLATION) | set(CALIBRATION) <= set(CELLS) and CALIBRATED in RECIPES
+    # issue 16: the ablation measures mmt-ard's settings, never a setting that drops one of its parts
+    assert all(CELLS[name].preset == "mmt-ard" for name in ABLATION)
+    assert all(CELLS[name].config().clean_input != "adversarial" for name in ABLATION)
+    assert CELLS["mmt-ard"].config() == method_config("mmt-ard")
+    assert CELLS["mmt-ard-adv"].config() == method_config("mmt-ard-adv")
 
 
-def test_default_cell_is_the_cell_with_the_presets_settings(bench):
-    cell = bench.default_cell()
-    assert cell is not None  # the preset's defaults were measured as an ablation cell
-    spec = bench.ABLATION[cell]
-    assert method_config("mmt-ard", **{k: v for k, v in spec.items() if k != "method"}) == method_config("mmt-ard")
-
-
-def test_student_jobs_one_per_student_and_seed(bench):
-    jobs = bench.student_jobs(("ard", "tecoa"), {"x": {"method": "mmt-ard"}}, [0, 1])
-    assert jobs == [
-        (("ard",), {}, 0),
-        (("ard",), {}, 1),
-        (("tecoa",), {}, 0),
-        (("tecoa",), {}, 1),
-        ((), {"x": {"method": "mmt-ard"}}, 0),
-        ((), {"x": {"method": "mmt-ard"}}, 1),
+def test_a_job_is_a_cell_a_recipe_and_a_seed_in_its_own_folder():
+    jobs = make_jobs(["ard", "mmt-ard_rho9"], ["lr1e-3"], [0, 2])
+    assert [job.stage for job in jobs] == [
+        "student-ard-lr1e-3-seed0",
+        "student-ard-lr1e-3-seed2",
+        "student-mmt-ard_rho9-lr1e-3-seed0",
+        "student-mmt-ard_rho9-lr1e-3-seed2",
     ]
+    job = jobs[2]
+    assert job == Job(CELLS["mmt-ard_rho9"], RECIPES["lr1e-3"], 0)
+    ((name, variant),) = job.variants().items()
+    assert name == "mmt-ard_rho9-lr1e-3" and variant["method"] == "mmt-ard" and variant["rho"] == 9.0
+    assert variant["train"] == {"steps": 200, "lr": 1e-3, "attack_steps": 2, "weight_decay": 1e-4}
+    assert CELLS["mmt-ard_fare"].variant(RECIPES["issue8"])["more_teachers"] == {"fare": "robust"}
 
 
-def record(clean, pgd4, aa4=None, samples=200):
+def record(clean, pgd4, aa4=None, samples=4, pgd_outcomes="1100", aa_outcomes="1000"):
     robust = [{"attack": "pgd", "eps": e, "acc": pgd4 + 10 * i} for i, e in enumerate(("4/255", "2/255", "1/255"))]
+    outcomes = {"clean": "1110", "robust": [pgd_outcomes, "1110", "1110"]}
+    result = {"clean_acc": clean, "robust": robust, "samples": samples, "outcomes": outcomes}
     if aa4 is not None:
-        robust.append({"attack": "aa", "eps": "4/255", "acc": aa4})
-    return {"clean_acc": clean, "robust": robust, "samples": samples}
+        result = {**result, "robust": [{"attack": "aa", "eps": "4/255", "acc": aa4}]}
+        result["outcomes"] = {"clean": "1110", "robust": [aa_outcomes]}
+    return result
 
 
-def row(stage, method, seed, seen, unseen, role=None):
-    return {"stage": stage, "method": method, "seed": seed, "role": role or method, "seen": seen, "unseen": unseen}
+def student(cell, seed, clean_outcomes="1111", aa_outcomes="1000"):
+    clean_all = {
+        "clean_acc": 100.0 * clean_outcomes.count("1") / 4,
+        "samples": 4,
+        "outcomes": {"clean": clean_outcomes},
+    }
+    return {
+        "stage": f"student-{cell}-lr1e-3-seed{seed}",
+        "cell": cell,
+        "preset": CELLS[cell].preset,
+        "recipe": "lr1e-3",
+        "seed": seed,
+        "seen": record(75.0, 50.0),
+        "unseen": record(75.0, 50.0),
+        "clean_all": {"seen": clean_all, "unseen": clean_all},
+        "aa": {split: record(75.0, 0, aa4=25.0, aa_outcomes=aa_outcomes) for split in ("seen", "unseen")},
+    }
 
 
-def test_headline_records_are_means_and_stds_over_seeds(bench):
-    pgd_rows = [row(f"student-ard-seed{s}", "ard", s, record(50 + s, 20 + s), record(60, 30)) for s in range(3)]
-    aa_rows = [
-        row(f"student-ard-seed{s}", "ard", s, record(50 + s, 20 + s, aa4=10 + 2 * s), record(60, 30, 5))
-        for s in range(3)
-    ]
-    records = bench.headline_records(pgd_rows, aa_rows, {"student-ard": [100, 80, None]})
-    seen = next(r for r in records if r["split"] == "seen")
-    assert seen["method"] == "ard" and seen["seeds"] == [0, 1, 2] and seen["model"] == "student-ard"
-    assert seen["clean_mean"] == 51.0 and seen["clean_std"] == 1.0
-    assert seen["aa4_mean"] == 12.0 and seen["aa4_std"] == 2.0 and seen["aa4_samples"] == 200
-    assert seen["pgd4_mean"] == 21.0 and seen["steps_to_ard_final"] == [100, 80, None]
-    unseen = next(r for r in records if r["split"] == "unseen")
-    assert unseen["clean_std"] == 0.0 and unseen["aa4_mean"] == 5.0
+def test_headline_records_carry_cell_preset_and_the_paired_difference_to_ard(bench):
+    rows = [student("ard", s, "1100", "1000") for s in (0, 1)] + [student("mmt-ard", s, "1111", "1100") for s in (0, 1)]
+    diffs = bench.differences(rows, "student-ard-lr1e-3")
+    assert set(diffs) == {"student-mmt-ard-lr1e-3"}
+    clean = diffs["student-mmt-ard-lr1e-3"]["unseen/clean"]
+    assert clean.mean == pytest.approx(50.0) and clean.seeds == 2 and clean.images == 4  # 4/4 against 2/4
+    records = bench.headline_records(rows, diffs, {"student-ard-lr1e-3": [200, 180]})
+    assert len(records) == 4  # one per (cell, split)
+    mmt = next(r for r in records if r["cell"] == "mmt-ard" and r["split"] == "unseen")
+    assert (mmt["preset"], mmt["recipe"], mmt["seeds"]) == ("mmt-ard", "lr1e-3", [0, 1])
+    assert mmt["clean_mean"] == 100.0 and mmt["clean_samples"] == 4 and mmt["aa4_mean"] == 25.0
+    assert mmt["vs_ard"]["aa4"]["mean"] == pytest.approx(25.0)  # 2/4 against 1/4 robust images
+    ard = next(r for r in records if r["cell"] == "ard" and r["split"] == "seen")
+    assert ard["preset"] == "ard" and ard["steps_to_ard_final"] == [200, 180] and ard["vs_ard"] == {}
 
 
-def test_efficiency_counts_steps_to_ards_final_held_out_accuracy(bench, tmp_path):
-    def run(stage, method, curve):
+def test_calibration_table_states_each_target_beside_the_result(bench):
+    def calibrated(cell, unseen_clean, pgd4):
+        row = student(cell, 0)
+        row["clean_all"]["unseen"] = {"clean_acc": unseen_clean}
+        row["seen"] = record(70.0, pgd4)
+        return row | {"train_seconds": 100.0}
+
+    table = bench.calibration_table([calibrated("tecoa", 58.0, 36.0), calibrated("ard", 70.0, 31.0)])
+    assert "| lr1e-3 | tecoa | 1 | 100.0 | 36.0 | 58.0 | unseen clean ≤ 60, PGD ≥ 35 | yes | 100 |" in table
+    assert "| lr1e-3 | ard | 1 | 100.0 | 31.0 | 70.0 | unseen clean ≤ 66, PGD ≥ 30 | no | 100 |" in table
+
+
+def test_efficiency_counts_steps_to_the_baselines_final_held_out_accuracy(bench, tmp_path):
+    def run(cell, curve):
+        stage = f"student-{cell}-lr1e-3-seed0"
         folder = tmp_path / stage
         folder.mkdir()
         metrics = [{"step": s, "samples_per_s": 32.0} for s in range(1, 101)]  # 2 s per step at batch 64
         (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
         evals = [{"step": s, "robust": [{"attack": "pgd", "eps": "4/255", "acc": a}]} for s, a in curve]
         (folder / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-        return {"stage": stage, "method": method, "seed": 0, "role": method, "batch_size": 64}
+        return {"stage": stage, "cell": cell, "seed": 0, "batch_size": 64}
 
     rows = [
-        run("student-ard-seed0", "ard", [(20, 5.0), (40, 12.0), (60, 20.0)]),
-        run("student-mmt-ard_x-seed0", "mmt-ard", [(20, 21.0), (40, 25.0), (60, 30.0)]),
-        run("student-reference-seed0", "reference", [(20, 1.0), (40, 2.0), (60, 3.0)]),
-        {"stage": "student-tecoa-seed0", "method": "tecoa", "seed": 0, "role": "tecoa"},
+        run("ard", [(20, 5.0), (40, 12.0), (60, 20.0)]),
+        run("mmt-ard", [(20, 21.0), (40, 25.0), (60, 30.0)]),
+        run("reference", [(20, 1.0), (40, 2.0), (60, 3.0)]),
+        {"stage": "student-tecoa-lr1e-3-seed0", "cell": "tecoa", "seed": 0},
     ]
-    table, steps = bench.efficiency(tmp_path, rows)
-    assert steps == {"student-ard": [60], "student-mmt-ard_x": [20], "student-reference": [None]}
-    assert "| student-mmt-ard_x | 0 | 2.00 | 30.0 | 20 | 40 |" in table
-    assert "| student-reference | 0 | 2.00 | 3.0 | not reached | - |" in table
+    table, steps = bench.efficiency(tmp_path, rows, "student-ard-lr1e-3")
+    assert steps == {"student-ard-lr1e-3": [60], "student-mmt-ard-lr1e-3": [20], "student-reference-lr1e-3": [None]}
+    assert "| student-mmt-ard-lr1e-3 | 0 | 2.00 | 30.0 | 20 |" in table
+    assert "| student-reference-lr1e-3 | 0 | 2.00 | 3.0 | not reached |" in table
 
 
-def test_job_stage_names_the_students_folder(bench):
-    assert bench.job_stage((("ard",), {}, 2)) == "student-ard-seed2"
-    assert bench.job_stage(((), {"mmt-ard_gap_ardinner": {}}, 0)) == "student-mmt-ard_gap_ardinner-seed0"
+def test_unknown_cell_or_recipe_is_one_usage_error(bench, capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.parse_args(["--cells", "mmt-ard_nope"])
+    assert info.value.code == 2 and "--cells: unknown ['mmt-ard_nope']" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

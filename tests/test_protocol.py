@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from mmtard.errors import ConfigError
 from mmtard.experiments import DEMO_SCALE, given_models, protocol_stages, run_protocol, write_protocol_report
-from mmtard.experiments.protocol import GIVEN_STAGES
+from mmtard.experiments.protocol import GIVEN_STAGES, stage_config
 from mmtard.models import load_clip
 from mmtard.train import RunDir, load_config
 
@@ -40,6 +40,21 @@ def test_stages_reuse_foundations_and_teachers():
     assert mmt.pretrained == "@foundation-student"
     curves = {stage.name: stage.eval_every for _, stage in stages}
     assert curves["student-tecoa-seed0"] == 0 and curves["student-ard-seed0"] == TOY.eval_every
+
+
+def test_a_variants_train_recipe_replaces_the_scales_for_that_student(tmp_path):
+    """A variant's ``train`` sets its steps, learning rate, weight decay and PGD steps inside training."""
+    recipe = {"steps": 7, "lr": 3e-3, "attack_steps": 4, "weight_decay": 0.2}
+    variants = {"fast": {"method": "tecoa", "train": recipe}, "plain": {"method": "tecoa"}}
+    stages = dict((stage.name, stage) for _, stage in protocol_stages(TOY, (), (0,), variants))
+    fast, plain = stages["student-fast-seed0"], stages["student-plain-seed0"]
+    assert (fast.steps, fast.lr, fast.weight_decay, fast.attack_steps) == (7, 3e-3, 0.2, 4)
+    assert (plain.steps, plain.lr, plain.attack_steps) == (TOY.student_steps, TOY.finetune_lr, None)
+    models = {"foundation-student": tmp_path / "s.safetensors"}
+    fast_cfg = stage_config(TOY, replace(fast, pretrained="none"), tmp_path, models)
+    plain_cfg = stage_config(TOY, replace(plain, pretrained="none"), tmp_path, models)
+    assert (fast_cfg.train.steps, fast_cfg.train.lr, fast_cfg.train.weight_decay) == (7, 3e-3, 0.2)
+    assert fast_cfg.method.steps == 4 and plain_cfg.method.steps == TOY.train_attack_steps
 
 
 def test_demo_protocol_runs_writes_report_and_reuses_stages(tmp_path):

@@ -1,7 +1,8 @@
 """Experiments built on the library: the CPU-scale protocol (``protocol``) and its report (``report``).
 
 This layer sits above ``train`` and ``eval``; the library never imports it. ``mmtard demo`` and
-``benchmarks/cpu_protocol.py`` call it.
+``benchmarks/zoo_benchmark.py`` call it; ``cells`` holds that benchmark's cells, recipes and jobs, ``stats`` its
+paired bootstrap intervals.
 """
 
 from mmtard.experiments.protocol import (

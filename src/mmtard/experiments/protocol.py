@@ -1,6 +1,6 @@
 """The CPU-scale protocol (spec section 5) as one function: foundations, teachers, students, evaluation.
 
-Used by ``mmtard demo`` (small scale, minutes, trains everything) and ``benchmarks/cpu_protocol.py`` (the zoo's
+Used by ``mmtard demo`` (small scale, minutes, trains everything) and ``benchmarks/zoo_benchmark.py`` (the zoo's
 given foundations and teachers, seeds, ablations). Every trained stage writes ``<out>/<stage>/model.safetensors``;
 a stage whose model file exists is reused, so foundations and teachers are trained once for every student, and an
 interrupted run continues where it stopped. With a zoo (``../shared/zoo/rebuild.py --out DIR``) the foundations
@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -102,6 +102,7 @@ class StageSpec:
     seed: int = 0
     eval_every: int = 0  # held-out PGD evaluation period during training (0: none)
     weight_decay: float = 1e-4
+    attack_steps: int | None = None  # PGD steps inside training; None: the scale's train_attack_steps
 
 
 def given_models(zoo: str | Path) -> dict[str, Path]:
@@ -127,7 +128,8 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapp
     probe = create_method(method_config(stage.method, **stage.method_overrides))
     overrides = dict(stage.method_overrides)
     if probe.attacking:
-        overrides = {"eps": scale.train_eps, "steps": scale.train_attack_steps, **overrides}
+        attack_steps = scale.train_attack_steps if stage.attack_steps is None else stage.attack_steps
+        overrides = {"eps": scale.train_eps, "steps": attack_steps, **overrides}
     if "clean" in probe.teacher_roles:  # a deterministic pipeline: the clean teacher's logits are cached
         overrides.setdefault("cache_clean_teacher", True)
     teachers = {
@@ -231,7 +233,9 @@ def protocol_stages(
     """``(role, stage)`` in training order: foundations, teachers, then one student per method and seed.
 
     ``variants`` adds students named ``<name>`` with method overrides, e.g. ablations of DIW x balance:
-    ``{"diw=none": {"method": "mmt-ard", "diw": "none"}}``. A variant's ``more_teachers`` (``{"fare": "robust"}``)
+    ``{"diw=none": {"method": "mmt-ard", "diw": "none"}}``. A variant's ``train`` (``{"steps": 400, "lr": 1e-3,
+    "weight_decay": 0.1, "attack_steps": 3}``) replaces the scale's student recipe for that student. A variant's
+    ``more_teachers`` (``{"fare": "robust"}``)
     adds a teacher of that kind, stage ``teacher-<method>``, trained from the teacher foundation with that preset
     like the two standard teachers (once, before the first student; with ``seeds=()`` only those teachers).
     """
@@ -258,6 +262,7 @@ def protocol_stages(
         overrides = dict(spec)
         method = overrides.pop("method")
         more = overrides.pop("more_teachers", {})
+        recipe = {"steps": scale.student_steps, "lr": scale.finetune_lr, **overrides.pop("train", {})}
         roles = create_method(method_config(method, **overrides)).teacher_roles  # "original" is the trainer's copy
         teachers = {role: f"teacher-{role}" for role in roles if role != "original"}
         kinds = ({role: role for role in teachers} | dict(more)) if more else {}
@@ -269,13 +274,12 @@ def protocol_stages(
                 method=method,
                 pretrained=_model(fs),
                 classes="seen",
-                steps=scale.student_steps,
-                lr=scale.finetune_lr,
                 teachers=teachers,
                 teacher_kinds=kinds,
                 method_overrides=overrides,
                 seed=seed,
                 eval_every=scale.eval_every if has_teachers(method, overrides) else 0,
+                **recipe,
             )
             stages.append((name, stage))
     return stages
@@ -293,6 +297,7 @@ def run_protocol(
     variants: Mapping[str, Mapping] | None = None,
     progress: bool = True,
     zoo: str | Path | None = None,
+    rows_for: Collection[str] | None = None,
 ) -> list[dict]:
     """Run every stage and evaluate every model; one row per model with seen and unseen results.
 
@@ -304,6 +309,8 @@ def run_protocol(
         variants: more students, named, with method overrides.
         progress: show progress bars.
         zoo: a folder with the four given models (``given_models``); they are evaluated, not trained.
+        rows_for: the stages to evaluate and return rows for (the others are trained when missing, not evaluated);
+            None: every stage.
 
     Raises:
         ConfigError: the zoo is missing or incomplete (checked before anything is written).
@@ -318,7 +325,8 @@ def run_protocol(
                 source = stage.pretrained[1:]
                 stage = replace(stage, pretrained=str(models.get(source, RunDir(out / source).model)))
             models[stage.name] = run_stage(scale, stage, out, models, progress)
-        rows.append(stage_row(scale, role, stage, models[stage.name], out, progress))
+        if rows_for is None or stage.name in rows_for:
+            rows.append(stage_row(scale, role, stage, models[stage.name], out, progress))
     atomic_write_text(out / "rows.json", json.dumps(rows, indent=2))
     return rows
 

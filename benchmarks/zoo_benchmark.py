@@ -1,0 +1,471 @@
+"""The zoo benchmark: MMT-ARD against its baselines on the CIFAR-10 zoo (spec section 5), and its calibration.
+
+Run by hand, not in CI (times in README "Benchmarks"; a GPU machine runs the whole grid with ``--jobs 16``, see
+``benchmarks/gpu_run.sh``):
+
+    python ../shared/zoo/rebuild.py --out runs/zoo
+    python benchmarks/zoo_benchmark.py --calibrate lr1e-3 lr2e-3 --seeds 0 --out runs/bench-zoo --jobs 2
+    python benchmarks/zoo_benchmark.py --out runs/bench-zoo --jobs 2 --docs docs/benchmarks
+
+The foundations and teachers are the zoo's GPU-trained tiny CLIPs (tiny-vit-s student foundation, tiny-vit-l
+teachers), evaluated here and never trained. Students are the cells of ``mmtard.experiments.cells`` trained with a
+recipe (``--recipe``, default the calibrated one): a job is a cell, a recipe and a seed, in
+``<out>/student-<cell>-<recipe>-seed<seed>/``; a finished job is reused, so stop and rerun at will.
+
+- ``--calibrate RECIPE...``: the calibration grid: ``tecoa`` and ``ard`` with each recipe, for the targets of issue
+  16 (a recipe in which adversarial fine-tuning forgets zero-shot accuracy as it does at scale).
+- Otherwise: the baselines and the candidate cells (``--cells``) on every seed, mmt-ard's ablation cells
+  (``--ablation``) on the first seed.
+
+Every student is evaluated on seen and unseen test images: clean accuracy on every test image of the split, PGD-10
+at 1, 2 and 4/255 and (unless ``--no-aa``) ``aa`` (APGD-CE + APGD-T, 100 iterations each) at 4/255 on the same
+``--eval-samples`` class-balanced images for every model. Each cell's difference against ``ard`` carries a 95%
+paired bootstrap interval over images and seeds. Writes ``<out>/benchmark.md`` and ``benchmark.json`` as students
+finish, the plots, and with ``--docs DIR`` the headline records (``zoo-headline.json``, one per cell and split),
+``pareto.png`` and ``lambda_r.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from mmtard.attacks.checks import check_robust_results  # noqa: E402
+from mmtard.experiments import ZOO_SCALE, ProtocolScale, run_protocol  # noqa: E402
+from mmtard.experiments.cells import (  # noqa: E402
+    ABLATION,
+    BASELINES,
+    CALIBRATED,
+    CALIBRATION,
+    CELLS,
+    RECIPES,
+    Job,
+    make_jobs,
+)
+from mmtard.experiments.protocol import GIVEN_STAGES, evaluate_stage  # noqa: E402
+from mmtard.experiments.report import (  # noqa: E402
+    mean_std,
+    plot_lambda_trajectories,
+    plot_pareto,
+    robust_accuracy,
+)
+from mmtard.experiments.stats import paired_bootstrap  # noqa: E402
+from mmtard.fileio import atomic_write_text  # noqa: E402
+from mmtard.train import RunDir  # noqa: E402
+
+SPLITS = ("seen", "unseen")
+EPS = ("1/255", "2/255", "4/255")
+TARGET_EPS = "4/255"
+#: issue 16's targets for the calibrated recipe: preset -> (highest unseen clean, lowest seen PGD-10 4/255)
+CALIBRATION_TARGETS = {"tecoa": (60.0, 35.0), "ard": (66.0, 30.0)}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", default="runs/zoo", help="the rebuilt zoo (python ../shared/zoo/rebuild.py --out DIR)")
+    p.add_argument("--out", default="runs/bench-zoo")
+    p.add_argument("--data-dir", default="../shared/data/cifar10")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--recipe", default=CALIBRATED, choices=sorted(RECIPES), help="the students' training recipe")
+    p.add_argument("--calibrate", nargs="+", metavar="RECIPE", help="run the calibration grid over these recipes")
+    p.add_argument(
+        "--cells", nargs="+", default=[*BASELINES, "mmt-ard"], help="cells trained on every seed ('all': every cell)"
+    )
+    p.add_argument("--ablation", nargs="*", default=list(ABLATION), help="cells trained on the first seed only")
+    p.add_argument("--batch-size", type=int, default=ZOO_SCALE.batch_size)
+    p.add_argument("--eval-samples", type=int, default=500, help="test images per split for PGD-10 and aa")
+    p.add_argument("--eval-every", type=int, default=ZOO_SCALE.eval_every, help="held-out PGD period in training")
+    p.add_argument("--no-aa", action="store_true", help="PGD-10 only")
+    p.add_argument("--jobs", type=int, default=1, help="students trained (and evaluated) at once, one thread each")
+    p.add_argument("--report-only", action="store_true", help="train nothing: the tables of the students on disk")
+    p.add_argument("--docs", default=None, help="also write zoo-headline.json, pareto.png, lambda_r.png here")
+    args = p.parse_args(argv)
+    args.cells = list(CELLS) if args.cells == ["all"] else args.cells
+    for flag, names, known in (
+        ("--cells", args.cells, CELLS),
+        ("--ablation", args.ablation, CELLS),
+        ("--calibrate", args.calibrate or [], RECIPES),
+    ):
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; expected names from {sorted(known)}")
+    return args
+
+
+# ---------------------------------------------------------------- one student
+
+
+def evaluate_job(out: Path, scale: ProtocolScale, row: dict, aa: bool, model: Path | None = None) -> dict:
+    """``row`` (PGD-10 on ``scale.eval_samples`` images per split) with ``clean_all`` (clean accuracy on every test
+    image of each split) and, with ``aa``, the aa record at 4/255 on the same images as PGD-10, its checks comparing
+    aa with PGD-10 there. Every evaluation is cached in the row's folder; ``model``: the run folder holding
+    ``model.safetensors``, when it is not ``<out>/<stage>`` (the zoo's models)."""
+    stage_dir = out / row["stage"]
+    model = RunDir(model or stage_dir).model
+    every_image = replace(scale, eval_attacks=("none",), eval_samples=None)
+    clean = evaluate_stage(every_image, row["arch"], model, stage_dir, False)
+    row = dict(row, clean_all={split: clean[split] for split in SPLITS})
+    if not aa:
+        return row
+    aa_scale = replace(scale, eval_attacks=("aa",), eval_eps=(4 / 255,), eval_steps=None)
+    attacked = evaluate_stage(aa_scale, row["arch"], model, stage_dir, False)
+    for split in SPLITS:
+        record, pgd = attacked[split], row[split]
+        if record["outcomes"]["clean"] != pgd["outcomes"]["clean"]:
+            raise RuntimeError(f"{row['stage']} {split}: the aa and PGD-10 images differ")
+        robust = [e for e in pgd["robust"] if e["eps"] == TARGET_EPS] + record["robust"]
+        record["checks"] = check_robust_results(record["clean_acc"], robust, record["checks"]["zero_gradient_fraction"])
+    return dict(row, aa=attacked)
+
+
+def run_job(out: str, scale: ProtocolScale, zoo: str, job: Job, threads: int | None, aa: bool) -> dict:
+    """Train (or reuse) and evaluate one student; its row with ``cell``, ``preset`` and ``recipe``."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    (row,) = run_protocol(out, scale, (), (job.seed,), job.variants(), progress=False, zoo=zoo, rows_for={job.stage})
+    row |= {"cell": job.cell.name, "preset": job.cell.preset, "recipe": job.recipe.name}
+    return evaluate_job(Path(out), scale, row, aa)
+
+
+def run_given(out: str, scale: ProtocolScale, zoo: str, stage: str, threads: int | None, aa: bool) -> dict:
+    """Evaluate one of the zoo's models (never trained) as :func:`evaluate_job` does, without aa."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    (row,) = run_protocol(out, scale, (), (), None, progress=False, zoo=zoo, rows_for={stage})
+    return evaluate_job(Path(out), scale, row, aa=False, model=Path(zoo) / stage)
+
+
+def stage_of(task: Job | str) -> str:
+    """A task is a student's job or the name of a zoo model to evaluate."""
+    return task.stage if isinstance(task, Job) else task
+
+
+def finished(out: Path, task: Job | str) -> dict | None:
+    """A finished task's row as the last run wrote it (``rows/<stage>.json``), or None."""
+    path = out / "rows" / f"{stage_of(task)}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_tasks(out: Path, scale: ProtocolScale, zoo: str, tasks: list, workers: int, aa: bool, on_row) -> list[str]:
+    """Every task not finished yet, ``workers`` at a time; ``on_row(row)`` as each finishes. Returns the failures."""
+    failures = []
+    todo = [
+        t for t in tasks if finished(out, t) is None or (aa and isinstance(t, Job) and "aa" not in finished(out, t))
+    ]
+
+    def call(task, threads):
+        function = run_job if isinstance(task, Job) else run_given
+        return function, (str(out), scale, zoo, task, threads, aa)
+
+    def done(task, row: dict) -> None:
+        (out / "rows").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "rows" / f"{stage_of(task)}.json", json.dumps(row))
+        on_row(row)
+
+    if workers <= 1:
+        for task in todo:
+            function, arguments = call(task, None)
+            done(task, function(*arguments))
+        return failures
+    context = multiprocessing.get_context("spawn")  # a forked child cannot use CUDA once the parent has
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(*call(task, 1)): task for task in todo}
+        for future, task in futures.items():
+            try:
+                done(task, future.result())
+            except Exception as error:  # one student's failure leaves the others' results in the tables
+                logging.exception("%s failed", stage_of(task))
+                failures.append(f"{stage_of(task)} (failed: {type(error).__name__}: {error})")
+    return failures
+
+
+# ---------------------------------------------------------------- tables
+
+
+def model_name(row: dict) -> str:
+    return row["stage"].rsplit("-seed", 1)[0]
+
+
+def by_model(rows: Sequence[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(model_name(row), []).append(row)
+    return {name: sorted(group, key=lambda r: r["seed"]) for name, group in groups.items()}
+
+
+def accuracy_cells(group: list[dict], split: str) -> list[str]:
+    """Clean (every image), PGD-10 at each radius and aa at 4/255: mean ± std over the group's seeds."""
+    clean = [r.get("clean_all", r)[split]["clean_acc"] for r in group]
+    cells = [mean_std(clean)]
+    cells += [mean_std([robust_accuracy(r[split], "pgd", e) for r in group]) for e in EPS]
+    aa = [robust_accuracy(r["aa"][split], "aa", TARGET_EPS) for r in group if "aa" in r]
+    return cells + [mean_std(aa) if aa else "-"]
+
+
+def accuracy_table(rows: Sequence[dict], split: str, samples: int) -> str:
+    lines = [
+        f"| model | seeds | clean (all images) | PGD-10 {' | PGD-10 '.join(EPS)} ({samples} images) | aa 4/255 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, group in by_model(rows).items():
+        seeds = ", ".join(str(r["seed"]) for r in group) if group[0].get("cell") else "given"
+        lines.append(f"| {name} | {seeds} | " + " | ".join(accuracy_cells(group, split)) + " |")
+    return "\n".join(lines)
+
+
+def outcomes(row: dict, split: str, measure: str) -> str:
+    """Per-image outcomes of one row: ``clean`` (every image), ``pgd4`` or ``aa4`` (4/255)."""
+    if measure == "clean":
+        return row["clean_all"][split]["outcomes"]["clean"]
+    record = row["aa"][split] if measure == "aa4" else row[split]
+    attack = "aa" if measure == "aa4" else "pgd"
+    (index,) = [i for i, e in enumerate(record["robust"]) if e["attack"] == attack and e["eps"] == TARGET_EPS]
+    return record["outcomes"]["robust"][index]
+
+
+MEASURES = {"clean": "clean", "pgd4": "PGD-10 4/255", "aa4": "aa 4/255"}
+
+
+def differences(rows: Sequence[dict], baseline: str) -> dict[str, dict]:
+    """model -> {split/measure: Difference} against ``baseline`` on the seeds both have (paired bootstrap)."""
+    groups = by_model([r for r in rows if r.get("cell")])
+    if baseline not in groups:
+        return {}
+    base = {r["seed"]: r for r in groups[baseline]}
+    result = {}
+    for name, group in groups.items():
+        pairs = [(r, base[r["seed"]]) for r in group if r["seed"] in base]
+        if name == baseline or not pairs:
+            continue
+        result[name] = {}
+        for split in SPLITS:
+            for measure in MEASURES:
+                if measure == "aa4" and not all("aa" in r and "aa" in b for r, b in pairs):
+                    continue
+                model_outcomes = [outcomes(r, split, measure) for r, _ in pairs]
+                base_outcomes = [outcomes(b, split, measure) for _, b in pairs]
+                result[name][f"{split}/{measure}"] = paired_bootstrap(model_outcomes, base_outcomes)
+    return result
+
+
+def differences_table(diffs: dict[str, dict], baseline: str) -> str:
+    keys = [f"{split}/{m}" for split in SPLITS for m in MEASURES]
+    header = " | ".join(f"{k.split('/')[0]} {MEASURES[k.split('/')[1]]}" for k in keys)
+    lines = [f"| model − {baseline} | seeds | {header} |", "|---|---|" + "---|" * len(keys)]
+    for name, cells in diffs.items():
+        seeds = next(iter(cells.values())).seeds
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells[k].text() if k in cells else "-" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def efficiency(out: Path, rows: Sequence[dict], baseline: str) -> tuple[str, dict[str, list]]:
+    """Steps (and training seconds) each student with held-out curves needs to reach ``baseline``'s final
+    held-out PGD-10 4/255 accuracy (same seed); per model, the steps on each seed (None: never reached)."""
+    lines = ["| student | seed | s / step | final held-out PGD-10 4/255 | steps to reach the baseline's final |"]
+    lines.append("|---|---|---|---|---|")
+    curves: dict[int, dict[str, dict]] = {}
+    for row in rows:
+        run = RunDir(out / row["stage"])
+        if not row.get("cell") or not run.eval_log.is_file():
+            continue
+        seconds = [row["batch_size"] / m["samples_per_s"] for m in run.read_metrics()]
+        curve = [(e["step"], robust_accuracy(e, "pgd", TARGET_EPS)) for e in run.read_eval_log()]
+        curves.setdefault(row["seed"], {})[model_name(row)] = {"seconds": seconds, "curve": curve}
+    reached_by_model: dict[str, list] = {}
+    for seed, models in sorted(curves.items()):
+        if baseline not in models:
+            continue
+        target = models[baseline]["curve"][-1][1]
+        for name, data in models.items():
+            reached = next((step for step, acc in data["curve"] if acc >= target), None)
+            reached_by_model.setdefault(name, []).append(reached)
+            lines.append(
+                f"| {name} | {seed} | {statistics.median(data['seconds']):.2f} | {data['curve'][-1][1]:.1f} | "
+                f"{reached or 'not reached'} |"
+            )
+    return "\n".join(lines), reached_by_model
+
+
+def checks_summary(rows: Sequence[dict]) -> str:
+    """One line: the gradient-masking checks of every record, or each warning with its model."""
+    records = [(r["stage"], s, rec) for r in rows for s in SPLITS for rec in (r[s], r.get("aa", {}).get(s)) if rec]
+    warnings = [f"{stage} ({split}): {w}" for stage, split, rec in records for w in rec["checks"].get("warnings", [])]
+    if not warnings:
+        return (
+            f"Gradient-masking checks (robust <= clean, monotonic in eps, aa not weaker than PGD-10 on the same "
+            f"images, zero-gradient share): all passed for the {len(records)} records above."
+        )
+    return "Gradient-masking check warnings:\n\n" + "\n".join(f"- {w}" for w in warnings)
+
+
+def headline_records(rows: Sequence[dict], diffs: dict[str, dict], steps_to_baseline: dict[str, list]) -> list[dict]:
+    """``zoo-headline.json``: one record per (cell, split) of the students, accuracies in percent."""
+    records = []
+    for name, group in by_model([r for r in rows if r.get("cell")]).items():
+        for split in SPLITS:
+            clean = [r["clean_all"][split]["clean_acc"] for r in group]
+            aa = [robust_accuracy(r["aa"][split], "aa", TARGET_EPS) for r in group if "aa" in r]
+            record = {
+                "cell": group[0]["cell"],
+                "preset": group[0]["preset"],
+                "recipe": group[0]["recipe"],
+                "model": name,
+                "split": split,
+                "seeds": [r["seed"] for r in group],
+                "clean_mean": round(statistics.mean(clean), 2),
+                "clean_std": round(statistics.stdev(clean), 2) if len(clean) > 1 else 0.0,
+                "clean_samples": group[0]["clean_all"][split]["samples"],
+                "aa4_mean": round(statistics.mean(aa), 2) if aa else None,
+                "aa4_std": (round(statistics.stdev(aa), 2) if len(aa) > 1 else 0.0) if aa else None,
+                "aa4_seeds": [r["seed"] for r in group if "aa" in r],
+                "robust_samples": group[0][split]["samples"],
+                "steps_to_ard_final": steps_to_baseline.get(name),
+            }
+            for eps in EPS:
+                record[f"pgd{eps.split('/')[0]}_mean"] = round(
+                    statistics.mean(robust_accuracy(r[split], "pgd", eps) for r in group), 2
+                )
+            record["vs_ard"] = {
+                key.split("/")[1]: d.to_dict() for key, d in diffs.get(name, {}).items() if key.startswith(split)
+            }
+            records.append(record)
+    return records
+
+
+def calibration_table(rows: Sequence[dict]) -> str:
+    """Per recipe and preset: the calibration targets beside the result (mean over seeds)."""
+    lines = [
+        "| recipe | preset | seeds | seen clean | seen PGD-10 4/255 | unseen clean | target | met | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for group in by_model([r for r in rows if r.get("cell")]).values():
+        preset = group[0]["preset"]
+        unseen = statistics.mean(r["clean_all"]["unseen"]["clean_acc"] for r in group)
+        pgd = statistics.mean(robust_accuracy(r["seen"], "pgd", TARGET_EPS) for r in group)
+        clean_max, pgd_min = CALIBRATION_TARGETS.get(preset, (None, None))
+        target = f"unseen clean ≤ {clean_max:g}, PGD ≥ {pgd_min:g}" if clean_max else "-"
+        met = "yes" if clean_max and unseen <= clean_max and pgd >= pgd_min else ("no" if clean_max else "-")
+        seconds = [r["train_seconds"] for r in group if r.get("train_seconds")]
+        seen = mean_std([r["clean_all"]["seen"]["clean_acc"] for r in group])
+        train = f"{statistics.mean(seconds):.0f}" if seconds else "-"
+        lines.append(
+            f"| {group[0]['recipe']} | {preset} | {len(group)} | {seen} | {pgd:.1f} | {unseen:.1f} | {target} | "
+            f"{met} | {train} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out, started = Path(args.out), time.perf_counter()
+    scale = replace(
+        ZOO_SCALE,
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        eval_samples=args.eval_samples,
+        eval_every=args.eval_every,
+    )
+    seeds = args.seeds
+    if args.calibrate:
+        jobs = make_jobs(CALIBRATION, args.calibrate, seeds)
+    else:
+        jobs = make_jobs(args.cells, [args.recipe], seeds)
+        jobs += [j for j in make_jobs(args.ablation, [args.recipe], seeds[:1]) if j not in jobs]
+    aa = not (args.no_aa or args.calibrate)
+    command = f"python benchmarks/zoo_benchmark.py {' '.join(sys.argv[1:] if argv is None else argv)}"
+    # Any extra teacher a cell adds, trained once before the students that share it (nothing is evaluated here).
+    more = {j.variant_name: j.cell.variant(j.recipe) for j in jobs if j.cell.more_teachers}
+    if more and not args.report_only:
+        run_protocol(out, scale, (), (), more, zoo=args.zoo, progress=False, rows_for=())
+    # The zoo's models are evaluated after the students (the teachers cost the most), not for the calibration.
+    given = [] if args.calibrate else list(GIVEN_STAGES)
+
+    def report(*_):
+        rows = [row for job in jobs if (row := finished(out, job)) is not None]
+        given_rows = [row for stage in given if (row := finished(out, stage)) is not None]
+        write_report(out, args, command, scale, given_rows, rows, jobs, started)
+
+    tasks = [*jobs, *given]
+    failures = [] if args.report_only else run_tasks(out, scale, args.zoo, tasks, args.jobs, aa, report)
+    report()
+    if failures:
+        print("Failed: " + "; ".join(failures), flush=True)
+
+
+def write_report(out, args, command, scale, given, rows, jobs, started) -> None:
+    for row in rows:
+        row.setdefault("batch_size", args.batch_size)
+    missing = [job.stage for job in jobs if job.stage not in {r["stage"] for r in rows}]
+    header = [
+        f"Command: `{command}`",
+        f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cores). Students: batch "
+        f"{args.batch_size}, PGD at 4/255 inside training, the recipe in each model's name "
+        f"({', '.join(f'{r.name}: {r.steps} steps at lr {r.lr:g}, PGD-{r.attack_steps}' for r in RECIPES.values())}). "
+        f"Clean accuracy on every test image of the split; PGD-10 (1 restart) and aa on the same {args.eval_samples} "
+        f"class-balanced images per split for every model.",
+    ]
+    sections = list(header)
+    if args.calibrate:
+        sections.append("## Calibration (issue 16's targets)\n\n" + calibration_table(rows))
+    for split in SPLITS:
+        title = "Seen classes (in-distribution)" if split == "seen" else "Unseen classes (zero-shot)"
+        sections.append(f"## {title}\n\n" + accuracy_table([*given, *rows], split, args.eval_samples))
+    baseline = f"ard-{args.recipe}"
+    diffs = {} if args.calibrate else differences(rows, baseline)
+    if diffs:
+        sections.append(
+            f"## Differences against `{baseline}` in points, 95% paired bootstrap interval over images and seeds\n\n"
+            + differences_table(diffs, baseline)
+        )
+    eff_table, steps_to_baseline = efficiency(out, rows, baseline)
+    if not args.calibrate:
+        sections.append("## Training efficiency (held-out PGD-10 4/255 on 100 images)\n\n" + eff_table)
+    sections.append(checks_summary(rows))
+    if missing:
+        sections.append("Not in these tables yet (running, failed or not run): " + ", ".join(missing) + ".")
+    sections.append(f"Whole run (this invocation, so far): {time.perf_counter() - started:.0f} s.")
+    text = "\n\n".join(sections) + "\n"
+    atomic_write_text(out / ("calibration.md" if args.calibrate else "benchmark.md"), text)
+    atomic_write_text(out / ("calibration.json" if args.calibrate else "benchmark.json"), json.dumps(rows, indent=1))
+    print(text, flush=True)
+    if args.calibrate or not rows:
+        return
+    headline = headline_records(rows, diffs, steps_to_baseline)
+    atomic_write_text(out / "zoo-headline.json", json.dumps(headline, indent=2))
+    first_seed = [r for r in rows if r["seed"] == args.seeds[0]]
+    plot_lambda_trajectories(out, first_seed, out / "lambda_r.png")
+    aa_rows = [dict(r, seen=r["aa"]["seen"], unseen=r["aa"]["unseen"]) for r in rows if "aa" in r]
+    if aa_rows:
+        plot_pareto(aa_rows, out / "pareto.png", attack="aa", eps=TARGET_EPS)
+    if args.docs:
+        docs = Path(args.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(docs / "zoo-headline.json", json.dumps(headline, indent=2))
+        for plot in ("pareto.png", "lambda_r.png"):
+            if (out / plot).is_file():
+                (docs / plot).write_bytes((out / plot).read_bytes())
+
+
+if __name__ == "__main__":
+    main()
