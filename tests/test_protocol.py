@@ -70,6 +70,7 @@ def test_demo_protocol_runs_writes_report_and_reuses_stages(tmp_path):
         assert f"| {name} |" in text
     for plot in ("robust_vs_eps.png", "training_curves.png", "pareto.png", "lambda_r.png"):
         assert (tmp_path / plot).stat().st_size > 0 and f"({plot})" in text
+    assert "does not show the ordering of the methods" in text and "`BENCHMARKS.md` section 2" in text
 
     model = RunDir(tmp_path / "teacher-robust").model
     before = model.stat().st_mtime_ns

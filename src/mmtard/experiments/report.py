@@ -208,6 +208,10 @@ and restarts; an image misclassified when clean counts as not robust.
 The comparison means something only if each teacher beats the student's foundation on its own axis:
 the clean teacher on clean accuracy, the robust teacher on robust accuracy.
 
+This run checks the whole pipeline at a small scale and does not show the ordering of the methods on the
+calibrated protocol, where adversarial fine-tuning forgets zero-shot accuracy as at scale: that comparison, with
+its seeds and intervals, is `BENCHMARKS.md` section 2 (`benchmarks/zoo_benchmark.py`).
+
 ![robust accuracy against eps](robust_vs_eps.png)
 
 ![training curves](training_curves.png)
