@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 from test_train import make_npz_dir
 
+from mmtard import preflight
 from mmtard.cli import main
 from mmtard.errors import ConfigError
-from mmtard.train import preflight
 from mmtard.train import trainer as trainer_module
 from mmtard.train.config import load_config
 from mmtard.train.trainer import train

@@ -4,7 +4,7 @@ The two processes share out whole batches (batch ``b`` to rank ``b % 2``, the sa
 puts in batch ``b``); attacks are seeded per call, so each batch's counts are the single process's and the
 merged ``results.json`` is identical except ``seconds`` (wall time). Only rank 0 writes and prints.
 
-One launch runs, through ``mmtard.cli.main`` after :func:`mmtard.eval.distributed.start_eval_processes`
+One launch runs, through ``mmtard.cli.main`` after :func:`mmtard.distributed.start_eval_processes`
 (the call ``mmtard eval`` makes first under torchrun):
 
 - ``uneven``: two datasets, 12 images in batches of 5 (5, 5, 2): rank 0 evaluates batches 0 and 2, rank 1
@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from mmtard.cli import main
+from mmtard.distributed import Shard, start_eval_processes
 from mmtard.errors import ConfigError
-from mmtard.eval.distributed import Shard, start_eval_processes
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
@@ -44,7 +44,7 @@ LAUNCHER = """
 import json, os, sys
 from mmtard.cli import main
 from mmtard.eval import zeroshot
-from mmtard.eval.distributed import start_eval_processes
+from mmtard.distributed import start_eval_processes
 
 start_eval_processes("cpu")
 real, evaluated = zeroshot._evaluate_batch, []

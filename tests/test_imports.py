@@ -3,8 +3,9 @@ the library's layers never import upward.
 
 Layers, lowest first (arrows point one way, as in STYLE.md):
 
-- base modules: ``errors``, ``registry``, ``units``, ``fileio``;
+- base modules: ``errors``, ``registry``, ``units``, ``fileio``, ``distributed``;
 - ``models``, ``data``;
+- ``preflight`` (the commands' checks of what a config points at: models and data);
 - ``attacks``;
 - ``methods``;
 - ``train`` and ``eval`` (the trainer runs evaluations: ``train`` may import ``eval``, not the reverse);
@@ -29,12 +30,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "mmtard"
 
 APPLICATION = {"cli", "experiments"}
-BASE = {"errors", "registry", "units", "fileio"}
+BASE = {"errors", "registry", "units", "fileio", "distributed"}
 #: layer (first name below ``mmtard``) -> the layers its modules must never import
 FORBIDDEN_IMPORTS = {
     **{base: {"models", "data", "attacks", "methods", "train", "eval", "export"} | APPLICATION for base in BASE},
     "models": {"attacks", "methods", "train", "eval", "export"} | APPLICATION,
     "data": {"attacks", "methods", "train", "eval", "export"} | APPLICATION,
+    "preflight": {"attacks", "methods", "train", "eval", "export"} | APPLICATION,
     "attacks": {"methods", "train", "eval", "export"} | APPLICATION,
     "methods": {"train", "eval", "export"} | APPLICATION,
     "eval": {"train"} | APPLICATION,

@@ -302,7 +302,7 @@ def _check_augment(cfg: RunConfig) -> None:
 
 def _check_device_name(device: str) -> None:
     """The device string parses (``auto``, ``cpu``, ``cuda``, ``cuda:1``...); whether it exists here is
-    checked when the run starts (:func:`mmtard.train.preflight.check_device`)."""
+    checked when the run starts (:func:`mmtard.distributed.check_device`)."""
     if device == "auto":
         return
     import torch

@@ -4,7 +4,7 @@
 lives in ``TrainState`` and goes into each checkpoint.
 
 Order of work, so that a refused run leaves the file system as it found it: check what the config points
-at (:mod:`mmtard.train.preflight`), build models, data and optimizer and restore the checkpoint, agree
+at (:mod:`mmtard.preflight`), build models, data and optimizer and restore the checkpoint, agree
 across processes that every one of them succeeded, and only then lock the run folder and write to it.
 Faults lose nothing: a non-finite loss stops the run (or skips the batch, ``train.on_nonfinite``) and
 non-finite weights are never saved; SIGTERM / SIGINT save a checkpoint at the end of the current step.
@@ -30,7 +30,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from mmtard import preflight
 from mmtard.data import ImageDataset, TrainAugment, create_dataset, step_generator
+from mmtard.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    any_process,
+    barrier,
+    gather_objects,
+    init_distributed,
+)
 from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted, WorkerTimeoutError
 from mmtard.eval.journal import weights_stamp
 from mmtard.eval.zeroshot import evaluate_classifier
@@ -38,7 +47,6 @@ from mmtard.fileio import atomic_write_text
 from mmtard.methods import Method, freeze
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier, load_clip
 from mmtard.train import checkpoint as ckpt
-from mmtard.train import preflight
 from mmtard.train.config import (
     RunConfig,
     build_eval_attacks,
@@ -47,14 +55,6 @@ from mmtard.train.config import (
     load_config,
     save_config,
     unused_teachers,
-)
-from mmtard.train.distributed import (
-    DistEnv,
-    all_reduce_mean,
-    any_process,
-    barrier,
-    gather_objects,
-    init_distributed,
 )
 from mmtard.train.rundir import RunDir, RunLock, read_jsonl
 
