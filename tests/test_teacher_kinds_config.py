@@ -20,6 +20,7 @@ from test_train import make_npz_dir
 
 from mmtard.cli import main
 from mmtard.errors import ConfigError
+from mmtard.methods import base as method_base
 from mmtard.train import trainer as trainer_module
 from mmtard.train.config import (
     TeacherConfig,
@@ -210,13 +211,13 @@ def test_ard_distils_from_the_robust_teachers_and_leaves_the_clean_one_unloaded(
     tmp_path, data_dir, teacher_files, monkeypatch, caplog
 ):
     loaded = []
-    real_load_clip = trainer_module.load_clip
+    real_load_clip = method_base.load_clip
 
     def recording_load_clip(arch, pretrained, **kwargs):
         loaded.append(pretrained)
         return real_load_clip(arch, pretrained, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "load_clip", recording_load_clip)
+    monkeypatch.setattr(method_base, "load_clip", recording_load_clip)
     cfg = load_config(three_teacher_yaml(tmp_path, teacher_files, method="ard"), run_sets(data_dir, tmp_path / "run"))
     train(cfg, progress=False)
     assert str(teacher_files["clip"]) not in loaded

@@ -1,13 +1,15 @@
 """What every training method shares: the ``Method`` interface, its output, and the forward helpers.
 
 A method computes one training step's loss (spec section 2) for a student and a mapping of frozen
-teachers, keyed by name:
+teachers, keyed by name (the rules of names and kinds: :mod:`mmtard.methods.teachers`):
 
-- distilling methods (``mmt-ard``, ``reference``, ``ard``) take named teachers, each of a kind
-  (:data:`TEACHER_KINDS`): ``clean`` (a clean teacher ``C``, seen on ``x``) or ``robust`` (a robust teacher ``R``,
-  seen on ``x'``). By default the two standard teachers, named after their kinds: ``"clean"`` and ``"robust"``;
-  any number of named teachers with ``create_method(cfg, teacher_kinds)``;
-- ``"original"``: a frozen copy of the student's starting model ``O`` (FARE, PMG-AFT).
+- distilling methods (``mmt-ard``, ``reference``, ``ard``) take named teachers of kind ``clean`` or ``robust``;
+  by default the two standard teachers ``"clean"`` and ``"robust"``; any number with
+  ``create_method(cfg, teacher_kinds)``;
+- FARE and PMG-AFT read ``"original"``: a frozen copy of the student's starting model ``O``.
+
+The method owns its teachers (:meth:`Method.build_teachers` loads and freezes them), their clean-image logit
+caches and the caches' identity, and the cross-process mean of its batch statistics.
 
 It returns named loss terms (the trainer sums them and backpropagates) and diagnostics. It has no
 optimizer, DDP or logging code: a DistributedDataParallel student is unwrapped for the attack, and the
@@ -16,9 +18,9 @@ wrapper is called exactly for the training forwards whose outputs the loss uses.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,19 +32,24 @@ import torch
 from torch import nn
 
 from mmtard.attacks.functional import pgd
+from mmtard.distributed import all_reduce_mean
 from mmtard.errors import ConfigError
-from mmtard.fileio import atomic_write_text
+from mmtard.fileio import atomic_write_text, weights_stamp
 from mmtard.methods.config import MethodConfig
-from mmtard.methods.inner import INNER_OBJECTIVES, INNER_TEACHER_KIND, InnerContext, LossFn
+from mmtard.methods.inner import INNER_OBJECTIVES, InnerContext, LossFn
+from mmtard.methods.teachers import (  # noqa: F401 (TEACHER_KINDS, TEACHER_ROLES, metric_suffix: re-exported)
+    ORIGINAL,
+    TEACHER_KINDS,
+    TEACHER_ROLES,
+    choose_inner_teachers,
+    metric_suffix,
+    resolve_teacher_kinds,
+    select_teachers,
+)
+from mmtard.models import CLIPBundle, build_zero_shot_classifier, load_clip
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 logger = logging.getLogger(__name__)
-
-TEACHER_ROLES = ("clean", "robust", "original")
-TEACHER_KINDS = ("clean", "robust")
-# A teacher name: a letter, then letters, digits, '_' or '-' (it names metrics, config fields and cache folders).
-TEACHER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-RESERVED_TEACHER_NAMES = ("original",)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -313,128 +320,14 @@ class CleanImageOutputs:
         return self._features[role]
 
 
-def resolve_teacher_kinds(
-    method: str,
-    given: Mapping[str, str] | None,
-    standard: Mapping[str, str],
-    accepted: tuple[str, ...],
-) -> dict[str, str]:
-    """The teachers of a method, name -> kind, checked (see :class:`Method`).
-
-    Args:
-        method: the method's name, for messages.
-        given: name -> kind from the caller; None for ``standard``.
-        standard: the method's teachers when none are given (``{"clean": "clean", "robust": "robust"}``).
-        accepted: the kinds the method can distil from; empty for a method without distillation teachers.
-
-    Raises:
-        ConfigError: naming ``teachers.<name>.kind`` (or ``teachers.<name>``) and what is expected.
-    """
-    if given is None:
-        return dict(standard)
-    if not isinstance(given, Mapping):
-        raise ConfigError(f"teachers: expected a mapping teacher name -> kind (clean or robust), got {given!r}")
-    given = dict(given)
-    if not accepted:
-        if given:
-            name = next(iter(given))
-            raise ConfigError(
-                f"teachers.{name}.kind: method '{method}' distils from no clean or robust teacher; expected no "
-                f"teachers (a distilling method such as mmt-ard or ard takes them), got {', '.join(given)}"
-            )
-        return {}
-    if not given:
-        raise ConfigError(f"teachers: method '{method}' needs at least one robust teacher; got none")
-    suffixes: dict[str, str] = {}
-    for name, kind in given.items():
-        if not isinstance(name, str) or not TEACHER_NAME.fullmatch(name):
-            raise ConfigError(
-                f"teachers.{name}: expected a name of a letter then letters, digits, '_' or '-' (it names "
-                "metrics, config fields and cache folders)"
-            )
-        if name in RESERVED_TEACHER_NAMES:
-            raise ConfigError(
-                f"teachers.{name}: the name is reserved for the frozen copy of the starting student (fare, pmg-aft); "
-                "give this teacher another name"
-            )
-        if kind not in TEACHER_KINDS:
-            raise ConfigError(f"teachers.{name}.kind: expected one of {', '.join(TEACHER_KINDS)}; got {kind!r}")
-        if name in TEACHER_KINDS and kind != name:
-            raise ConfigError(
-                f"teachers.{name}.kind: the teacher named '{name}' is the {name} teacher (its metrics are "
-                f"L_{STANDARD_SUFFIX[name]}...); expected {name}, or give a {kind} teacher another name"
-            )
-        if kind not in accepted:
-            raise ConfigError(
-                f"teachers.{name}.kind: method '{method}' distils from {' or '.join(accepted)} teachers only; got "
-                f"{kind} (mmt-ard takes clean and robust teachers)"
-            )
-        suffix = metric_suffix(name)
-        if suffix in suffixes:
-            raise ConfigError(
-                f"teachers.{name}: its metrics (L_{suffix}, lambda_{suffix}) would be those of teacher "
-                f"'{suffixes[suffix]}'; give it another name"
-            )
-        suffixes[suffix] = name
-    if "robust" not in given.values():
-        name = next(iter(given))
-        raise ConfigError(
-            f"teachers.{name}.kind: method '{method}' needs at least one teacher of kind robust; got only "
-            f"{', '.join(f'{n} ({k})' for n, k in given.items())}"
-        )
-    return given
-
-
-# The two standard teachers keep their short metric names: L_R, lambda_R, shortfall_R; L_C, lambda_C, shortfall_C.
-STANDARD_SUFFIX = {"robust": "R", "clean": "C"}
-
-
-def metric_suffix(name: str) -> str:
-    """The suffix of a teacher's metrics (``L_<suffix>``, ``lambda_<suffix>``, ``shortfall_<suffix>``): ``R`` and
-    ``C`` for the standard teachers ``robust`` and ``clean``, the name itself for any other."""
-    return STANDARD_SUFFIX.get(name, name)
-
-
-def choose_inner_teachers(cfg: MethodConfig, teacher_kinds: Mapping[str, str]) -> dict[str, str]:
-    """Kind -> the teacher whose clean-image logits the ``kl-*`` inner objective uses (empty for other objectives).
-
-    ``cfg.inner_teacher`` names it; by default the first teacher of the objective's kind, in the teachers' order.
-
-    Raises:
-        ConfigError: ``inner_teacher`` set for an objective without teacher, or not a teacher of the right kind;
-            no teacher of the objective's kind.
-    """
-    kind = INNER_TEACHER_KIND.get(cfg.inner)
-    if kind is None:
-        if cfg.inner_teacher is not None:
-            raise ConfigError(
-                f"inner_teacher: the '{cfg.inner}' inner objective uses no teacher; expected null, got "
-                f"{cfg.inner_teacher!r}"
-            )
-        return {}
-    names = [name for name, k in teacher_kinds.items() if k == kind]
-    if cfg.inner_teacher is not None:
-        if cfg.inner_teacher not in names:
-            raise ConfigError(
-                f"inner_teacher: expected the name of a {kind} teacher ({', '.join(names) or 'there is none'}) for "
-                f"inner '{cfg.inner}', got {cfg.inner_teacher!r}"
-            )
-        return {kind: cfg.inner_teacher}
-    if not names:
-        raise ConfigError(
-            f"inner: '{cfg.inner}' needs a teacher of kind {kind}; the teachers are "
-            f"{', '.join(f'{n} ({k})' for n, k in teacher_kinds.items())}"
-        )
-    return {kind: names[0]}
-
-
 class Method:
-    """One training step's loss. Subclasses set ``teacher_roles`` and ``inner_objectives``, implement ``step``.
+    """One training step's loss. Subclasses set ``inner_objectives`` and their teachers, implement ``step``.
 
     A distilling subclass sets ``standard_teachers`` (name -> kind, its teachers when none are given) and
-    ``accepted_kinds``; an instance's ``teacher_roles`` is then the names of its teachers, in order, and
-    ``teacher_kinds`` maps each to its kind. Other methods keep their class ``teacher_roles`` (``()``,
-    ``("original",)``) and an empty ``teacher_kinds``.
+    ``accepted_kinds``; one that reads the frozen copy of the starting student sets ``reads_original``. An
+    instance's ``teacher_kinds`` maps each of its teachers to its kind, in order, and ``teacher_roles`` names
+    every frozen model its step reads: the teachers, then ``original`` when it reads it. Static questions (which
+    teachers a preset takes) are class methods: :meth:`select_teachers`, :meth:`plan_teachers`.
 
     Args:
         cfg: the method's config (validated here).
@@ -446,32 +339,95 @@ class Method:
             take (naming ``teachers.<name>.kind``).
     """
 
-    teacher_roles: tuple[str, ...] = ()
     inner_objectives: tuple[str, ...] = ()
     standard_teachers: Mapping[str, str] = MappingProxyType({})
     accepted_kinds: tuple[str, ...] = ()
+    reads_original: bool = False  # FARE, PMG-AFT: a frozen copy of the starting student, named ``original``
 
     @staticmethod
     def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
-        """Mean of a per-process statistic over all processes; the identity in one process. The trainer
-        replaces it under DistributedDataParallel so batch means (DIW) and the balance's teacher terms are
-        those of the global batch, and every process computes the same weights."""
-        return value
+        """Mean of a per-process statistic over all processes (:func:`mmtard.distributed.all_reduce_mean`); the
+        identity in one process. Under DistributedDataParallel, batch means (DIW) and the balance's teacher terms
+        are those of the global batch, and every process computes the same weights."""
+        return all_reduce_mean(value)
+
+    @classmethod
+    def select_teachers(cls, method: str, configured: Mapping[str, str | None]) -> dict[str, str] | None:
+        """The configured teachers (name -> kind, or None for a kind implied by the name) this class distils from;
+        None for a class without distillation teachers (:func:`mmtard.methods.teachers.select_teachers`)."""
+        return select_teachers(method, configured, cls.standard_teachers, cls.accepted_kinds)
+
+    @classmethod
+    def plan_teachers(cls, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The teachers (name -> kind) an instance for ``cfg`` and ``teacher_kinds`` would have, checked against
+        the inner objective, without building one.
+
+        Raises:
+            ConfigError: as the constructor, for the inner objective and the teachers.
+        """
+        if cfg.inner not in cls.inner_objectives:
+            raise ConfigError(
+                f"inner: method '{cfg.name}' supports {', '.join(cls.inner_objectives)}; got {cfg.inner!r}"
+            )
+        kinds = resolve_teacher_kinds(cfg.name, teacher_kinds, cls.standard_teachers, cls.accepted_kinds)
+        choose_inner_teachers(cfg.inner, cfg.inner_teacher, kinds)
+        return kinds
 
     def __init__(self, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None):
         self.cfg = cfg.validate()
-        if cfg.inner not in self.inner_objectives:
-            raise ConfigError(
-                f"inner: method '{cfg.name}' supports {', '.join(self.inner_objectives)}; got {cfg.inner!r}"
-            )
-        self.teacher_kinds = resolve_teacher_kinds(cfg.name, teacher_kinds, self.standard_teachers, self.accepted_kinds)
-        if self.accepted_kinds:
-            self.teacher_roles = tuple(self.teacher_kinds)
-        self.inner_teachers = choose_inner_teachers(cfg, self.teacher_kinds)
+        self.teacher_kinds = self.plan_teachers(cfg, teacher_kinds)
+        self.teacher_roles: tuple[str, ...] = (*self.teacher_kinds, *((ORIGINAL,) if self.reads_original else ()))
+        self.inner_teachers = choose_inner_teachers(cfg.inner, cfg.inner_teacher, self.teacher_kinds)
         self.caches: dict[str, LogitCache] = {}
+        self.teachers: dict[str, ZeroShotClassifier] = {}  # filled by build_teachers
+        self.teacher_sources: dict[str, dict] = {}  # teacher name -> its model's identity, for the logit caches
+
+    def build_teachers(
+        self,
+        sources: Mapping[str, object],
+        student: CLIPBundle,
+        classnames: list[str],
+        templates: list[str],
+        device: torch.device | str | None = None,
+    ) -> dict[str, ZeroShotClassifier]:
+        """Load, freeze and keep (``self.teachers``) a zero-shot classifier of every model the step reads, by name.
+
+        Args:
+            sources: teacher name -> its model (anything with ``arch``, ``pretrained`` and ``trust_checkpoint``, such
+                as a run config's teacher); only the method's own teachers are read.
+            student: the student's bundle before training: ``original`` is a frozen copy of it.
+            classnames, templates: the training label set, for the text prototypes.
+            device: where the teachers are loaded.
+
+        Returns:
+            ``self.teachers``: name -> frozen classifier (eval mode, no parameter gradients).
+        """
+        teachers = {}
+        for name in self.teacher_roles:
+            if name == ORIGINAL:
+                bundle = copy.copy(student)
+                bundle.model = copy.deepcopy(student.model)
+                bundle._prototype_cache = dict(student._prototype_cache)
+            else:
+                spec = sources[name]
+                bundle = load_clip(spec.arch, spec.pretrained, device=device, trust_checkpoint=spec.trust_checkpoint)
+                self.teacher_sources[name] = {
+                    "arch": spec.arch,
+                    "pretrained": spec.pretrained,
+                    "weights_file": weights_stamp(spec.pretrained),
+                }
+            freeze(bundle.model)
+            teachers[name] = build_zero_shot_classifier(bundle, classnames, templates, self.cfg.logit_scale)
+            freeze(teachers[name])
+        self.teachers = teachers
+        return teachers
 
     def open_logit_caches(
-        self, rows: int, identity: Mapping[str, object] | None = None, classes: int | None = None
+        self,
+        rows: int,
+        identity: Mapping[str, object] | None = None,
+        classes: int | None = None,
+        data: Mapping[str, object] | None = None,
     ) -> None:
         """Open the disk-backed clean-image logit caches of ``cfg.cache_dir`` (a no-op for methods without).
 
@@ -480,8 +436,8 @@ class Method:
 
     @property
     def attacking(self) -> bool:
-        """Whether the step perturbs its inputs (not with ``inner: none``, ``steps: 0`` or ``eps: 0``)."""
-        return self.cfg.inner != "none" and self.cfg.steps > 0 and self.cfg.eps > 0
+        """Whether the step perturbs its inputs (:attr:`MethodConfig.attacking`)."""
+        return self.cfg.attacking
 
     def __call__(
         self,

@@ -16,13 +16,12 @@ from mmtard.attacks.base import NORMS
 from mmtard.errors import ConfigError
 from mmtard.methods.balance import BALANCES
 from mmtard.methods.inner import INNER_OBJECTIVES
+from mmtard.methods.teachers import STANDARD_LAMBDA_FIELDS
 from mmtard.methods.weighting import DIW_MODES
 from mmtard.units import parse_eps
 
 ROBUST_TARGETS = ("adversarial", "clean")
 CLEAN_INPUTS = ("clean", "adversarial", "both")
-# The fixed balance's weight of each standard teacher.
-STANDARD_LAMBDA_FIELDS = {"robust": "lambda_robust", "clean": "lambda_clean"}
 
 
 def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -132,6 +131,11 @@ class MethodConfig:
             self.eps = parse_eps(self.eps, "eps", norm)
         if isinstance(self.alpha, str):
             self.alpha = parse_eps(self.alpha, "alpha", norm)
+
+    @property
+    def attacking(self) -> bool:
+        """Whether a step perturbs its inputs (not with ``inner: none``, ``steps: 0`` or ``eps: 0``)."""
+        return self.inner != "none" and self.steps > 0 and self.eps > 0
 
     @property
     def step_size(self) -> float:

@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from mmtard.errors import ConfigError
-from mmtard.methods import TEACHER_KINDS, Method, MethodConfig, method_config
+from mmtard.methods import Method, MethodConfig, create_method, method_class, method_config
+from mmtard.methods.teachers import implied_kinds
 from mmtard.units import parse_eps
 
 DEFAULTS_KEY = "defaults"
@@ -217,51 +218,30 @@ def _check_teachers(cfg: RunConfig) -> None:
     build_method(cfg)
 
 
-def teacher_kinds(cfg: RunConfig) -> dict[str, str]:
-    """Every configured teacher, name -> kind (``clean`` or ``robust``), in the config's order.
+def configured_teachers(cfg: RunConfig) -> dict[str, str | None]:
+    """Every configured teacher, name -> its ``kind`` as written (None when left out), in the config's order."""
+    return {name: getattr(spec, "kind", None) for name, spec in cfg.teachers.items()}
 
-    A teacher without ``kind`` (or a :class:`ModelConfig`, which has none) takes its name's kind when it is
-    named ``clean`` or ``robust``.
+
+def teacher_kinds(cfg: RunConfig) -> dict[str, str]:
+    """Every configured teacher, name -> kind (:func:`mmtard.methods.teachers.implied_kinds`: a teacher named
+    ``clean`` or ``robust`` takes that kind when it has none).
 
     Raises:
         ConfigError: ``teachers.<name>.kind: expected clean or robust``.
     """
-    kinds = {}
-    for name, spec in cfg.teachers.items():
-        kind = getattr(spec, "kind", None)
-        if kind is None and name in TEACHER_KINDS:
-            kind = name
-        if kind not in TEACHER_KINDS:
-            got = "" if kind is None else f", got {kind!r}"
-            raise ConfigError(f"teachers.{name}.kind: expected {' or '.join(TEACHER_KINDS)}{got}")
-        kinds[name] = kind
-    return kinds
+    return implied_kinds(configured_teachers(cfg))
 
 
 def method_teachers(cfg: RunConfig) -> dict[str, str] | None:
-    """The teachers the method distils from, name -> kind: the configured teachers of the kinds it accepts
-    (``mmt-ard``, ``reference``: clean and robust; ``ard``: robust), in the config's order; the method's own
-    order when they are exactly its standard teachers (``clean`` then ``robust``: two-teacher runs are those
-    of the method's defaults whatever the YAML's order). None for a method without distillation teachers
-    (``tecoa``, ``fare``, ``pmg-aft``, ``clean-ft``).
+    """The teachers the method distils from, name -> kind (:meth:`mmtard.methods.Method.select_teachers`: the
+    configured teachers of the kinds it accepts, the method's own order for exactly its standard teachers); None
+    for a method without distillation teachers (``tecoa``, ``fare``, ``pmg-aft``, ``clean-ft``).
 
     Raises:
-        ConfigError: a teacher's kind (:func:`teacher_kinds`), or no teacher of a kind the method accepts.
+        ConfigError: a teacher's kind, or no teacher of a kind the method accepts.
     """
-    from mmtard.methods import METHODS, standard_teacher_kinds
-
-    kinds = teacher_kinds(cfg)
-    accepted = METHODS.get(cfg.method.name).method.accepted_kinds
-    if not accepted:
-        return None
-    chosen = {name: kind for name, kind in kinds.items() if kind in accepted}
-    standard = standard_teacher_kinds(cfg.method.name)
-    if not chosen:
-        raise ConfigError(
-            f"teachers: method {cfg.method.name} needs teacher(s) {list(standard)}; add teachers.<name>.arch and "
-            f".pretrained (and .kind: {' or '.join(accepted)} for names other than {' and '.join(TEACHER_KINDS)})"
-        )
-    return standard if chosen == standard else chosen
+    return method_class(cfg.method.name).select_teachers(cfg.method.name, configured_teachers(cfg))
 
 
 def unused_teachers(cfg: RunConfig) -> list[str]:
@@ -278,8 +258,6 @@ def build_method(cfg: RunConfig) -> Method:
         ConfigError: naming ``teachers.<name>`` or ``teachers.<name>.kind`` for teachers the method refuses,
             or the ``method.`` field of a bad method setting.
     """
-    from mmtard.methods import create_method
-
     kinds = method_teachers(cfg)
     try:
         return create_method(cfg.method, teacher_kinds=kinds)

@@ -41,10 +41,9 @@ from mmtard.distributed import (
     init_distributed,
 )
 from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted, WorkerTimeoutError
-from mmtard.eval.journal import weights_stamp
 from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.fileio import atomic_write_text
-from mmtard.methods import Method, freeze
+from mmtard.methods import Method
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier, load_clip
 from mmtard.train import checkpoint as ckpt
 from mmtard.train.config import (
@@ -53,6 +52,7 @@ from mmtard.train.config import (
     build_method,
     check_resume,
     load_config,
+    method_teachers,
     save_config,
     unused_teachers,
 )
@@ -162,23 +162,8 @@ def data_fields(prefix: str) -> dict[str, str]:
 def build_teachers(
     cfg: RunConfig, method: Method, student: CLIPBundle, dataset: ImageDataset, device
 ) -> dict[str, ZeroShotClassifier]:
-    """Frozen classifiers for every teacher the method reads, by name (``method.teacher_roles``: the teachers
-    of ``cfg.teachers`` it distils from, or ``original``, a copy of the starting student)."""
-    teachers = {}
-    for name in method.teacher_roles:
-        if name == "original":
-            bundle = copy.copy(student)
-            bundle.model = copy.deepcopy(student.model)
-            bundle._prototype_cache = dict(student._prototype_cache)
-        else:
-            spec = cfg.teachers[name]
-            bundle = load_clip(spec.arch, spec.pretrained, device=device, trust_checkpoint=spec.trust_checkpoint)
-        freeze(bundle.model)
-        teachers[name] = build_zero_shot_classifier(
-            bundle, dataset.classnames, dataset.templates, cfg.method.logit_scale
-        )
-        freeze(teachers[name])
-    return teachers
+    """The method's frozen teachers on the training label set (:meth:`Method.build_teachers`), by name."""
+    return method.build_teachers(cfg.teachers, student, dataset.classnames, dataset.templates, device)
 
 
 def build_optimizer(cfg: RunConfig, params: list[nn.Parameter]):
@@ -604,16 +589,15 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
         "student.pretrained",
         trust_checkpoint=student.trust_checkpoint,
     )
-    for name in build_method(cfg).teacher_roles:
-        if name != "original":
-            spec = cfg.teachers[name]
-            preflight.check_model(
-                spec.arch,
-                spec.pretrained,
-                f"teachers.{name}.arch",
-                f"teachers.{name}.pretrained",
-                trust_checkpoint=spec.trust_checkpoint,
-            )
+    for name in method_teachers(cfg) or {}:
+        spec = cfg.teachers[name]
+        preflight.check_model(
+            spec.arch,
+            spec.pretrained,
+            f"teachers.{name}.arch",
+            f"teachers.{name}.pretrained",
+            trust_checkpoint=spec.trust_checkpoint,
+        )
     unused = unused_teachers(cfg)
     if unused and env.is_main:
         logger.warning(
@@ -653,7 +637,6 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
         train_set, eval_set = build_datasets(cfg, student_bundle.image_size, cfg.train.seed)
         check_batch_size(cfg, len(train_set), env.world_size)
     method = build_method(cfg)
-    method.mean_across_processes = all_reduce_mean
     teachers = build_teachers(cfg, method, student_bundle, train_set, env.device)
     build_student(cfg, student_bundle)
     student = build_zero_shot_classifier(
@@ -777,21 +760,12 @@ def open_logit_caches(cfg: RunConfig, built: Run, env: DistEnv) -> None:
         "seed": cfg.train.seed,
         "image_size": train_set.image_size,
     }
-    identity = {
-        name: {
-            "arch": spec.arch,
-            "pretrained": spec.pretrained,
-            "weights_file": weights_stamp(spec.pretrained),
-            **source,
-        }
-        for name, spec in cfg.teachers.items()
-    }
     rows, classes = len(train_set), len(train_set.classnames)
     if env.is_main:
-        built.state.method.open_logit_caches(rows=rows, identity=identity, classes=classes)
+        built.state.method.open_logit_caches(rows=rows, classes=classes, data=source)
     barrier()
     if not env.is_main:
-        built.state.method.open_logit_caches(rows=rows, identity=identity, classes=classes)
+        built.state.method.open_logit_caches(rows=rows, classes=classes, data=source)
 
 
 def train_loop(
