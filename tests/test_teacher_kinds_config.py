@@ -22,14 +22,8 @@ from mmtard.cli import main
 from mmtard.errors import ConfigError
 from mmtard.methods import base as method_base
 from mmtard.train import trainer as trainer_module
-from mmtard.train.config import (
-    TeacherConfig,
-    load_config,
-    method_teachers,
-    save_config,
-    teacher_kinds,
-    unused_teachers,
-)
+from mmtard.train.config import TeacherConfig, method_teachers, teacher_kinds, unused_teachers
+from mmtard.train.config_io import load_config, save_config
 from mmtard.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,11 +23,12 @@ import torch
 from safetensors.torch import load_file
 
 from mmtard.cli import main
+from mmtard.distributed import DistEnv
 from mmtard.errors import ConfigError
 from mmtard.methods import create_method, list_methods
 from mmtard.train import checkpoint as ckpt
+from mmtard.train import faults, load_config, metrics_log, save_config
 from mmtard.train import trainer as trainer_module
-from mmtard.train.config import load_config, save_config
 from mmtard.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -515,15 +516,15 @@ def test_each_teacher_forward_reaches_the_loss(role, data_dir, tmp_path, monkeyp
 def test_without_tensorboard_the_run_logs_a_warning_and_writes_json_logs_only(tmp_path, monkeypatch, caplog):
     from mmtard.train.rundir import RunDir
 
-    real_find_spec = trainer_module.importlib.util.find_spec
+    real_find_spec = metrics_log.importlib.util.find_spec
     monkeypatch.setattr(
-        trainer_module.importlib.util,
+        metrics_log.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a),
     )
-    assert trainer_module.tensorboard_writer(RunDir(tmp_path / "run"), 0) is None
+    assert metrics_log.tensorboard_writer(RunDir(tmp_path / "run"), 0) is None
     assert "pip install 'mmtard[tensorboard]'" in caplog.text
-    log = trainer_module.MetricsLog(RunDir(tmp_path / "run"), enabled=True, resume_step=0)
+    log = metrics_log.MetricsLog(RunDir(tmp_path / "run"), enabled=True, resume_step=0)
     (tmp_path / "run").mkdir()
     log.log({"step": 1, "loss": 0.5})
     log.close()
@@ -606,6 +607,7 @@ def test_augmentation_with_the_teacher_cache_is_refused_before_anything_is_writt
 # ------------------------------------------------------------------------------------------ host syncs
 
 DEVICE_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+LOOP_FILES = {module.__file__ for module in (trainer_module, faults, metrics_log)}  # the loop's own code
 
 
 def test_the_loop_reads_the_device_once_per_step_and_once_per_logged_step(data_dir, tmp_path, monkeypatch):
@@ -616,12 +618,12 @@ def test_the_loop_reads_the_device_once_per_step_and_once_per_logged_step(data_d
         real = getattr(torch.Tensor, name)
 
         def counting(self, *args, _real=real, _name=name, **kwargs):
-            if sys._getframe(1).f_code.co_filename == trainer_module.__file__:
+            if sys._getframe(1).f_code.co_filename in LOOP_FILES:
                 reads.append((_name, sys._getframe(1).f_code.co_name))
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    monkeypatch.setattr(trainer_module, "save", lambda *args: None)
+    monkeypatch.setattr(ckpt, "save", lambda *args: None)
     monkeypatch.setattr(trainer_module, "check_finite_student", lambda *args: None)
     sets = ("train.steps=4", "train.log_every=2", "eval.final=false")
     train(load_config(MMT_ARD, small(data_dir, tmp_path / "run", *sets)), progress=False)
@@ -630,9 +632,9 @@ def test_the_loop_reads_the_device_once_per_step_and_once_per_logged_step(data_d
 
 
 def test_logged_values_are_python_numbers_from_tensors_or_numbers():
-    env = trainer_module.DistEnv(0, 1, 0, torch.device("cpu"))
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
     metrics = {"L_R": torch.tensor(0.25), "acc": torch.tensor([50.0]), "lambda_R": 0.3, "name": "x"}
-    values = trainer_module.logged_values(torch.tensor(1.5, requires_grad=True), metrics, env)
+    values = metrics_log.logged_values(torch.tensor(1.5, requires_grad=True), metrics, env)
     assert values == {"loss": 1.5, "L_R": 0.25, "acc": 50.0, "lambda_R": 0.3, "name": "x"}
     assert all(type(values[k]) is float for k in ("loss", "L_R", "acc", "lambda_R"))
 

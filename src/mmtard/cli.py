@@ -277,18 +277,15 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 def train_config(args: argparse.Namespace):
     """The run config: ``--config`` with ``--set``; to resume, the run's saved ``config.yaml`` with ``--set``
     (the file given with ``--config`` then only locates the run folder)."""
-    from dataclasses import replace
-
-    from mmtard.train.config import flat_fields, load_config, resume_config
+    from mmtard.train.config_io import load_config
+    from mmtard.train.resume import config_to_resume
     from mmtard.train.rundir import RunDir
 
     config = load_config(args.config, args.overrides)
     run = RunDir(config.output_dir)
     if not args.resume or not run.config.is_file():
         return config
-    saved = load_config(run.config)
-    resumed = replace(resume_config(saved, args.overrides), output_dir=config.output_dir)
-    ignored = [k for k, v in flat_fields(config).items() if flat_fields(resumed).get(k) != v and k != "output_dir"]
+    resumed, ignored = config_to_resume(config, run.config, args.overrides)
     if ignored:
         logger.warning(
             "resuming %s with its saved config.yaml; %s differs in %s (not used)",

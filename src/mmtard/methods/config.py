@@ -93,7 +93,7 @@ class MethodConfig:
             teacher's, and the robust teacher's when a term or the inner objective uses ``P_R(x)``. Only valid
             for a deterministic data pipeline (no random augmentation); the trainer decides.
         cache_dir: with ``cache_clean_teacher``, keep those logits in a disk-backed fp16 memory-mapped store
-            (:class:`~mmtard.methods.base.LogitCache`), one folder per teacher name under this folder, reused by
+            (:class:`~mmtard.methods.logit_cache.LogitCache`), one folder per teacher name under this folder, reused by
             later runs of the same teacher, data and classes; ``None`` keeps them in memory (float32).
         reference_robust_scale: robust-teacher constant of the ``reference`` weighting (50).
         reference_clean_scale: clean-teacher constant of the ``reference`` weighting (5).

@@ -27,7 +27,6 @@ from torch import nn
 from mmtard.methods.balance import create_balance
 from mmtard.methods.base import (
     CleanImageOutputs,
-    LogitCache,
     Method,
     MethodOutput,
     host_floats,
@@ -36,6 +35,7 @@ from mmtard.methods.base import (
     unwrap,
 )
 from mmtard.methods.config import MethodConfig
+from mmtard.methods.logit_cache import LogitCache
 from mmtard.methods.losses import accuracy_shortfall, batch_accuracy, per_sample_kl
 from mmtard.methods.registry import register_method
 from mmtard.methods.teachers import fixed_weights, metric_suffix
