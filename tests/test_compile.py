@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_npz_dir
 from safetensors.torch import load_file
-from test_train import make_npz_dir
 
 from mmtard import preflight
 from mmtard.cli import main

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed
-from test_eval_distributed import without_seconds
+from helpers import without_seconds
 
 from mmtard.cli import main
 

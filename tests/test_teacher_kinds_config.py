@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_npz_dir
 from safetensors.torch import load_file, save_file
-from test_train import make_npz_dir
 
 from mmtard.cli import main
 from mmtard.errors import ConfigError

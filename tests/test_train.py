@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import MMT_ARD, REPO, as_argv, make_npz_dir, read_metrics, same_weights, small
 from safetensors.torch import load_file
 
 from mmtard.cli import main
@@ -31,10 +32,7 @@ from mmtard.train import faults, load_config, metrics_log, save_config
 from mmtard.train import trainer as trainer_module
 from mmtard.train.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
-MMT_ARD = REPO / "configs" / "cpu" / "mmt-ard.yaml"
 PRESET_FILES = sorted(p for p in (REPO / "configs" / "cpu").glob("*.yaml") if not p.name.startswith("_"))
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 METRIC_KEYS = {
     "step",
     "loss",
@@ -48,54 +46,6 @@ METRIC_KEYS = {
     "lr",
     "samples_per_s",
 }
-
-
-def make_npz_dir(folder: Path, train_per_class: int = 16, test_per_class: int = 4) -> Path:
-    """A learnable CIFAR-format npz folder: each class a distinct colour plus noise."""
-    rng = np.random.default_rng(0)
-    colours = rng.integers(0, 256, size=(10, 3))
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        y = np.repeat(np.arange(10), per_class)
-        x = colours[y][:, None, None, :] + rng.normal(0, 20, size=(len(y), 32, 32, 3))
-        np.savez(folder / f"{split}.npz", x=np.clip(x, 0, 255).astype(np.uint8), y=y.astype(np.int64))
-    (folder / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return folder
-
-
-def small(data_dir: Path, out: Path, *extra: str, config: Path = MMT_ARD) -> list[str]:
-    """``--set`` overrides for a tiny run of ``config``: 80 seen-class training images, batch 8, PGD-1 in
-    training, tiny-vit-s teachers, clean-only held-out evaluation on 10 images."""
-    teachers = [f"teachers.{role}.arch=tiny-vit-s" for role in load_config(config).teachers]
-    return [
-        f"data.dir={data_dir}",
-        f"output_dir={out}",
-        "data.batch_size=8",
-        "data.eval_samples=10",
-        "method.steps=1",
-        "eval.eps=[]",
-        "eval.steps=1",
-        "eval.batch_size=16",
-        "train.checkpoint_every=0",
-        *teachers,
-        *extra,
-    ]
-
-
-def as_argv(config: Path, overrides: list[str], *extra: str) -> list[str]:
-    return ["train", "--config", str(config), "--no-progress", *extra] + [
-        a for item in overrides for a in ("--set", item)
-    ]
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    """Whether two safetensors files hold bitwise-identical tensors under the same names."""
-    sa, sb = load_file(str(a)), load_file(str(b))
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +358,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 import torch
 from mmtard.train import checkpoint
-from mmtard.train.config import load_config
+from mmtard.train import load_config
 from mmtard.train.trainer import train
 
 real_save, calls = torch.save, []
