@@ -143,11 +143,6 @@ def renamed_fields(names: dict[str, str]) -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        field, sep, message = str(exc).partition(": ")
-        if not (sep and field in names):
+        if exc.field not in names:
             raise
-        try:
-            renamed = type(exc)(f"{names[field]}: {message}")
-        except TypeError:  # an error class with other constructor arguments
-            renamed = ConfigError(f"{names[field]}: {message}")
-        raise renamed from None
+        raise exc.renamed(names[exc.field]) from None

@@ -249,9 +249,9 @@ def build_method(cfg: RunConfig) -> Method:
     try:
         return create_method(cfg.method, teacher_kinds=kinds)
     except ConfigError as exc:
-        if str(exc).startswith("teachers"):
+        if exc.field is not None and exc.field.startswith("teachers"):
             raise
-        raise ConfigError(f"method.{exc}") from None
+        raise exc.within("method") from None
 
 
 def _check_augment(cfg: RunConfig) -> None:

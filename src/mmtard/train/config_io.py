@@ -169,7 +169,7 @@ def _build_method(data: Any, path: str) -> MethodConfig:
     try:
         return method_config(preset, **checked)
     except ConfigError as exc:
-        raise ConfigError(f"{path}.{exc}") from None
+        raise exc.within(path) from None
 
 
 def _check_type(path: str, value: Any, annotation: Any, norm: str = "linf") -> Any:
