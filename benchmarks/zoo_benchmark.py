@@ -172,7 +172,7 @@ def run_tasks(out: Path, scale: ProtocolScale, zoo: str, tasks: list, workers: i
 
     def call(task, threads):
         function = run_job if isinstance(task, Job) else run_given
-        return function, (str(out), scale, zoo, task, threads, aa)
+        return function, str(out), scale, zoo, task, threads, aa
 
     def done(task, row: dict) -> None:
         (out / "rows").mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ def run_tasks(out: Path, scale: ProtocolScale, zoo: str, tasks: list, workers: i
 
     if workers <= 1:
         for task in todo:
-            function, arguments = call(task, None)
+            function, *arguments = call(task, None)
             done(task, function(*arguments))
         return failures
     context = multiprocessing.get_context("spawn")  # a forked child cannot use CUDA once the parent has

@@ -11,9 +11,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import CLASSES, REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR_DIR = Path(os.environ.get("MMTARD_CIFAR_DIR", REPO.parent / "shared" / "data" / "cifar10"))
 
 

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CLASSES
 
-REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 NO_CUDA = not torch.cuda.is_available()
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

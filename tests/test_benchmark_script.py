@@ -175,3 +175,49 @@ def test_gpu_bundle_cifar10_unpacks_to_the_npz_layout(bundle, tmp_path):
         assert sorted(data.files) == ["orig_index", "x", "y"]
         assert data["x"].shape == images.shape and data["y"].tolist() == [0, 1, 0, 1]
     assert (tmp_path / "out" / "classes.txt").read_text() == "a\nb\n"
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end_in_worker_processes(tmp_path, monkeypatch):
+    """Calibration and the main run on a random-weight zoo and a small synthetic CIFAR-10 folder, two spawned
+    workers (the path GPU runs use): rows, tables, and headline records with cell, preset and the paired difference."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from mmtard.experiments.protocol import GIVEN_STAGES
+    from mmtard.models import load_clip
+    from mmtard.train import RunDir
+
+    zoo, data = tmp_path / "zoo", tmp_path / "cifar"
+    for seed, stage in enumerate(GIVEN_STAGES):
+        torch.manual_seed(seed)
+        state = load_clip("tiny-vit-s" if stage == "foundation-student" else "tiny-vit-l", "none").model.state_dict()
+        (zoo / stage).mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(RunDir(zoo / stage).model))
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (data / "classes.txt").write_text("\n".join(classes) + "\n")
+    for split, per_class in (("train", 8), ("test", 4)):
+        y = np.repeat(np.arange(10), per_class)
+        np.savez(data / f"{split}.npz", x=rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8), y=y)
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # spawned workers import the script by its module name
+    module = importlib.import_module("zoo_benchmark")
+    common = ["--zoo", str(zoo), "--data-dir", str(data), "--out", str(tmp_path / "out"), "--seeds", "0", "--jobs", "2"]
+    common += ["--batch-size", "8", "--eval-samples", "10", "--eval-every", "1"]
+    module.main([*common, "--calibrate", "smoke"])
+    calibration = (tmp_path / "out" / "calibration.md").read_text()
+    assert "| smoke | tecoa | 1 |" in calibration and "| smoke | ard | 1 |" in calibration
+
+    module.main([*common, "--recipe", "smoke", "--cells", "ard", "mmt-ard", "--ablation"])
+    report = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "| student-mmt-ard-smoke |" in report and "| teacher-robust | given |" in report
+    assert "Differences against `student-ard-smoke`" in report and "Not in these tables yet" not in report
+    records = json.loads((tmp_path / "out" / "zoo-headline.json").read_text())
+    assert {(r["cell"], r["preset"], r["split"]) for r in records} == {
+        (cell, cell, split) for cell in ("ard", "mmt-ard") for split in ("seen", "unseen")
+    }
+    mmt = next(r for r in records if r["cell"] == "mmt-ard" and r["split"] == "seen")
+    assert mmt["clean_samples"] == 20 and mmt["robust_samples"] == 10 and mmt["aa4_mean"] is not None
+    assert set(mmt["vs_ard"]) == {"clean", "pgd4", "aa4"} and len(mmt["vs_ard"]["aa4"]["ci95"]) == 2

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_npz_dir
 from safetensors.torch import load_file
-from test_train import make_npz_dir
 
+from mmtard import preflight
 from mmtard.cli import main
 from mmtard.errors import ConfigError
-from mmtard.train import preflight
+from mmtard.train import load_config
 from mmtard.train import trainer as trainer_module
-from mmtard.train.config import load_config
 from mmtard.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mmtard.errors import ConfigError
-from mmtard.train.config import RunConfig, load_config, read_config_file, save_config
+from mmtard.train.config import RunConfig
+from mmtard.train.config_io import load_config, read_config_file, save_config
 from mmtard.units import parse_eps
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,17 +23,13 @@ runs), sharing the start-up cost:
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from test_train import MMT_ARD, REPO, make_npz_dir, read_metrics, same_weights
+from helpers import MMT_ARD, make_npz_dir, read_metrics, run_torchrun, same_weights
 
 from mmtard.cli import main
 
@@ -52,12 +48,6 @@ for argv in json.loads(sys.argv[1]):
 
 EXACT_RTOL = 1e-4
 ATTACK_RTOL = 3e-2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(data_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -94,22 +84,7 @@ def runs(tmp_path_factory):
         argv(overrides(data_dir, ddp["resumed"], *ATTACK), "--stop-after", "2"),
         argv(overrides(data_dir, ddp["resumed"], *ATTACK), "--resume", "latest"),
     ]
-    (root / "launch.py").write_text(LAUNCHER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(root / "launch.py"),
-        json.dumps(launches),
-    ]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    proc = run_torchrun(root, LAUNCHER, json.dumps(launches), timeout=500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     single = {name: root / f"single-{name}" for name in ("exact", "attack")}

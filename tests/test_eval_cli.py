@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed
-from test_eval_distributed import without_seconds
+from helpers import without_seconds
 
 from mmtard.cli import main
 
@@ -142,7 +142,7 @@ def test_an_unknown_precision_is_one_clear_error_before_anything_is_written(tmp_
 
 def test_eval_joins_torchrun_processes_with_its_device(tmp_path, npz_dir, monkeypatch):
     """``mmtard eval`` calls ``start_eval_processes`` with the checked device (it starts nothing without torchrun)."""
-    from mmtard.eval import distributed
+    from mmtard import distributed
 
     devices = []
     real = distributed.start_eval_processes

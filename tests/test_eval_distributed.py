@@ -4,7 +4,7 @@ The two processes share out whole batches (batch ``b`` to rank ``b % 2``, the sa
 puts in batch ``b``); attacks are seeded per call, so each batch's counts are the single process's and the
 merged ``results.json`` is identical except ``seconds`` (wall time). Only rank 0 writes and prints.
 
-One launch runs, through ``mmtard.cli.main`` after :func:`mmtard.eval.distributed.start_eval_processes`
+One launch runs, through ``mmtard.cli.main`` after :func:`mmtard.distributed.start_eval_processes`
 (the call ``mmtard eval`` makes first under torchrun):
 
 - ``uneven``: two datasets, 12 images in batches of 5 (5, 5, 2): rank 0 evaluates batches 0 and 2, rank 1
@@ -18,33 +18,28 @@ out, not done twice.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import CLASSES, run_torchrun, without_seconds
 
 from mmtard.cli import main
+from mmtard.distributed import Shard, start_eval_processes
 from mmtard.errors import ConfigError
-from mmtard.eval.distributed import Shard, start_eval_processes
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is needed"
 )
 
-REPO = Path(__file__).resolve().parents[1]
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 LAUNCHER = """
 import json, os, sys
 from mmtard.cli import main
 from mmtard.eval import zeroshot
-from mmtard.eval.distributed import start_eval_processes
+from mmtard.distributed import start_eval_processes
 
 start_eval_processes("cpu")
 real, evaluated = zeroshot._evaluate_batch, []
@@ -67,12 +62,6 @@ RUNS = {
     "uneven": ["--dataset", "cifar10", "npz", "--samples", "12", "--batch-size", "5", "--eps", "2/255", "8/255"],
     "idle": ["--dataset", "npz", "--samples", "3", "--batch-size", "4", "--eps", "8/255"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_data(folder: Path) -> Path:
@@ -112,23 +101,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-ddp")
     data_dir = make_data(root / "data")
     launched = {run: root / f"ddp-{run}" for run in RUNS}
-    (root / "launch.py").write_text(LAUNCHER)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(root / "launch.py"),
-        json.dumps([eval_argv(data_dir, out, run) for run, out in launched.items()]),
-        str(root),
-    ]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    argvs = json.dumps([eval_argv(data_dir, out, run) for run, out in launched.items()])
+    proc = run_torchrun(root, LAUNCHER, argvs, str(root), timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     single = {run: root / f"single-{run}" for run in RUNS}
@@ -145,15 +119,6 @@ def runs(tmp_path_factory):
 
 def files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-def without_seconds(value):
-    """``value`` read from a results file, with the wall times (``seconds``) removed everywhere."""
-    if isinstance(value, dict):
-        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
-    if isinstance(value, list):
-        return [without_seconds(v) for v in value]
-    return value
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))

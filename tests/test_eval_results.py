@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import CLASSES
 from safetensors.torch import save_file
 
 from mmtard.errors import ConfigError
@@ -18,8 +19,6 @@ from mmtard.eval.run import EvalRequest, check_eval_request, evaluate_bundle
 from mmtard.eval.zeroshot import NonFiniteLogitsError
 from mmtard.models import load_clip
 from mmtard.models.zeroshot import ZeroShotClassifier
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def _corruption_folder(root, name, seed, n_per_class=2):

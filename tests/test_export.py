@@ -19,7 +19,7 @@ import open_clip
 import pytest
 import torch
 import yaml
-from test_train import make_npz_dir
+from helpers import make_npz_dir
 
 from mmtard.cli import main
 from mmtard.errors import ConfigError, MissingExtraError

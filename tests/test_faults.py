@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import MMT_ARD, REPO, as_argv, make_npz_dir, read_metrics, same_weights, small
 from safetensors.torch import load_file, save_file
-from test_train import MMT_ARD, REPO, as_argv, make_npz_dir, read_metrics, same_weights, small
 
 from mmtard.cli import main
 from mmtard.train import trainer as trainer_module

@@ -3,11 +3,13 @@ the library's layers never import upward.
 
 Layers, lowest first (arrows point one way, as in STYLE.md):
 
-- base modules: ``errors``, ``registry``, ``units``, ``fileio``;
+- base modules: ``errors``, ``registry``, ``units``, ``fileio``, ``distributed``, ``perf``;
 - ``models``, ``data``;
+- ``preflight`` (the commands' checks of what a config points at: models and data);
 - ``attacks``;
 - ``methods``;
 - ``train`` and ``eval`` (the trainer runs evaluations: ``train`` may import ``eval``, not the reverse);
+- ``export`` (reads a model and its run folder: ``models`` and ``train``'s run layout, never methods or eval);
 - application: ``experiments`` (may import anything but the CLI) and ``cli``.
 
 Nothing in the library imports the application.
@@ -29,16 +31,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "mmtard"
 
 APPLICATION = {"cli", "experiments"}
-BASE = {"errors", "registry", "units", "fileio"}
+BASE = {"errors", "registry", "units", "fileio", "distributed", "perf"}
 #: layer (first name below ``mmtard``) -> the layers its modules must never import
 FORBIDDEN_IMPORTS = {
     **{base: {"models", "data", "attacks", "methods", "train", "eval", "export"} | APPLICATION for base in BASE},
     "models": {"attacks", "methods", "train", "eval", "export"} | APPLICATION,
     "data": {"attacks", "methods", "train", "eval", "export"} | APPLICATION,
+    "preflight": {"attacks", "methods", "train", "eval", "export"} | APPLICATION,
     "attacks": {"methods", "train", "eval", "export"} | APPLICATION,
     "methods": {"train", "eval", "export"} | APPLICATION,
     "eval": {"train"} | APPLICATION,
-    "train": APPLICATION,
+    "train": {"export"} | APPLICATION,
+    "export": {"attacks", "methods", "eval"} | APPLICATION,
     "experiments": {"cli"},
 }
 #: optional dependencies (extras); no module may need them to be imported

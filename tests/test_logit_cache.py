@@ -14,7 +14,7 @@ from torch import nn
 
 from mmtard.errors import ConfigError
 from mmtard.methods import create_method, method_config
-from mmtard.methods.base import LogitCache
+from mmtard.methods.logit_cache import LogitCache
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 ROWS, CLASSES = 12, 5
@@ -90,7 +90,7 @@ def test_a_reopened_disk_cache_reuses_its_filled_rows(tmp_path, caplog):
     x, index = _batch(images, [0, 4, 6])
     before = written.logits(teacher, x, index)
     del written
-    with caplog.at_level(logging.INFO, logger="mmtard.methods.base"):
+    with caplog.at_level(logging.INFO, logger="mmtard.methods.logit_cache"):
         reopened = LogitCache(tmp_path / "cache", rows=ROWS, identity=dict(reversed(identity.items())))
     assert len(reopened) == 3 and "reusing 3 of 12 cached rows" in caplog.text
     fresh = CountingTeacher()

@@ -15,20 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_npz_dir
 from safetensors.torch import load_file, save_file
-from test_train import make_npz_dir
 
 from mmtard.cli import main
 from mmtard.errors import ConfigError
+from mmtard.methods import base as method_base
 from mmtard.train import trainer as trainer_module
-from mmtard.train.config import (
-    TeacherConfig,
-    load_config,
-    method_teachers,
-    save_config,
-    teacher_kinds,
-    unused_teachers,
-)
+from mmtard.train.config import TeacherConfig, method_teachers, teacher_kinds, unused_teachers
+from mmtard.train.config_io import load_config, save_config
 from mmtard.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,13 +205,13 @@ def test_ard_distils_from_the_robust_teachers_and_leaves_the_clean_one_unloaded(
     tmp_path, data_dir, teacher_files, monkeypatch, caplog
 ):
     loaded = []
-    real_load_clip = trainer_module.load_clip
+    real_load_clip = method_base.load_clip
 
     def recording_load_clip(arch, pretrained, **kwargs):
         loaded.append(pretrained)
         return real_load_clip(arch, pretrained, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "load_clip", recording_load_clip)
+    monkeypatch.setattr(method_base, "load_clip", recording_load_clip)
     cfg = load_config(three_teacher_yaml(tmp_path, teacher_files, method="ard"), run_sets(data_dir, tmp_path / "run"))
     train(cfg, progress=False)
     assert str(teacher_files["clip"]) not in loaded

@@ -20,20 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import MMT_ARD, REPO, as_argv, make_npz_dir, read_metrics, same_weights, small
 from safetensors.torch import load_file
 
 from mmtard.cli import main
+from mmtard.distributed import DistEnv
 from mmtard.errors import ConfigError
 from mmtard.methods import create_method, list_methods
 from mmtard.train import checkpoint as ckpt
+from mmtard.train import faults, load_config, metrics_log, save_config
 from mmtard.train import trainer as trainer_module
-from mmtard.train.config import load_config, save_config
 from mmtard.train.trainer import train
 
-REPO = Path(__file__).resolve().parents[1]
-MMT_ARD = REPO / "configs" / "cpu" / "mmt-ard.yaml"
 PRESET_FILES = sorted(p for p in (REPO / "configs" / "cpu").glob("*.yaml") if not p.name.startswith("_"))
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 METRIC_KEYS = {
     "step",
     "loss",
@@ -47,54 +46,6 @@ METRIC_KEYS = {
     "lr",
     "samples_per_s",
 }
-
-
-def make_npz_dir(folder: Path, train_per_class: int = 16, test_per_class: int = 4) -> Path:
-    """A learnable CIFAR-format npz folder: each class a distinct colour plus noise."""
-    rng = np.random.default_rng(0)
-    colours = rng.integers(0, 256, size=(10, 3))
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        y = np.repeat(np.arange(10), per_class)
-        x = colours[y][:, None, None, :] + rng.normal(0, 20, size=(len(y), 32, 32, 3))
-        np.savez(folder / f"{split}.npz", x=np.clip(x, 0, 255).astype(np.uint8), y=y.astype(np.int64))
-    (folder / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    return folder
-
-
-def small(data_dir: Path, out: Path, *extra: str, config: Path = MMT_ARD) -> list[str]:
-    """``--set`` overrides for a tiny run of ``config``: 80 seen-class training images, batch 8, PGD-1 in
-    training, tiny-vit-s teachers, clean-only held-out evaluation on 10 images."""
-    teachers = [f"teachers.{role}.arch=tiny-vit-s" for role in load_config(config).teachers]
-    return [
-        f"data.dir={data_dir}",
-        f"output_dir={out}",
-        "data.batch_size=8",
-        "data.eval_samples=10",
-        "method.steps=1",
-        "eval.eps=[]",
-        "eval.steps=1",
-        "eval.batch_size=16",
-        "train.checkpoint_every=0",
-        *teachers,
-        *extra,
-    ]
-
-
-def as_argv(config: Path, overrides: list[str], *extra: str) -> list[str]:
-    return ["train", "--config", str(config), "--no-progress", *extra] + [
-        a for item in overrides for a in ("--set", item)
-    ]
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    """Whether two safetensors files hold bitwise-identical tensors under the same names."""
-    sa, sb = load_file(str(a)), load_file(str(b))
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +358,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 import torch
 from mmtard.train import checkpoint
-from mmtard.train.config import load_config
+from mmtard.train import load_config
 from mmtard.train.trainer import train
 
 real_save, calls = torch.save, []
@@ -515,15 +466,15 @@ def test_each_teacher_forward_reaches_the_loss(role, data_dir, tmp_path, monkeyp
 def test_without_tensorboard_the_run_logs_a_warning_and_writes_json_logs_only(tmp_path, monkeypatch, caplog):
     from mmtard.train.rundir import RunDir
 
-    real_find_spec = trainer_module.importlib.util.find_spec
+    real_find_spec = metrics_log.importlib.util.find_spec
     monkeypatch.setattr(
-        trainer_module.importlib.util,
+        metrics_log.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a),
     )
-    assert trainer_module.tensorboard_writer(RunDir(tmp_path / "run"), 0) is None
+    assert metrics_log.tensorboard_writer(RunDir(tmp_path / "run"), 0) is None
     assert "pip install 'mmtard[tensorboard]'" in caplog.text
-    log = trainer_module.MetricsLog(RunDir(tmp_path / "run"), enabled=True, resume_step=0)
+    log = metrics_log.MetricsLog(RunDir(tmp_path / "run"), enabled=True, resume_step=0)
     (tmp_path / "run").mkdir()
     log.log({"step": 1, "loss": 0.5})
     log.close()
@@ -606,6 +557,7 @@ def test_augmentation_with_the_teacher_cache_is_refused_before_anything_is_writt
 # ------------------------------------------------------------------------------------------ host syncs
 
 DEVICE_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+LOOP_FILES = {module.__file__ for module in (trainer_module, faults, metrics_log)}  # the loop's own code
 
 
 def test_the_loop_reads_the_device_once_per_step_and_once_per_logged_step(data_dir, tmp_path, monkeypatch):
@@ -616,12 +568,12 @@ def test_the_loop_reads_the_device_once_per_step_and_once_per_logged_step(data_d
         real = getattr(torch.Tensor, name)
 
         def counting(self, *args, _real=real, _name=name, **kwargs):
-            if sys._getframe(1).f_code.co_filename == trainer_module.__file__:
+            if sys._getframe(1).f_code.co_filename in LOOP_FILES:
                 reads.append((_name, sys._getframe(1).f_code.co_name))
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    monkeypatch.setattr(trainer_module, "save", lambda *args: None)
+    monkeypatch.setattr(ckpt, "save", lambda *args: None)
     monkeypatch.setattr(trainer_module, "check_finite_student", lambda *args: None)
     sets = ("train.steps=4", "train.log_every=2", "eval.final=false")
     train(load_config(MMT_ARD, small(data_dir, tmp_path / "run", *sets)), progress=False)
@@ -630,9 +582,9 @@ def test_the_loop_reads_the_device_once_per_step_and_once_per_logged_step(data_d
 
 
 def test_logged_values_are_python_numbers_from_tensors_or_numbers():
-    env = trainer_module.DistEnv(0, 1, 0, torch.device("cpu"))
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
     metrics = {"L_R": torch.tensor(0.25), "acc": torch.tensor([50.0]), "lambda_R": 0.3, "name": "x"}
-    values = trainer_module.logged_values(torch.tensor(1.5, requires_grad=True), metrics, env)
+    values = metrics_log.logged_values(torch.tensor(1.5, requires_grad=True), metrics, env)
     assert values == {"loss": 1.5, "L_R": 0.25, "acc": 50.0, "lambda_R": 0.3, "name": "x"}
     assert all(type(values[k]) is float for k in ("loss", "L_R", "acc", "lambda_R"))
 

@@ -177,7 +177,7 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[fl
     """
     from mmtard.attacks import list_attacks
     from mmtard.eval.zeroshot import check_precision
-    from mmtard.train.preflight import check_data, check_device, check_model, check_output_dir, renamed_fields
+    from mmtard.preflight import check_data, check_device, check_model, check_output_dir, renamed_fields
     from mmtard.units import parse_eps
 
     if len(args.data_dir) not in (1, len(args.dataset)):
@@ -204,11 +204,11 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[fl
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from mmtard.eval.distributed import start_eval_processes
+    from mmtard.distributed import start_eval_processes
     from mmtard.eval.report import markdown_table, write_results
     from mmtard.eval.run import EvalRequest, evaluate_bundle
     from mmtard.models import load_clip
-    from mmtard.train.preflight import renamed_fields
+    from mmtard.preflight import renamed_fields
 
     data_dirs, eps, device = check_eval_args(args)
     with renamed_fields({"device": "--device"}):
@@ -277,18 +277,15 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
 def train_config(args: argparse.Namespace):
     """The run config: ``--config`` with ``--set``; to resume, the run's saved ``config.yaml`` with ``--set``
     (the file given with ``--config`` then only locates the run folder)."""
-    from dataclasses import replace
-
-    from mmtard.train.config import flat_fields, load_config, resume_config
+    from mmtard.train.config_io import load_config
+    from mmtard.train.resume import config_to_resume
     from mmtard.train.rundir import RunDir
 
     config = load_config(args.config, args.overrides)
     run = RunDir(config.output_dir)
     if not args.resume or not run.config.is_file():
         return config
-    saved = load_config(run.config)
-    resumed = replace(resume_config(saved, args.overrides), output_dir=config.output_dir)
-    ignored = [k for k, v in flat_fields(config).items() if flat_fields(resumed).get(k) != v and k != "output_dir"]
+    resumed, ignored = config_to_resume(config, run.config, args.overrides)
     if ignored:
         logger.warning(
             "resuming %s with its saved config.yaml; %s differs in %s (not used)",
@@ -330,7 +327,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
 def check_demo_args(args: argparse.Namespace) -> None:
     """The device, the output folder and the data, before the first stage starts."""
     from mmtard.errors import import_optional
-    from mmtard.train.preflight import check_data, check_device, check_output_dir
+    from mmtard.preflight import check_data, check_device, check_output_dir
 
     check_device(args.device, "--device")
     check_output_dir(args.out, "--out")
@@ -387,7 +384,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     from mmtard.export import export_model
-    from mmtard.train.preflight import renamed_fields
+    from mmtard.preflight import renamed_fields
 
     with renamed_fields({"model": "--model", "pretrained": "--pretrained", "out": "--out", "format": "--format"}):
         paths = export_model(

@@ -7,7 +7,37 @@ from types import ModuleType
 
 
 class ConfigError(ValueError):
-    """A value given by the user (flag, config field, file) is wrong; the message says which and why."""
+    """A value given by the user (flag, config field, file) is wrong; the message says which and why.
+
+    The message starts with the field, ``"<field>: <what is wrong>"``; the field is read from it once, here.
+
+    Args:
+        message: ``"<field>: <what is wrong>"`` (or a sentence without a field).
+        field: the field, when the message does not start with it.
+
+    Attributes:
+        field: the flag or config field named (``data.dir``, ``--eps``, ``teachers.fare.kind``), or None.
+        detail: the message without its leading ``"<field>: "``.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        head, sep, rest = str(message).partition(": ")
+        if field is None and sep and head:
+            self.field, self.detail = head, rest
+        else:
+            self.field, self.detail = field, str(message)
+
+    def renamed(self, field: str) -> ConfigError:
+        """The same error (of the same class where it can be) naming ``field`` instead: ``"<field>: <detail>"``."""
+        try:
+            return type(self)(f"{field}: {self.detail}")
+        except TypeError:  # an error class with other constructor arguments
+            return ConfigError(f"{field}: {self.detail}")
+
+    def within(self, section: str) -> ConfigError:
+        """The same error with its field read inside ``section``: ``inner: ...`` becomes ``method.inner: ...``."""
+        return ConfigError(f"{section}.{self}")
 
 
 class NonFiniteError(FloatingPointError):

@@ -1,4 +1,4 @@
-"""Atomic file writes.
+"""Files: atomic writes, and the stamp that tells a rewritten file from the one seen before.
 
 Every file is written to a temporary name in the same folder, flushed and fsynced, then renamed over
 the target: a crash or kill mid-write leaves the previous file intact, never half a file.
@@ -49,3 +49,11 @@ def current_umask() -> int:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def weights_stamp(pretrained: str | None) -> list[int] | None:
+    """Size and modification time of a local weights file (``None`` for tags and random weights)."""
+    if pretrained and Path(pretrained).is_file():
+        stat = Path(pretrained).stat()
+        return [stat.st_size, stat.st_mtime_ns]
+    return None

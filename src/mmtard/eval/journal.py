@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from mmtard.fileio import atomic_write_text
+from mmtard.fileio import atomic_write_text, weights_stamp  # noqa: F401 (weights_stamp: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +33,6 @@ def journal_path(folder: str | Path, name: str, identity: dict) -> Path:
     """``<folder>/<name>-<digest of identity>.jsonl``."""
     digest = hashlib.sha256(json.dumps(_normalised(identity), sort_keys=True).encode()).hexdigest()[:16]
     return Path(folder) / f"{name}-{digest}.jsonl"
-
-
-def weights_stamp(pretrained: str | None) -> list[int] | None:
-    """Size and modification time of a local weights file (``None`` for tags and random weights)."""
-    if pretrained and Path(pretrained).is_file():
-        stat = Path(pretrained).stat()
-        return [stat.st_size, stat.st_mtime_ns]
-    return None
 
 
 class EvalJournal:

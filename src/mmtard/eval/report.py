@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from mmtard.eval.distributed import Shard
+from mmtard.distributed import Shard
 from mmtard.fileio import atomic_write_text
 
 _UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.+-]+")

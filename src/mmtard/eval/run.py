@@ -11,8 +11,8 @@ import torch
 
 from mmtard.attacks import Attack, create_attack
 from mmtard.data import ImageDataset, check_dataset_source, create_dataset
+from mmtard.distributed import Shard
 from mmtard.errors import ConfigError
-from mmtard.eval.distributed import Shard
 from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
 from mmtard.eval.zeroshot import NonFiniteLogitsError, check_finite_logits, check_precision, evaluate_classifier
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier
@@ -136,7 +136,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
     Args:
         bundle: the loaded model.
         request: what to evaluate.
-        shard: this process's share of the batches (see :mod:`mmtard.eval.distributed`); None: the
+        shard: this process's share of the batches (see :mod:`mmtard.distributed`); None: the
             initialised process group's (``torchrun``, every process must call this), else the whole
             evaluation. Every process returns the merged records, equal to a single process's.
 

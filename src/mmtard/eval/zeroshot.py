@@ -11,7 +11,7 @@ first batch is evaluated in both precisions, and a robust accuracy that differs 
 number 2 points too high in a table does more harm than an evaluation that has to run again in fp32, so
 no marked-but-written result. Otherwise the comparison is kept in the result (``precision_check``).
 
-Under ``torchrun`` (a :class:`~mmtard.eval.distributed.Shard`), each process evaluates its own batches
+Under ``torchrun`` (a :class:`~mmtard.distributed.Shard`), each process evaluates its own batches
 (the single process's batches, ``b % world_size == rank``) and the counts are merged.
 """
 
@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmtard.attacks import Attack, check_robust_results, zero_gradient_fraction
+from mmtard.distributed import Shard, gather
 from mmtard.errors import ConfigError
-from mmtard.eval.distributed import Shard, gather
 from mmtard.eval.journal import EvalJournal
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from pathlib import Path
 from mmtard.errors import ConfigError
 from mmtard.eval.run import EvalRequest, evaluate_bundle
 from mmtard.fileio import atomic_write_text
-from mmtard.methods import create_method, method_config
+from mmtard.methods import method_config, plan_teachers
 from mmtard.models import load_clip
 from mmtard.train import RunDir
 from mmtard.train.config import DataConfig, EvalConfig, OptimConfig, RunConfig, StudentConfig, TeacherConfig
@@ -125,12 +125,12 @@ def given_models(zoo: str | Path) -> dict[str, Path]:
 
 def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapping[str, Path]) -> RunConfig:
     """The run config of one stage; ``models`` maps stage names to their model files."""
-    probe = create_method(method_config(stage.method, **stage.method_overrides))
+    probe = method_config(stage.method, **stage.method_overrides)
     overrides = dict(stage.method_overrides)
     if probe.attacking:
         attack_steps = scale.train_attack_steps if stage.attack_steps is None else stage.attack_steps
         overrides = {"eps": scale.train_eps, "steps": attack_steps, **overrides}
-    if "clean" in probe.teacher_roles:  # a deterministic pipeline: the clean teacher's logits are cached
+    if "clean" in plan_teachers(probe):  # a deterministic pipeline: the clean teacher's logits are cached
         overrides.setdefault("cache_clean_teacher", True)
     teachers = {
         name: TeacherConfig(arch=scale.teacher_arch, pretrained=str(models[source]), kind=stage.teacher_kinds.get(name))
@@ -220,8 +220,7 @@ def _auto_device() -> str:
 
 def has_teachers(method: str, overrides: Mapping | None = None) -> bool:
     """Whether the method distils from a clean or robust teacher (its students get held-out curves)."""
-    roles = create_method(method_config(method, **(overrides or {}))).teacher_roles
-    return bool({"clean", "robust"} & set(roles))
+    return bool(plan_teachers(method_config(method, **(overrides or {}))))
 
 
 def protocol_stages(
@@ -263,8 +262,7 @@ def protocol_stages(
         method = overrides.pop("method")
         more = overrides.pop("more_teachers", {})
         recipe = {"steps": scale.student_steps, "lr": scale.finetune_lr, **overrides.pop("train", {})}
-        roles = create_method(method_config(method, **overrides)).teacher_roles  # "original" is the trainer's copy
-        teachers = {role: f"teacher-{role}" for role in roles if role != "original"}
+        teachers = {role: f"teacher-{role}" for role in plan_teachers(method_config(method, **overrides))}
         kinds = ({role: role for role in teachers} | dict(more)) if more else {}
         teachers.update({preset: f"teacher-{preset}" for preset in more})
         for seed in seeds:

@@ -1,6 +1,7 @@
 """Training methods: MMT-ARD and its baselines, their building blocks and one registry per extension kind.
 
 - ``registry``: methods and their presets (``@register_method(name, **preset)``);
+- ``teachers``: the teacher rules (names, kinds, order, defaults, per-name weights, metric suffixes);
 - ``weighting``: DIW modes (``DIW_MODES``); ``balance``: balance rules (``BALANCES``); ``inner``: inner
   objectives (``INNER_OBJECTIVES``); ``losses``: pure tensor functions.
 
@@ -11,7 +12,7 @@ named ``clean``/``robust`` teachers.
 
 from mmtard.methods import clean_ft, fare, mmt_ard, pmg_aft, tecoa  # noqa: F401  (fill the registry)
 from mmtard.methods.balance import BALANCES, Balance, create_balance
-from mmtard.methods.base import TEACHER_KINDS, TEACHER_ROLES, Method, MethodOutput, freeze, metric_suffix, unwrap
+from mmtard.methods.base import Method, MethodOutput, freeze, unwrap
 from mmtard.methods.config import MethodConfig
 from mmtard.methods.inner import INNER_OBJECTIVES
 from mmtard.methods.losses import per_sample_kl
@@ -19,11 +20,14 @@ from mmtard.methods.registry import (
     METHODS,
     create_method,
     list_methods,
+    method_class,
     method_config,
+    plan_teachers,
     presets,
     register_method,
     standard_teacher_kinds,
 )
+from mmtard.methods.teachers import ORIGINAL, TEACHER_KINDS, TEACHER_ROLES, metric_suffix
 from mmtard.methods.weighting import DIW_MODES, importance_weights
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "DIW_MODES",
     "INNER_OBJECTIVES",
     "METHODS",
+    "ORIGINAL",
     "TEACHER_KINDS",
     "TEACHER_ROLES",
     "Balance",
@@ -42,9 +47,11 @@ __all__ = [
     "freeze",
     "importance_weights",
     "list_methods",
+    "method_class",
     "method_config",
     "metric_suffix",
     "per_sample_kl",
+    "plan_teachers",
     "presets",
     "register_method",
     "standard_teacher_kinds",

@@ -56,6 +56,7 @@ class Balance:
     """
 
     uses_prior = False
+    sums_to_one = True  # the weights lie in [0, 1] and sum to 1 (a rule's own weights, such as fixed's, need not)
 
     def __init__(
         self,
@@ -216,6 +217,8 @@ class MTARDBalance(Balance):
 @BALANCES.register("fixed")
 class FixedBalance(Balance):
     """Constant weights from the config, one per teacher (the ``reference`` preset uses 1 and 1)."""
+
+    sums_to_one = False
 
     def weights(self) -> dict[str, float]:
         return dict(self.fixed)

@@ -1,13 +1,15 @@
 """What every training method shares: the ``Method`` interface, its output, and the forward helpers.
 
 A method computes one training step's loss (spec section 2) for a student and a mapping of frozen
-teachers, keyed by name:
+teachers, keyed by name (the rules of names and kinds: :mod:`mmtard.methods.teachers`):
 
-- distilling methods (``mmt-ard``, ``reference``, ``ard``) take named teachers, each of a kind
-  (:data:`TEACHER_KINDS`): ``clean`` (a clean teacher ``C``, seen on ``x``) or ``robust`` (a robust teacher ``R``,
-  seen on ``x'``). By default the two standard teachers, named after their kinds: ``"clean"`` and ``"robust"``;
-  any number of named teachers with ``create_method(cfg, teacher_kinds)``;
-- ``"original"``: a frozen copy of the student's starting model ``O`` (FARE, PMG-AFT).
+- distilling methods (``mmt-ard``, ``reference``, ``ard``) take named teachers of kind ``clean`` or ``robust``;
+  by default the two standard teachers ``"clean"`` and ``"robust"``; any number with
+  ``create_method(cfg, teacher_kinds)``;
+- FARE and PMG-AFT read ``"original"``: a frozen copy of the student's starting model ``O``.
+
+The method owns its teachers (:meth:`Method.build_teachers` loads and freezes them), their clean-image logit
+caches and the caches' identity, and the cross-process mean of its batch statistics.
 
 It returns named loss terms (the trainer sums them and backpropagates) and diagnostics. It has no
 optimizer, DDP or logging code: a DistributedDataParallel student is unwrapped for the attack, and the
@@ -16,33 +18,28 @@ wrapper is called exactly for the training forwards whose outputs the loss uses.
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 
-import numpy as np
 import torch
 from torch import nn
 
 from mmtard.attacks.functional import pgd
+from mmtard.distributed import all_reduce_mean
 from mmtard.errors import ConfigError
-from mmtard.fileio import atomic_write_text
+from mmtard.fileio import weights_stamp
 from mmtard.methods.config import MethodConfig
-from mmtard.methods.inner import INNER_OBJECTIVES, INNER_TEACHER_KIND, InnerContext, LossFn
+from mmtard.methods.inner import INNER_OBJECTIVES, InnerContext, LossFn
+from mmtard.methods.logit_cache import LogitCache
+from mmtard.methods.teachers import ORIGINAL, choose_inner_teachers, resolve_teacher_kinds, select_teachers
+from mmtard.models import CLIPBundle, build_zero_shot_classifier, load_clip
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 logger = logging.getLogger(__name__)
-
-TEACHER_ROLES = ("clean", "robust", "original")
-TEACHER_KINDS = ("clean", "robust")
-# A teacher name: a letter, then letters, digits, '_' or '-' (it names metrics, config fields and cache folders).
-TEACHER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-RESERVED_TEACHER_NAMES = ("original",)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -124,156 +121,6 @@ class MethodOutput:
         return sum(self.losses.values())
 
 
-class LogitCache:
-    """Per-dataset-index logits of a frozen model, computed on first sight and reused (spec 2.1).
-
-    Only correct when the image of an index never changes between epochs: enable it for deterministic
-    pipelines (no random augmentation) only. Not part of ``state_dict``.
-
-    Two stores:
-
-    - in memory (the default, ``cache_dir=None``): float32 rows exactly as the model computed them, in CPU
-      memory (``N x K`` floats: 17.5k x 5 on the CPU protocol, 1.28M x 1000 = 5 GB on ImageNet). After a
-      resume the rows are recomputed, with the same values.
-    - on disk (``cache_dir``): an fp16 memory-mapped array of ``rows x K`` (``logits.npy``, 2.6 GB for
-      ImageNet, paged in by the OS, no RAM of its own), a filled-row mask (``filled.npy``, one byte per row)
-      and ``cache.json`` (rows, classes, ``identity``). Rows survive the process: a resumed or later run
-      with the same ``identity`` reuses them and forwards only rows never seen. **fp16 rounding applies**:
-      every row, the first time too, is returned as stored, rounded to fp16 (relative error at most
-      2**-11, e.g. 0.008 on a logit of 30), so every epoch sees the same values; logits beyond fp16's
-      range (65504) are refused. Rows are written before their mask entries (each flushed), so a crash
-      leaves at worst rows computed again, never a marked row that was not written; a folder whose
-      ``cache.json`` is missing, unreadable or of another ``identity`` is started over. Under several
-      processes (DDP), construct the cache with ``classes`` on rank 0 first (it creates the files then),
-      then, after a barrier, on the others (they open them): the processes share the files, each writing
-      the rows of its own indices.
-
-    Args:
-        cache_dir: a folder for the disk store; None keeps the rows in memory.
-        rows: the dataset's size (required with ``cache_dir``): indices are ``0..rows-1``.
-        identity: what the logits depend on (the model and its weights, the dataset, split, image size,
-            classes...), JSON-serialisable; a folder written for another identity is started over.
-        classes: logits per row; given, a missing store is created here, else at the first forward.
-
-    Raises:
-        ConfigError: ``cache_dir`` without a positive ``rows``, or a path that is not a folder.
-    """
-
-    LOGITS_FILE = "logits.npy"
-    FILLED_FILE = "filled.npy"
-    META_FILE = "cache.json"
-    FP16_MAX = 65504.0
-
-    def __init__(
-        self,
-        cache_dir: str | Path | None = None,
-        rows: int | None = None,
-        identity: object = None,
-        classes: int | None = None,
-    ) -> None:
-        self._rows: dict[int, torch.Tensor] = {}
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.num_rows = rows
-        self.identity = json.loads(json.dumps(identity, sort_keys=True))
-        self._logits: np.ndarray | None = None  # the disk store's (rows, K) float16 memmap, once open
-        self._filled: np.ndarray | None = None  # its (rows,) bool memmap
-        if self.cache_dir is not None:
-            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-                raise ConfigError(f"cache_dir: a disk cache needs rows = the dataset's size (>= 1), got {rows!r}")
-            if self.cache_dir.exists() and not self.cache_dir.is_dir():
-                raise ConfigError(f"cache_dir: '{self.cache_dir}' is a file, expected a folder")
-            self._open_existing()
-            if self._logits is None and classes is not None:
-                self._create(classes)
-
-    def __len__(self) -> int:
-        if self.cache_dir is None:
-            return len(self._rows)
-        return 0 if self._filled is None else int(np.count_nonzero(self._filled))
-
-    def logits(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Logits of ``model`` on ``x`` whose rows have dataset indices ``index``; forwards only unseen rows."""
-        if self.cache_dir is not None:
-            return self._disk_logits(model, x, index)
-        keys = index.tolist()
-        missing = [i for i, key in enumerate(keys) if key not in self._rows]
-        if missing:
-            computed = teacher_forward(model, x[missing]).float().cpu()
-            for i, row in zip(missing, computed):
-                self._rows[keys[i]] = row.clone()
-        return torch.stack([self._rows[key] for key in keys]).to(x.device, non_blocking=True)
-
-    def _disk_logits(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        keys = index.detach().cpu().numpy().astype(np.int64)
-        if keys.size and (keys.min() < 0 or keys.max() >= self.num_rows):
-            raise ConfigError(
-                f"cache_dir: dataset index {int(keys.max() if keys.max() >= self.num_rows else keys.min())} is "
-                f"outside the cache's rows 0..{self.num_rows - 1} (rows must be the dataset's size)"
-            )
-        missing = np.arange(len(keys)) if self._filled is None else np.flatnonzero(~self._filled[keys])
-        if missing.size:
-            computed = teacher_forward(model, x[torch.from_numpy(missing).to(x.device)]).float().cpu().numpy()
-            self._write_rows(keys[missing], computed)
-        rows = np.asarray(self._logits[keys], dtype=np.float32)
-        return torch.from_numpy(rows).to(x.device, non_blocking=True)
-
-    def _write_rows(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Store ``values`` (float32 ``(n, K)``) at rows ``keys``: rows first, then their mask entries."""
-        if self._logits is None:
-            self._create(values.shape[1])
-        elif values.shape[1] != self._logits.shape[1]:
-            raise ConfigError(
-                f"cache_dir: '{self.cache_dir}' holds {self._logits.shape[1]} logits per row, the model gives "
-                f"{values.shape[1]}; give each label set its own folder (or identity)"
-            )
-        largest = float(np.abs(values).max()) if values.size else 0.0
-        if not largest <= self.FP16_MAX:
-            raise ConfigError(
-                f"cache_dir: the model's logits reach {largest:g}, beyond fp16's range ({self.FP16_MAX:g}); "
-                "keep this cache in memory"
-            )
-        self._logits[keys] = values.astype(np.float16)
-        self._logits.flush()
-        self._filled[keys] = True
-        self._filled.flush()
-
-    def _paths(self) -> tuple[Path, Path, Path]:
-        return self.cache_dir / self.LOGITS_FILE, self.cache_dir / self.FILLED_FILE, self.cache_dir / self.META_FILE
-
-    def _open_existing(self) -> None:
-        """Open the folder's store if ``cache.json`` describes this cache and the arrays match it."""
-        logits_path, filled_path, meta_path = self._paths()
-        if not meta_path.is_file():
-            return
-        try:
-            meta = json.loads(meta_path.read_text())
-            matches = meta["rows"] == self.num_rows and meta["identity"] == self.identity
-            if matches:
-                logits = np.lib.format.open_memmap(logits_path, mode="r+")
-                filled = np.lib.format.open_memmap(filled_path, mode="r+")
-                shapes_match = logits.shape == (self.num_rows, meta["classes"]) and filled.shape == (self.num_rows,)
-                if shapes_match and logits.dtype == np.float16 and filled.dtype == np.bool_:
-                    self._logits, self._filled = logits, filled
-                    logger.info("%s: reusing %d of %d cached rows", self.cache_dir, len(self), self.num_rows)
-                    return
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        logger.warning("%s: written for another cache (or incomplete); starting it over", self.cache_dir)
-
-    def _create(self, classes: int) -> None:
-        """A new store of ``rows x classes``: arrays first, then ``cache.json`` (atomically), which marks it valid."""
-        logits_path, filled_path, meta_path = self._paths()
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)  # until the arrays exist, the folder is not a valid cache
-        logits = np.lib.format.open_memmap(logits_path, mode="w+", dtype=np.float16, shape=(self.num_rows, classes))
-        filled = np.lib.format.open_memmap(filled_path, mode="w+", dtype=np.bool_, shape=(self.num_rows,))
-        logits.flush()
-        filled.flush()
-        meta = {"format": 1, "rows": self.num_rows, "classes": classes, "dtype": "float16", "identity": self.identity}
-        atomic_write_text(meta_path, json.dumps(meta, sort_keys=True, indent=2))
-        self._logits, self._filled = logits, filled
-
-
 class CleanImageOutputs:
     """The frozen models' outputs on one step's clean images ``x``, each computed at most once.
 
@@ -313,128 +160,14 @@ class CleanImageOutputs:
         return self._features[role]
 
 
-def resolve_teacher_kinds(
-    method: str,
-    given: Mapping[str, str] | None,
-    standard: Mapping[str, str],
-    accepted: tuple[str, ...],
-) -> dict[str, str]:
-    """The teachers of a method, name -> kind, checked (see :class:`Method`).
-
-    Args:
-        method: the method's name, for messages.
-        given: name -> kind from the caller; None for ``standard``.
-        standard: the method's teachers when none are given (``{"clean": "clean", "robust": "robust"}``).
-        accepted: the kinds the method can distil from; empty for a method without distillation teachers.
-
-    Raises:
-        ConfigError: naming ``teachers.<name>.kind`` (or ``teachers.<name>``) and what is expected.
-    """
-    if given is None:
-        return dict(standard)
-    if not isinstance(given, Mapping):
-        raise ConfigError(f"teachers: expected a mapping teacher name -> kind (clean or robust), got {given!r}")
-    given = dict(given)
-    if not accepted:
-        if given:
-            name = next(iter(given))
-            raise ConfigError(
-                f"teachers.{name}.kind: method '{method}' distils from no clean or robust teacher; expected no "
-                f"teachers (a distilling method such as mmt-ard or ard takes them), got {', '.join(given)}"
-            )
-        return {}
-    if not given:
-        raise ConfigError(f"teachers: method '{method}' needs at least one robust teacher; got none")
-    suffixes: dict[str, str] = {}
-    for name, kind in given.items():
-        if not isinstance(name, str) or not TEACHER_NAME.fullmatch(name):
-            raise ConfigError(
-                f"teachers.{name}: expected a name of a letter then letters, digits, '_' or '-' (it names "
-                "metrics, config fields and cache folders)"
-            )
-        if name in RESERVED_TEACHER_NAMES:
-            raise ConfigError(
-                f"teachers.{name}: the name is reserved for the frozen copy of the starting student (fare, pmg-aft); "
-                "give this teacher another name"
-            )
-        if kind not in TEACHER_KINDS:
-            raise ConfigError(f"teachers.{name}.kind: expected one of {', '.join(TEACHER_KINDS)}; got {kind!r}")
-        if name in TEACHER_KINDS and kind != name:
-            raise ConfigError(
-                f"teachers.{name}.kind: the teacher named '{name}' is the {name} teacher (its metrics are "
-                f"L_{STANDARD_SUFFIX[name]}...); expected {name}, or give a {kind} teacher another name"
-            )
-        if kind not in accepted:
-            raise ConfigError(
-                f"teachers.{name}.kind: method '{method}' distils from {' or '.join(accepted)} teachers only; got "
-                f"{kind} (mmt-ard takes clean and robust teachers)"
-            )
-        suffix = metric_suffix(name)
-        if suffix in suffixes:
-            raise ConfigError(
-                f"teachers.{name}: its metrics (L_{suffix}, lambda_{suffix}) would be those of teacher "
-                f"'{suffixes[suffix]}'; give it another name"
-            )
-        suffixes[suffix] = name
-    if "robust" not in given.values():
-        name = next(iter(given))
-        raise ConfigError(
-            f"teachers.{name}.kind: method '{method}' needs at least one teacher of kind robust; got only "
-            f"{', '.join(f'{n} ({k})' for n, k in given.items())}"
-        )
-    return given
-
-
-# The two standard teachers keep their short metric names: L_R, lambda_R, shortfall_R; L_C, lambda_C, shortfall_C.
-STANDARD_SUFFIX = {"robust": "R", "clean": "C"}
-
-
-def metric_suffix(name: str) -> str:
-    """The suffix of a teacher's metrics (``L_<suffix>``, ``lambda_<suffix>``, ``shortfall_<suffix>``): ``R`` and
-    ``C`` for the standard teachers ``robust`` and ``clean``, the name itself for any other."""
-    return STANDARD_SUFFIX.get(name, name)
-
-
-def choose_inner_teachers(cfg: MethodConfig, teacher_kinds: Mapping[str, str]) -> dict[str, str]:
-    """Kind -> the teacher whose clean-image logits the ``kl-*`` inner objective uses (empty for other objectives).
-
-    ``cfg.inner_teacher`` names it; by default the first teacher of the objective's kind, in the teachers' order.
-
-    Raises:
-        ConfigError: ``inner_teacher`` set for an objective without teacher, or not a teacher of the right kind;
-            no teacher of the objective's kind.
-    """
-    kind = INNER_TEACHER_KIND.get(cfg.inner)
-    if kind is None:
-        if cfg.inner_teacher is not None:
-            raise ConfigError(
-                f"inner_teacher: the '{cfg.inner}' inner objective uses no teacher; expected null, got "
-                f"{cfg.inner_teacher!r}"
-            )
-        return {}
-    names = [name for name, k in teacher_kinds.items() if k == kind]
-    if cfg.inner_teacher is not None:
-        if cfg.inner_teacher not in names:
-            raise ConfigError(
-                f"inner_teacher: expected the name of a {kind} teacher ({', '.join(names) or 'there is none'}) for "
-                f"inner '{cfg.inner}', got {cfg.inner_teacher!r}"
-            )
-        return {kind: cfg.inner_teacher}
-    if not names:
-        raise ConfigError(
-            f"inner: '{cfg.inner}' needs a teacher of kind {kind}; the teachers are "
-            f"{', '.join(f'{n} ({k})' for n, k in teacher_kinds.items())}"
-        )
-    return {kind: names[0]}
-
-
 class Method:
-    """One training step's loss. Subclasses set ``teacher_roles`` and ``inner_objectives``, implement ``step``.
+    """One training step's loss. Subclasses set ``inner_objectives`` and their teachers, implement ``step``.
 
     A distilling subclass sets ``standard_teachers`` (name -> kind, its teachers when none are given) and
-    ``accepted_kinds``; an instance's ``teacher_roles`` is then the names of its teachers, in order, and
-    ``teacher_kinds`` maps each to its kind. Other methods keep their class ``teacher_roles`` (``()``,
-    ``("original",)``) and an empty ``teacher_kinds``.
+    ``accepted_kinds``; one that reads the frozen copy of the starting student sets ``reads_original``. An
+    instance's ``teacher_kinds`` maps each of its teachers to its kind, in order, and ``teacher_roles`` names
+    every frozen model its step reads: the teachers, then ``original`` when it reads it. Static questions (which
+    teachers a preset takes) are class methods: :meth:`select_teachers`, :meth:`plan_teachers`.
 
     Args:
         cfg: the method's config (validated here).
@@ -446,32 +179,95 @@ class Method:
             take (naming ``teachers.<name>.kind``).
     """
 
-    teacher_roles: tuple[str, ...] = ()
     inner_objectives: tuple[str, ...] = ()
     standard_teachers: Mapping[str, str] = MappingProxyType({})
     accepted_kinds: tuple[str, ...] = ()
+    reads_original: bool = False  # FARE, PMG-AFT: a frozen copy of the starting student, named ``original``
 
     @staticmethod
     def mean_across_processes(value: torch.Tensor) -> torch.Tensor:
-        """Mean of a per-process statistic over all processes; the identity in one process. The trainer
-        replaces it under DistributedDataParallel so batch means (DIW) and the balance's teacher terms are
-        those of the global batch, and every process computes the same weights."""
-        return value
+        """Mean of a per-process statistic over all processes (:func:`mmtard.distributed.all_reduce_mean`); the
+        identity in one process. Under DistributedDataParallel, batch means (DIW) and the balance's teacher terms
+        are those of the global batch, and every process computes the same weights."""
+        return all_reduce_mean(value)
+
+    @classmethod
+    def select_teachers(cls, method: str, configured: Mapping[str, str | None]) -> dict[str, str] | None:
+        """The configured teachers (name -> kind, or None for a kind implied by the name) this class distils from;
+        None for a class without distillation teachers (:func:`mmtard.methods.teachers.select_teachers`)."""
+        return select_teachers(method, configured, cls.standard_teachers, cls.accepted_kinds)
+
+    @classmethod
+    def plan_teachers(cls, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The teachers (name -> kind) an instance for ``cfg`` and ``teacher_kinds`` would have, checked against
+        the inner objective, without building one.
+
+        Raises:
+            ConfigError: as the constructor, for the inner objective and the teachers.
+        """
+        if cfg.inner not in cls.inner_objectives:
+            raise ConfigError(
+                f"inner: method '{cfg.name}' supports {', '.join(cls.inner_objectives)}; got {cfg.inner!r}"
+            )
+        kinds = resolve_teacher_kinds(cfg.name, teacher_kinds, cls.standard_teachers, cls.accepted_kinds)
+        choose_inner_teachers(cfg.inner, cfg.inner_teacher, kinds)
+        return kinds
 
     def __init__(self, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None):
         self.cfg = cfg.validate()
-        if cfg.inner not in self.inner_objectives:
-            raise ConfigError(
-                f"inner: method '{cfg.name}' supports {', '.join(self.inner_objectives)}; got {cfg.inner!r}"
-            )
-        self.teacher_kinds = resolve_teacher_kinds(cfg.name, teacher_kinds, self.standard_teachers, self.accepted_kinds)
-        if self.accepted_kinds:
-            self.teacher_roles = tuple(self.teacher_kinds)
-        self.inner_teachers = choose_inner_teachers(cfg, self.teacher_kinds)
+        self.teacher_kinds = self.plan_teachers(cfg, teacher_kinds)
+        self.teacher_roles: tuple[str, ...] = (*self.teacher_kinds, *((ORIGINAL,) if self.reads_original else ()))
+        self.inner_teachers = choose_inner_teachers(cfg.inner, cfg.inner_teacher, self.teacher_kinds)
         self.caches: dict[str, LogitCache] = {}
+        self.teachers: dict[str, ZeroShotClassifier] = {}  # filled by build_teachers
+        self.teacher_sources: dict[str, dict] = {}  # teacher name -> its model's identity, for the logit caches
+
+    def build_teachers(
+        self,
+        sources: Mapping[str, object],
+        student: CLIPBundle,
+        classnames: list[str],
+        templates: list[str],
+        device: torch.device | str | None = None,
+    ) -> dict[str, ZeroShotClassifier]:
+        """Load, freeze and keep (``self.teachers``) a zero-shot classifier of every model the step reads, by name.
+
+        Args:
+            sources: teacher name -> its model (anything with ``arch``, ``pretrained`` and ``trust_checkpoint``, such
+                as a run config's teacher); only the method's own teachers are read.
+            student: the student's bundle before training: ``original`` is a frozen copy of it.
+            classnames, templates: the training label set, for the text prototypes.
+            device: where the teachers are loaded.
+
+        Returns:
+            ``self.teachers``: name -> frozen classifier (eval mode, no parameter gradients).
+        """
+        teachers = {}
+        for name in self.teacher_roles:
+            if name == ORIGINAL:
+                bundle = copy.copy(student)
+                bundle.model = copy.deepcopy(student.model)
+                bundle._prototype_cache = dict(student._prototype_cache)
+            else:
+                spec = sources[name]
+                bundle = load_clip(spec.arch, spec.pretrained, device=device, trust_checkpoint=spec.trust_checkpoint)
+                self.teacher_sources[name] = {
+                    "arch": spec.arch,
+                    "pretrained": spec.pretrained,
+                    "weights_file": weights_stamp(spec.pretrained),
+                }
+            freeze(bundle.model)
+            teachers[name] = build_zero_shot_classifier(bundle, classnames, templates, self.cfg.logit_scale)
+            freeze(teachers[name])
+        self.teachers = teachers
+        return teachers
 
     def open_logit_caches(
-        self, rows: int, identity: Mapping[str, object] | None = None, classes: int | None = None
+        self,
+        rows: int,
+        identity: Mapping[str, object] | None = None,
+        classes: int | None = None,
+        data: Mapping[str, object] | None = None,
     ) -> None:
         """Open the disk-backed clean-image logit caches of ``cfg.cache_dir`` (a no-op for methods without).
 
@@ -480,8 +276,8 @@ class Method:
 
     @property
     def attacking(self) -> bool:
-        """Whether the step perturbs its inputs (not with ``inner: none``, ``steps: 0`` or ``eps: 0``)."""
-        return self.cfg.inner != "none" and self.cfg.steps > 0 and self.cfg.eps > 0
+        """Whether the step perturbs its inputs (:attr:`MethodConfig.attacking`)."""
+        return self.cfg.attacking
 
     def __call__(
         self,

@@ -17,7 +17,6 @@ from mmtard.models.zeroshot import ZeroShotClassifier
 class CleanFineTuning(Method):
     """Zero-shot cross-entropy on clean images. Metrics: ``ce``, ``acc_clean``."""
 
-    teacher_roles = ()
     inner_objectives = ("none",)
 
     def step(

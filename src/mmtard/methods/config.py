@@ -16,13 +16,12 @@ from mmtard.attacks.base import NORMS
 from mmtard.errors import ConfigError
 from mmtard.methods.balance import BALANCES
 from mmtard.methods.inner import INNER_OBJECTIVES
+from mmtard.methods.teachers import STANDARD_LAMBDA_FIELDS
 from mmtard.methods.weighting import DIW_MODES
 from mmtard.units import parse_eps
 
 ROBUST_TARGETS = ("adversarial", "clean")
 CLEAN_INPUTS = ("clean", "adversarial", "both")
-# The fixed balance's weight of each standard teacher.
-STANDARD_LAMBDA_FIELDS = {"robust": "lambda_robust", "clean": "lambda_clean"}
 
 
 def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -94,7 +93,7 @@ class MethodConfig:
             teacher's, and the robust teacher's when a term or the inner objective uses ``P_R(x)``. Only valid
             for a deterministic data pipeline (no random augmentation); the trainer decides.
         cache_dir: with ``cache_clean_teacher``, keep those logits in a disk-backed fp16 memory-mapped store
-            (:class:`~mmtard.methods.base.LogitCache`), one folder per teacher name under this folder, reused by
+            (:class:`~mmtard.methods.logit_cache.LogitCache`), one folder per teacher name under this folder, reused by
             later runs of the same teacher, data and classes; ``None`` keeps them in memory (float32).
         reference_robust_scale: robust-teacher constant of the ``reference`` weighting (50).
         reference_clean_scale: clean-teacher constant of the ``reference`` weighting (5).
@@ -132,6 +131,11 @@ class MethodConfig:
             self.eps = parse_eps(self.eps, "eps", norm)
         if isinstance(self.alpha, str):
             self.alpha = parse_eps(self.alpha, "alpha", norm)
+
+    @property
+    def attacking(self) -> bool:
+        """Whether a step perturbs its inputs (not with ``inner: none``, ``steps: 0`` or ``eps: 0``)."""
+        return self.inner != "none" and self.steps > 0 and self.eps > 0
 
     @property
     def step_size(self) -> float:

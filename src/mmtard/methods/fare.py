@@ -17,6 +17,7 @@ from torch import nn
 from mmtard.methods.base import CleanImageOutputs, Method, MethodOutput, unwrap
 from mmtard.methods.losses import squared_distance
 from mmtard.methods.registry import register_method
+from mmtard.methods.teachers import ORIGINAL
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 
@@ -24,7 +25,7 @@ from mmtard.models.zeroshot import ZeroShotClassifier
 class FARE(Method):
     """Embedding-space adversarial fine-tuning against the frozen original model. Metric: ``fare``."""
 
-    teacher_roles = ("original",)
+    reads_original = True
     inner_objectives = ("fare",)
 
     def step(
@@ -36,7 +37,7 @@ class FARE(Method):
         index: torch.Tensor | None,
     ) -> MethodOutput:
         clean = CleanImageOutputs(teachers, x)
-        original_features = clean.features("original")
+        original_features = clean.features(ORIGINAL)
         x_adv = self.adversarial(unwrap(student), clean, y)
         loss = squared_distance(student(x_adv, return_features=True), original_features).mean()
         return MethodOutput(losses={"fare": loss}, metrics={"fare": loss.item()}, x_adv=x_adv.detach())

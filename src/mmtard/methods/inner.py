@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from mmtard.methods.losses import cross_entropy_objective, per_sample_kl, squared_distance
+from mmtard.methods.teachers import ORIGINAL, STANDARD_INNER_TEACHERS
 from mmtard.registry import Registry
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
-STANDARD_INNER_TEACHERS = {"clean": "clean", "robust": "robust"}
 
 
 @dataclass
@@ -43,8 +43,6 @@ class InnerContext:
 
 
 InnerObjective = Callable[[InnerContext], LossFn | None]
-# The kind of teacher each teacher-based objective reads (its clean-image logits); other objectives read none.
-INNER_TEACHER_KIND = {"kl-clean-teacher": "clean", "kl-robust-teacher": "robust"}
 INNER_OBJECTIVES: Registry[InnerObjective] = Registry("inner")
 
 
@@ -71,7 +69,7 @@ def cross_entropy(ctx: InnerContext) -> LossFn:
 @INNER_OBJECTIVES.register("fare")
 def embedding_distance(ctx: InnerContext) -> LossFn:
     """``||f_S(x + delta) - f_O(x)||_2^2`` with ``O`` the frozen original model (FARE)."""
-    target = ctx.teacher_features("original")
+    target = ctx.teacher_features(ORIGINAL)
     return lambda x_adv: squared_distance(ctx.model(x_adv, return_features=True), target)
 
 

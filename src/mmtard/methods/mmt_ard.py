@@ -24,22 +24,21 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from mmtard.errors import ConfigError
 from mmtard.methods.balance import create_balance
 from mmtard.methods.base import (
     CleanImageOutputs,
-    LogitCache,
     Method,
     MethodOutput,
     host_floats,
-    metric_suffix,
     student_forward_pair,
     teacher_forward,
     unwrap,
 )
-from mmtard.methods.config import STANDARD_LAMBDA_FIELDS, MethodConfig
+from mmtard.methods.config import MethodConfig
+from mmtard.methods.logit_cache import LogitCache
 from mmtard.methods.losses import accuracy_shortfall, batch_accuracy, per_sample_kl
 from mmtard.methods.registry import register_method
+from mmtard.methods.teachers import fixed_weights, metric_suffix
 from mmtard.methods.weighting import WeightingSettings, importance_weights
 from mmtard.models.zeroshot import ZeroShotClassifier
 
@@ -84,7 +83,7 @@ class MMTARD(Method):
             momentum=cfg.ema_momentum,
             beta=cfg.beta,
             eta=cfg.eta,
-            fixed=self.fixed_weights(),
+            fixed=fixed_weights(self.teacher_roles, cfg.lambda_robust, cfg.lambda_clean, cfg.lambdas),
             log_prior={name: math.log(cfg.rho) for name, kind in self.teacher_kinds.items() if kind == "robust"},
         )
         scale = {"robust": cfg.reference_robust_scale, "clean": cfg.reference_clean_scale}
@@ -104,25 +103,12 @@ class MMTARD(Method):
         read |= set(self.inner_teachers.values())
         return tuple(name for name in self.teacher_roles if name in read)
 
-    def fixed_weights(self) -> dict[str, float]:
-        """The ``fixed`` balance's weight per teacher: ``lambda_robust``, ``lambda_clean`` for the standard
-        teachers, ``lambdas[name]`` (default 1) for the others.
-
-        Raises:
-            ConfigError: ``lambdas`` names no teacher of this method.
-        """
-        lambdas = dict(self.cfg.lambdas or {})
-        unknown = [name for name in lambdas if name not in self.teacher_kinds]
-        if unknown:
-            raise ConfigError(
-                f"lambdas.{unknown[0]}: no teacher of that name; expected some of "
-                f"{', '.join(n for n in self.teacher_roles if n not in STANDARD_LAMBDA_FIELDS) or 'no name'}"
-            )
-        standard = {"robust": self.cfg.lambda_robust, "clean": self.cfg.lambda_clean}
-        return {name: standard[name] if name in standard else lambdas.get(name, 1.0) for name in self.teacher_roles}
-
     def open_logit_caches(
-        self, rows: int, identity: Mapping[str, object] | None = None, classes: int | None = None
+        self,
+        rows: int,
+        identity: Mapping[str, object] | None = None,
+        classes: int | None = None,
+        data: Mapping[str, object] | None = None,
     ) -> None:
         """Open the disk-backed fp16 caches of the teachers' clean-image logits (``cache_dir`` set): one
         :class:`LogitCache` folder per teacher whose clean-image logits a step reads
@@ -133,14 +119,17 @@ class MMTARD(Method):
 
         Args:
             rows: the training set's size (dataset indices are ``0..rows-1``).
-            identity: teacher name -> what its logits depend on (its model and weights, the dataset, split,
-                image size, classes...), JSON-serialisable; a folder written for another identity is started
-                over. The method adds its own part (the teacher's name and kind, ``logit_scale``).
+            identity: teacher name -> what its logits depend on, JSON-serialisable; a folder written for another
+                identity is started over. None: each teacher's model as :meth:`build_teachers` loaded it (its
+                architecture, weights and weights file) with ``data``. The method adds its own part (the
+                teacher's name and kind, ``logit_scale``).
             classes: logits per row (the training label set's size); given, the stores are created now.
+            data: what the logits depend on besides the teacher (the dataset, split, image size, classes...).
         """
         if not self.disk_caches_pending:
             return
-        identity = identity or {}
+        if identity is None:
+            identity = {name: {**source, **(data or {})} for name, source in self.teacher_sources.items()}
         folder = Path(self.cfg.cache_dir)
         self.caches = {
             name: LogitCache(

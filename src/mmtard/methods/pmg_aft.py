@@ -26,6 +26,7 @@ from mmtard.methods.base import (
 )
 from mmtard.methods.losses import per_sample_kl
 from mmtard.methods.registry import register_method
+from mmtard.methods.teachers import ORIGINAL
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 
@@ -33,7 +34,7 @@ from mmtard.models.zeroshot import ZeroShotClassifier
 class PMGAFT(Method):
     """Metrics: ``ce``, ``kl_original``, ``kl_clean_adv``, ``acc_clean``, ``acc_adv``."""
 
-    teacher_roles = ("original",)
+    reads_original = True
     inner_objectives = ("ce",)
 
     def step(
@@ -45,7 +46,7 @@ class PMGAFT(Method):
         index: torch.Tensor | None,
     ) -> MethodOutput:
         x_adv = self.adversarial(unwrap(student), CleanImageOutputs(teachers, x), y)
-        original_adv = teacher_forward(teachers["original"], x_adv)
+        original_adv = teacher_forward(teachers[ORIGINAL], x_adv)
         student_clean, student_adv = student_forward_pair(student, x, x_adv)
         tau = self.cfg.temperature
         losses = {

@@ -1,5 +1,5 @@
 """The method registry: ``@register_method(name, **preset)``, ``method_config``, ``create_method``, ``list_methods``,
-``standard_teacher_kinds``.
+and the static questions about a preset's teachers (``method_class``, ``plan_teachers``, ``standard_teacher_kinds``).
 
 A preset (spec section 3) is a name plus overrides of :class:`MethodConfig`'s defaults, registered on the class
 that computes it; one class may serve several presets (``mmt-ard``, ``mmt-ard-adv`` and ``reference``). A preset's
@@ -110,6 +110,28 @@ def create_method(cfg: MethodConfig | str, teacher_kinds: Mapping[str, str] | No
     if isinstance(cfg, str):
         cfg = method_config(cfg)
     return METHODS.get(cfg.name).method(cfg, teacher_kinds)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class that computes method ``name``: its class attributes and class methods answer the static
+    questions (which teachers it accepts, :meth:`Method.select_teachers`) without building an instance.
+
+    Raises:
+        ConfigError: unknown method name.
+    """
+    return METHODS.get(name).method
+
+
+def plan_teachers(cfg: MethodConfig | str, teacher_kinds: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The teachers (name -> kind, in order) that ``create_method(cfg, teacher_kinds)`` would give its method,
+    checked as it would check them, without building it (:meth:`Method.plan_teachers`).
+
+    Raises:
+        ConfigError: as :func:`create_method`, for the preset, the inner objective and the teachers.
+    """
+    if isinstance(cfg, str):
+        cfg = method_config(cfg)
+    return method_class(cfg.name).plan_teachers(cfg, teacher_kinds)
 
 
 def standard_teacher_kinds(name: str) -> dict[str, str]:

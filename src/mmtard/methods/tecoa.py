@@ -21,7 +21,6 @@ from mmtard.models.zeroshot import ZeroShotClassifier
 class TeCoA(Method):
     """Adversarial fine-tuning on the zero-shot cross-entropy. Metrics: ``ce``, ``acc_adv``."""
 
-    teacher_roles = ()
     inner_objectives = ("ce",)
 
     def step(

@@ -39,6 +39,9 @@ class WeightingSettings:
 
 DiwMode = Callable[[torch.Tensor, torch.Tensor, WeightingSettings], tuple[torch.Tensor, torch.Tensor]]
 DIW_MODES: Registry[DiwMode] = Registry("diw")
+# The modes whose weights are not divided by their batch mean (spec 2.6): every other mode's are non-negative and
+# average 1 over the batch.
+UNNORMALISED_MODES = frozenset({"reference"})
 
 
 @DIW_MODES.register("cosine")

@@ -8,14 +8,16 @@ Layout of ``<run>/checkpoints/step_00000100/``:
   (balance)
   state; tensors and plain containers only, read back with ``torch.load(weights_only=True)``.
 
-A checkpoint is assembled in a temporary folder and renamed into place; only then is
-``checkpoints/latest`` (a one-line text file naming it) replaced atomically. A step saved a second time
-goes to ``step_00000100_1`` and the first save is removed only after ``latest`` names the new one, so a
-crash at any point leaves ``latest`` naming a complete checkpoint.
+:func:`save` writes a run's checkpoint (every process gives its RNG state), :func:`restore` reads one back into
+the :class:`~mmtard.train.state.TrainState`. A checkpoint is assembled in a temporary folder and renamed into
+place; only then is ``checkpoints/latest`` (a one-line text file naming it) replaced atomically. A step saved a
+second time goes to ``step_00000100_1`` and the first save is removed only after ``latest`` names the new one,
+so a crash at any point leaves ``latest`` naming a complete checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -24,9 +26,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmtard.distributed import DistEnv, gather_objects
 from mmtard.errors import ConfigError
 from mmtard.fileio import atomic_write_text, current_umask
+from mmtard.models import CLIPBundle
+from mmtard.train.build import adapter_state, merged_student_state
+from mmtard.train.config import RunConfig
+from mmtard.train.faults import check_finite_student
 from mmtard.train.rundir import LATEST_FILE, MODEL_FILE, RunDir
+from mmtard.train.state import Run, TrainState
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -140,3 +150,69 @@ def load_checkpoint_files(path: Path) -> tuple[dict, dict, dict | None]:
         raise ConfigError(f"--resume: '{path / STATE_FILE}' cannot be read as a trainer state ({exc})") from exc
     adapter = load_file(str(path / ADAPTER_FILE)) if (path / ADAPTER_FILE).is_file() else None
     return load_file(str(path / MODEL_FILE)), trainer_state, adapter
+
+
+def save(state: TrainState, built: Run, cfg: RunConfig, run: RunDir, env: DistEnv) -> Path | None:
+    """Write a checkpoint from rank 0; every process must call it (it gathers each one's RNG state).
+    A student with non-finite weights or logits is refused (:func:`check_finite_student`), so ``latest``
+    always names a good one."""
+    check_finite_student(built, state.step, run)
+    bundle = built.student_bundle
+    rng = gather_objects(rng_state())  # one per process: each draws its own attack random starts
+    if not env.is_main:
+        return None
+    trainer_state = {
+        "step": state.step,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": rng,
+        "method": state.method.state_dict(),
+        "skipped_steps": state.skipped_steps,
+    }
+    return save_checkpoint(
+        run.checkpoints,
+        state.step,
+        merged_student_state(bundle),
+        trainer_state,
+        adapter_state(bundle),
+        cfg.train.keep_checkpoints,
+    )
+
+
+def restore(state: TrainState, bundle: CLIPBundle, path: Path, cfg: RunConfig, env: DistEnv) -> None:
+    model_state, trainer_state, adapter = load_checkpoint_files(path)
+    if (adapter is not None) != (cfg.student.finetune == "lora"):
+        kind = "a LoRA" if adapter is not None else "a full fine-tuning"
+        raise ConfigError(f"--resume: '{path}' is {kind} checkpoint, but student.finetune is {cfg.student.finetune}")
+    try:
+        if adapter is not None:  # the frozen base weights come from student.pretrained, as in the first run
+            loaded = bundle.model.visual.load_state_dict(adapter, strict=False)
+            missing = [k for k in loaded.missing_keys if "lora_" in k]
+            if loaded.unexpected_keys or missing:
+                raise ConfigError(
+                    f"--resume: the LoRA adapters in '{path}' do not match student.lora "
+                    f"(not in the model: {loaded.unexpected_keys[:2]}, not in the checkpoint: {missing[:2]})"
+                )
+        else:
+            bundle.model.load_state_dict(model_state)
+    except RuntimeError as exc:  # shapes of another architecture or LoRA rank
+        raise ConfigError(f"--resume: '{path}' does not fit the student {cfg.student.arch}: {exc}") from None
+    state.optimizer.load_state_dict(trainer_state["optimizer"])
+    state.scheduler.load_state_dict(trainer_state["scheduler"])
+    state.scaler.load_state_dict(trainer_state["scaler"])
+    state.method.load_state_dict(trainer_state["method"])
+    state.step = int(trainer_state["step"])
+    state.skipped_steps = int(trainer_state.get("skipped_steps", 0))
+    rng = trainer_state["rng"]
+    rng = [rng] if isinstance(rng, dict) else rng
+    if len(rng) == env.world_size:
+        set_rng_state(rng[env.rank])
+    else:  # another number of processes: the run continues, but not as the uninterrupted one would
+        logger.warning(
+            "checkpoint %s was written by %d process(es), this run has %d: attack random starts are reseeded",
+            path,
+            len(rng),
+            env.world_size,
+        )
+        torch.manual_seed((cfg.train.seed + env.rank) * 1_000_003 + state.step)

@@ -1,31 +1,19 @@
-"""Run configuration: YAML file, then ``--set a.b=value`` overrides, validated into typed dataclasses.
+"""The run configuration's typed dataclasses and their validation (every field checked, the first bad one named).
 
-Order of precedence: dataclass defaults < the method preset (``method.name``) < the YAML file (merged over
-the files its ``defaults:`` key names, in order) < ``--set``. Units are never rewritten after parsing:
-``eps: 4/255`` is read once (by :func:`mmtard.units.parse_eps`) into the float ``0.01568...``.
-Everything is checked when the config is loaded, before any model is built; the resolved config is
-saved as ``config.yaml`` in the run directory.
+Reading them from YAML and ``--set`` overrides is :mod:`mmtard.train.config_io`'s job; the resume rule is
+:mod:`mmtard.train.resume`'s. The teachers a run's method distils from follow :mod:`mmtard.methods.teachers`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
-import yaml
 
 from mmtard.errors import ConfigError
-from mmtard.methods import TEACHER_KINDS, Method, MethodConfig, method_config
-from mmtard.units import parse_eps
+from mmtard.methods import Method, MethodConfig, create_method, method_class
+from mmtard.methods.teachers import implied_kinds
 
-DEFAULTS_KEY = "defaults"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINETUNE_MODES = ("full", "lora")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -217,51 +205,30 @@ def _check_teachers(cfg: RunConfig) -> None:
     build_method(cfg)
 
 
-def teacher_kinds(cfg: RunConfig) -> dict[str, str]:
-    """Every configured teacher, name -> kind (``clean`` or ``robust``), in the config's order.
+def configured_teachers(cfg: RunConfig) -> dict[str, str | None]:
+    """Every configured teacher, name -> its ``kind`` as written (None when left out), in the config's order."""
+    return {name: getattr(spec, "kind", None) for name, spec in cfg.teachers.items()}
 
-    A teacher without ``kind`` (or a :class:`ModelConfig`, which has none) takes its name's kind when it is
-    named ``clean`` or ``robust``.
+
+def teacher_kinds(cfg: RunConfig) -> dict[str, str]:
+    """Every configured teacher, name -> kind (:func:`mmtard.methods.teachers.implied_kinds`: a teacher named
+    ``clean`` or ``robust`` takes that kind when it has none).
 
     Raises:
         ConfigError: ``teachers.<name>.kind: expected clean or robust``.
     """
-    kinds = {}
-    for name, spec in cfg.teachers.items():
-        kind = getattr(spec, "kind", None)
-        if kind is None and name in TEACHER_KINDS:
-            kind = name
-        if kind not in TEACHER_KINDS:
-            got = "" if kind is None else f", got {kind!r}"
-            raise ConfigError(f"teachers.{name}.kind: expected {' or '.join(TEACHER_KINDS)}{got}")
-        kinds[name] = kind
-    return kinds
+    return implied_kinds(configured_teachers(cfg))
 
 
 def method_teachers(cfg: RunConfig) -> dict[str, str] | None:
-    """The teachers the method distils from, name -> kind: the configured teachers of the kinds it accepts
-    (``mmt-ard``, ``reference``: clean and robust; ``ard``: robust), in the config's order; the method's own
-    order when they are exactly its standard teachers (``clean`` then ``robust``: two-teacher runs are those
-    of the method's defaults whatever the YAML's order). None for a method without distillation teachers
-    (``tecoa``, ``fare``, ``pmg-aft``, ``clean-ft``).
+    """The teachers the method distils from, name -> kind (:meth:`mmtard.methods.Method.select_teachers`: the
+    configured teachers of the kinds it accepts, the method's own order for exactly its standard teachers); None
+    for a method without distillation teachers (``tecoa``, ``fare``, ``pmg-aft``, ``clean-ft``).
 
     Raises:
-        ConfigError: a teacher's kind (:func:`teacher_kinds`), or no teacher of a kind the method accepts.
+        ConfigError: a teacher's kind, or no teacher of a kind the method accepts.
     """
-    from mmtard.methods import METHODS, standard_teacher_kinds
-
-    kinds = teacher_kinds(cfg)
-    accepted = METHODS.get(cfg.method.name).method.accepted_kinds
-    if not accepted:
-        return None
-    chosen = {name: kind for name, kind in kinds.items() if kind in accepted}
-    standard = standard_teacher_kinds(cfg.method.name)
-    if not chosen:
-        raise ConfigError(
-            f"teachers: method {cfg.method.name} needs teacher(s) {list(standard)}; add teachers.<name>.arch and "
-            f".pretrained (and .kind: {' or '.join(accepted)} for names other than {' and '.join(TEACHER_KINDS)})"
-        )
-    return standard if chosen == standard else chosen
+    return method_class(cfg.method.name).select_teachers(cfg.method.name, configured_teachers(cfg))
 
 
 def unused_teachers(cfg: RunConfig) -> list[str]:
@@ -278,15 +245,13 @@ def build_method(cfg: RunConfig) -> Method:
         ConfigError: naming ``teachers.<name>`` or ``teachers.<name>.kind`` for teachers the method refuses,
             or the ``method.`` field of a bad method setting.
     """
-    from mmtard.methods import create_method
-
     kinds = method_teachers(cfg)
     try:
         return create_method(cfg.method, teacher_kinds=kinds)
     except ConfigError as exc:
-        if str(exc).startswith("teachers"):
+        if exc.field is not None and exc.field.startswith("teachers"):
             raise
-        raise ConfigError(f"method.{exc}") from None
+        raise exc.within("method") from None
 
 
 def _check_augment(cfg: RunConfig) -> None:
@@ -302,7 +267,7 @@ def _check_augment(cfg: RunConfig) -> None:
 
 def _check_device_name(device: str) -> None:
     """The device string parses (``auto``, ``cpu``, ``cuda``, ``cuda:1``...); whether it exists here is
-    checked when the run starts (:func:`mmtard.train.preflight.check_device`)."""
+    checked when the run starts (:func:`mmtard.distributed.check_device`)."""
     if device == "auto":
         return
     import torch
@@ -336,261 +301,3 @@ def build_eval_attacks(cfg: RunConfig) -> list:
     from mmtard.attacks import create_attack
 
     return [create_attack(cfg.eval.attack, eps=eps, steps=cfg.eval.steps, seed=cfg.train.seed) for eps in cfg.eval.eps]
-
-
-# Attack radii and step sizes: fractions of the pixel range, written like 4/255.
-EPS_FIELDS = {"method.eps", "method.alpha", "eval.eps"}
-DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _check_type(path: str, value: Any, annotation: Any, norm: str = "linf") -> Any:
-    """Return ``value`` converted to ``annotation`` or raise a ConfigError naming ``path``.
-
-    Radii (:data:`EPS_FIELDS`) are read by :func:`parse_eps` in the given ``norm``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _check_type(path, value, option, norm)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {annotation}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        if not isinstance(value, list):
-            value = [value]
-        return [_check_type(f"{path}[{i}]", v, item, norm) for i, v in enumerate(value)]
-    if annotation is float:
-        if path.split("[")[0] in EPS_FIELDS:
-            return parse_eps(value, path, norm)
-        if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as text, not a number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected a whole number, got {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected text, got {value!r}")
-        return str(value)
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, path)
-    return value
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown config key; expected one of: {', '.join(known)}")
-    values = {}
-    for name, value in data.items():
-        sub = f"{path}.{name}" if path else name
-        if cls is RunConfig and name == "teachers":
-            if not isinstance(value, dict):
-                raise ConfigError(f"teachers: expected a mapping teacher name -> model, got {value!r}")
-            values[name] = {
-                teacher: _build(TeacherConfig, spec, f"teachers.{teacher}") for teacher, spec in value.items()
-            }
-        elif cls is RunConfig and name == "method":
-            values[name] = _build_method(value, sub)
-        else:
-            values[name] = _check_type(sub, value, hints[name])
-    return cls(**values)
-
-
-def _build_method(data: Any, path: str) -> MethodConfig:
-    from mmtard.methods import list_methods
-
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of fields, got {data!r}")
-    data = dict(data)
-    preset = data.pop("name", "mmt-ard")
-    if preset not in list_methods():
-        raise ConfigError(f"{path}.name: unknown method {preset!r}; expected one of {', '.join(list_methods())}")
-    hints = typing.get_type_hints(MethodConfig)
-    norm = data.get("norm", MethodConfig.norm)
-    norm = norm if isinstance(norm, str) else MethodConfig.norm  # a wrong type is reported as method.norm
-    checked = {}
-    for name, value in data.items():
-        if name not in hints:
-            raise ConfigError(f"{path}.{name}: unknown config key; expected one of: {', '.join(hints)}")
-        checked[name] = (
-            value
-            if name == "logit_scale" and value == "model"
-            else _check_type(f"{path}.{name}", value, hints[name], norm)
-        )
-    try:
-        return method_config(preset, **checked)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}.{exc}") from None
-
-
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Apply ``a.b.c=value`` strings (value read as YAML: ``20`` is an int, ``4/255`` stays text)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set: expected key.path=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            raise ConfigError(
-                f"--set {key}: cannot read {raw!r} as a value (YAML: a number, text, [a, b]...)"
-            ) from None
-    return data
-
-
-def read_yaml(path: Path, field: str = "--config") -> dict:
-    """A YAML file holding a mapping; a missing file, a parse error or another shape is one error."""
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ConfigError(f"{field}: '{path}' {what}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"{field}: '{path}' is not valid YAML{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{field}: cannot read '{path}' ({exc})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{field}: '{path}' must hold a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def merge(base: dict, override: dict) -> dict:
-    """``override`` over ``base``: mappings merge key by key, any other value replaces the base's."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def read_config_file(path: str | Path, field: str = "--config", _chain: tuple[Path, ...] = ()) -> dict:
-    """A run config file merged over the files its ``defaults:`` names (one path or a list, relative to
-    the file; later ones win, the file itself wins over all). The result has no ``defaults`` key."""
-    path = Path(path)
-    if path.resolve() in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
-        raise ConfigError(f"{DEFAULTS_KEY}: '{path}' includes itself ({cycle})")
-    data = read_yaml(path, field)
-    includes = data.pop(DEFAULTS_KEY, None) or []
-    if isinstance(includes, str):
-        includes = [includes]
-    if not isinstance(includes, list) or not all(isinstance(item, str) for item in includes):
-        raise ConfigError(f"{DEFAULTS_KEY}: in '{path}', expected a file name or a list of them, got {includes!r}")
-    merged: dict = {}
-    for include in includes:
-        base = read_config_file(path.parent / include, f"{DEFAULTS_KEY} of '{path}'", (*_chain, path.resolve()))
-        merged = merge(merged, base)
-    return merge(merged, data)
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config (and its ``defaults:`` chain), apply overrides, validate; every error names the
-    offending key."""
-    data = read_config_file(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
-    return _build(RunConfig, data, "").validate()
-
-
-#: What a resumed run may change in its saved ``config.yaml``: where things are and how the run is
-#: operated, never what it computes, plus more steps (``train.steps`` may grow, never shrink).
-RESUME_EXTENSIONS = (
-    "output_dir",
-    "device",
-    "data.dir",
-    "data.workers",
-    "train.steps",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.on_nonfinite",
-    "train.dist_timeout_s",
-    "eval.every",
-    "eval.batch_size",
-    "eval.final",
-)
-
-
-def flat_fields(config: RunConfig) -> dict[str, Any]:
-    """``{"train.steps": 100, "teachers.clean.arch": ..., ...}``: every leaf field by its dotted name."""
-
-    def walk(node: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(node, dict) and node:
-            return {k: v for key, value in node.items() for k, v in walk(value, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: node}
-
-    return walk(config_to_dict(config), "")
-
-
-def resume_config(saved: RunConfig, overrides: Sequence[str]) -> RunConfig:
-    """The config of a resumed run: the run's saved ``config.yaml`` with the ``--set`` overrides on top
-    (checked by :func:`check_resume` when training starts)."""
-    return _build(RunConfig, apply_overrides(config_to_dict(saved), overrides), "").validate()
-
-
-def check_resume(saved: RunConfig, config: RunConfig, saved_path: str | Path = "config.yaml") -> None:
-    """Refuse a resume whose config contradicts the run's saved one, except in :data:`RESUME_EXTENSIONS`.
-
-    Raises:
-        ConfigError: naming the first contradicting field, with both values.
-    """
-    before, after = flat_fields(saved), flat_fields(config)
-    for name in sorted(before.keys() | after.keys()):
-        old, new = before.get(name), after.get(name)
-        if old == new:
-            continue
-        if name == "train.steps" and new < old:
-            raise ConfigError(
-                f"train.steps: the run was started with {old} steps ({saved_path}); a resume may add steps, not "
-                f"remove them (got {new})"
-            )
-        if name not in RESUME_EXTENSIONS:
-            raise ConfigError(
-                f"{name}: the run was started with {old!r} ({saved_path}); resuming it with {new!r} would change "
-                f"the run. Resume without changing it, or start a new output_dir. A resume may change only "
-                f"{', '.join(RESUME_EXTENSIONS)}"
-            )
-
-
-def config_to_dict(config: RunConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
-def save_config(config: RunConfig, path: str | Path) -> None:
-    from mmtard.fileio import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,9 +1,10 @@
-"""Checks of the machine and the file system that run before a command builds a model or writes a file.
+"""Preflight: the checks of the machine and the file system that run before a command builds or writes anything.
 
 A run config is checked when it is loaded (:mod:`mmtard.train.config`); what it points at is checked
-here: the device exists, the output folder can be written, model files exist and are readable, data
-folders exist. Each check raises one :class:`ConfigError` naming the field, so a refused command leaves
-the file system as it found it. ``mmtard eval`` and ``mmtard train`` share them.
+here: the device exists (:func:`mmtard.distributed.check_device`), the output folder can be written, model
+files exist and are readable, data folders exist. Each check raises one :class:`ConfigError` naming the
+field, so a refused command leaves the file system as it found it. Every command (``train``, ``eval``,
+``demo``, ``export``) shares them.
 """
 
 from __future__ import annotations
@@ -15,33 +16,10 @@ from pathlib import Path
 
 import torch
 
+from mmtard.distributed import check_device  # noqa: F401 (the commands' device check, re-exported)
 from mmtard.errors import ConfigError
 
 RANDOM_WEIGHTS = ("none", "random", "")
-
-
-def check_device(requested: str | None, field: str = "device") -> torch.device:
-    """The device to use: ``auto``/None is CUDA when present, else CPU; a CUDA device must exist here.
-
-    Raises:
-        ConfigError: an unreadable device name, or CUDA (or a GPU index) this machine does not have.
-    """
-    if requested in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{field}: expected auto, cpu, cuda or cuda:N, got {requested!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{field}: {requested!r} asked for, but this machine has no CUDA device; use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"{field}: {requested!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif device.type not in ("cpu", "mps"):
-        raise ConfigError(f"{field}: device type {device.type!r} is not supported; use auto, cpu or cuda")
-    return device
 
 
 def check_compile(device: torch.device, field: str = "train.compile") -> None:
@@ -165,11 +143,6 @@ def renamed_fields(names: dict[str, str]) -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        field, sep, message = str(exc).partition(": ")
-        if not (sep and field in names):
+        if exc.field not in names:
             raise
-        try:
-            renamed = type(exc)(f"{names[field]}: {message}")
-        except TypeError:  # an error class with other constructor arguments
-            renamed = ConfigError(f"{names[field]}: {message}")
-        raise renamed from None
+        raise exc.renamed(names[exc.field]) from None

@@ -1,0 +1,226 @@
+"""The typed YAML loader of run configs: files (with their ``defaults:`` chain), ``--set`` overrides, dataclasses.
+
+Order of precedence: dataclass defaults < the method preset (``method.name``) < the YAML file (merged over
+the files its ``defaults:`` key names, in order) < ``--set``. Units are never rewritten after parsing:
+``eps: 4/255`` is read once (by :func:`mmtard.units.parse_eps`) into the float ``0.01568...``. Every value is
+converted to its field's type or refused with a :class:`ConfigError` naming the field; the result is validated
+(:meth:`RunConfig.validate`) before any model is built, and saved as ``config.yaml`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmtard.errors import ConfigError
+from mmtard.fileio import atomic_write_text
+from mmtard.methods import MethodConfig, method_config
+from mmtard.train.config import RunConfig, TeacherConfig
+from mmtard.units import parse_eps
+
+DEFAULTS_KEY = "defaults"
+
+
+# Attack radii and step sizes: fractions of the pixel range, written like 4/255.
+EPS_FIELDS = {"method.eps", "method.alpha", "eval.eps"}
+
+
+DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config (and its ``defaults:`` chain), apply overrides, validate; every error names the
+    offending key."""
+    data = read_config_file(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return _build(RunConfig, data, "").validate()
+
+
+def read_config_file(path: str | Path, field: str = "--config", _chain: tuple[Path, ...] = ()) -> dict:
+    """A run config file merged over the files its ``defaults:`` names (one path or a list, relative to
+    the file; later ones win, the file itself wins over all). The result has no ``defaults`` key."""
+    path = Path(path)
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{DEFAULTS_KEY}: '{path}' includes itself ({cycle})")
+    data = read_yaml(path, field)
+    includes = data.pop(DEFAULTS_KEY, None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(item, str) for item in includes):
+        raise ConfigError(f"{DEFAULTS_KEY}: in '{path}', expected a file name or a list of them, got {includes!r}")
+    merged: dict = {}
+    for include in includes:
+        base = read_config_file(path.parent / include, f"{DEFAULTS_KEY} of '{path}'", (*_chain, path.resolve()))
+        merged = merge(merged, base)
+    return merge(merged, data)
+
+
+def read_yaml(path: Path, field: str = "--config") -> dict:
+    """A YAML file holding a mapping; a missing file, a parse error or another shape is one error."""
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{field}: '{path}' {what}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{field}: '{path}' is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{field}: cannot read '{path}' ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{field}: '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict, override: dict) -> dict:
+    """``override`` over ``base``: mappings merge key by key, any other value replaces the base's."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (value read as YAML: ``20`` is an int, ``4/255`` stays text)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set: expected key.path=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"--set {key}: cannot read {raw!r} as a value (YAML: a number, text, [a, b]...)"
+            ) from None
+    return data
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown config key; expected one of: {', '.join(known)}")
+    values = {}
+    for name, value in data.items():
+        sub = f"{path}.{name}" if path else name
+        if cls is RunConfig and name == "teachers":
+            if not isinstance(value, dict):
+                raise ConfigError(f"teachers: expected a mapping teacher name -> model, got {value!r}")
+            values[name] = {
+                teacher: _build(TeacherConfig, spec, f"teachers.{teacher}") for teacher, spec in value.items()
+            }
+        elif cls is RunConfig and name == "method":
+            values[name] = _build_method(value, sub)
+        else:
+            values[name] = _check_type(sub, value, hints[name])
+    return cls(**values)
+
+
+def _build_method(data: Any, path: str) -> MethodConfig:
+    from mmtard.methods import list_methods
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of fields, got {data!r}")
+    data = dict(data)
+    preset = data.pop("name", "mmt-ard")
+    if preset not in list_methods():
+        raise ConfigError(f"{path}.name: unknown method {preset!r}; expected one of {', '.join(list_methods())}")
+    hints = typing.get_type_hints(MethodConfig)
+    norm = data.get("norm", MethodConfig.norm)
+    norm = norm if isinstance(norm, str) else MethodConfig.norm  # a wrong type is reported as method.norm
+    checked = {}
+    for name, value in data.items():
+        if name not in hints:
+            raise ConfigError(f"{path}.{name}: unknown config key; expected one of: {', '.join(hints)}")
+        checked[name] = (
+            value
+            if name == "logit_scale" and value == "model"
+            else _check_type(f"{path}.{name}", value, hints[name], norm)
+        )
+    try:
+        return method_config(preset, **checked)
+    except ConfigError as exc:
+        raise exc.within(path) from None
+
+
+def _check_type(path: str, value: Any, annotation: Any, norm: str = "linf") -> Any:
+    """Return ``value`` converted to ``annotation`` or raise a ConfigError naming ``path``.
+
+    Radii (:data:`EPS_FIELDS`) are read by :func:`parse_eps` in the given ``norm``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _check_type(path, value, option, norm)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {annotation}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            value = [value]
+        return [_check_type(f"{path}[{i}]", v, item, norm) for i, v in enumerate(value)]
+    if annotation is float:
+        if path.split("[")[0] in EPS_FIELDS:
+            return parse_eps(value, path, norm)
+        if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as text, not a number
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected a whole number, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected text, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, path)
+    return value
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

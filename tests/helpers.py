@@ -1,0 +1,108 @@
+"""Helpers shared by the test modules (no test module imports another): the synthetic data, the tiny training runs'
+command lines, result readers and the torchrun launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+MMT_ARD = REPO / "configs" / "cpu" / "mmt-ard.yaml"
+
+
+def make_npz_dir(folder: Path, train_per_class: int = 16, test_per_class: int = 4) -> Path:
+    """A learnable CIFAR-format npz folder: each class a distinct colour plus noise."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, size=(10, 3))
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        y = np.repeat(np.arange(10), per_class)
+        x = colours[y][:, None, None, :] + rng.normal(0, 20, size=(len(y), 32, 32, 3))
+        np.savez(folder / f"{split}.npz", x=np.clip(x, 0, 255).astype(np.uint8), y=y.astype(np.int64))
+    (folder / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return folder
+
+
+def small(data_dir: Path, out: Path, *extra: str, config: Path = MMT_ARD) -> list[str]:
+    """``--set`` overrides for a tiny run of ``config``: 80 seen-class training images, batch 8, PGD-1 in
+    training, tiny-vit-s teachers, clean-only held-out evaluation on 10 images."""
+    from mmtard.train import load_config
+
+    teachers = [f"teachers.{role}.arch=tiny-vit-s" for role in load_config(config).teachers]
+    return [
+        f"data.dir={data_dir}",
+        f"output_dir={out}",
+        "data.batch_size=8",
+        "data.eval_samples=10",
+        "method.steps=1",
+        "eval.eps=[]",
+        "eval.steps=1",
+        "eval.batch_size=16",
+        "train.checkpoint_every=0",
+        *teachers,
+        *extra,
+    ]
+
+
+def as_argv(config: Path, overrides: list[str], *extra: str) -> list[str]:
+    """``mmtard train`` arguments: ``--config``, no progress bars, ``extra`` flags and ``--set`` per override."""
+    return ["train", "--config", str(config), "--no-progress", *extra] + [
+        a for item in overrides for a in ("--set", item)
+    ]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold bitwise-identical tensors under the same names."""
+    sa, sb = load_file(str(a)), load_file(str(b))
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def without_seconds(value):
+    """``value`` read from a results file, with the wall times (``seconds``) removed everywhere."""
+    if isinstance(value, dict):
+        return {k: without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [without_seconds(v) for v in value]
+    return value
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(root: Path, launcher: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run the script ``launcher`` (written to ``root/launch.py``) under ``torchrun`` with two CPU processes and
+    ``args``, from the repository, offline and with one thread per process; the completed process."""
+    (root / "launch.py").write_text(launcher)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(root / "launch.py"),
+        *args,
+    ]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
