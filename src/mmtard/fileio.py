@@ -22,10 +22,10 @@ from pathlib import Path
 
 from mmtard.errors import ConfigError
 
-#: errno values of a write the machine refused (not a bug of the program): the message names the path
-WRITE_REFUSED_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
-)
+#: errno values of a write the machine refused (not a bug of the program), with what the user can do
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+WRITE_REFUSED_ERRNOS = FULL_ERRNOS | READ_ONLY_ERRNOS
 
 
 class OutputWriteError(ConfigError):
@@ -73,6 +73,7 @@ def require_regular_file(path: str | Path, field: str, expected: str = "a file")
 def reported_write_errors(field: str, where: str | Path) -> Iterator[None]:
     """A write the machine refuses inside (see ``WRITE_REFUSED_ERRNOS``) becomes one :class:`OutputWriteError`:
     ``"<field>: cannot write '<file>': No space left on device; free space or choose another folder"``.
+    A refused read of a file (``EACCES``) inside is reported the same way: give this only code that writes.
 
     Args:
         field: the command's output flag or field (``--out``).
@@ -84,9 +85,9 @@ def reported_write_errors(field: str, where: str | Path) -> Iterator[None]:
         if exc.errno not in WRITE_REFUSED_ERRNOS:
             raise
         target = exc.filename if exc.filename is not None else where
+        remedy = "free space or choose another folder" if exc.errno in FULL_ERRNOS else "choose a writable folder"
         raise OutputWriteError(
-            f"{field}: cannot write '{target}': {exc.strerror or os.strerror(exc.errno)}; "
-            "free space or choose another folder"
+            f"{field}: cannot write '{target}': {exc.strerror or os.strerror(exc.errno)}; {remedy}"
         ) from None
 
 
@@ -128,8 +129,12 @@ def _named_after(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        named = None if exc.filename is None else Path(exc.filename)
-        is_temporary = named is not None and named.parent == path.parent and named.name.startswith(f".{path.name}.")
+        named = None if exc.filename is None else Path(os.path.abspath(exc.filename))
+        is_temporary = (
+            named is not None
+            and named.parent == Path(os.path.abspath(path.parent))
+            and named.name.startswith(f".{path.name}.")
+        )
         if exc.errno in WRITE_REFUSED_ERRNOS and (named is None or is_temporary):
             raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise

@@ -152,7 +152,12 @@ def machine_memory_bytes() -> int | None:
 
 def _check_declared_sizes(path: Path, names: tuple[str, ...]) -> None:
     """Read the ``.npy`` headers of ``names`` inside the npz (nothing else) and refuse arrays that declare more
-    bytes than the machine's memory or than the file holds: loading them would exhaust memory or fail late."""
+    bytes than the machine's memory, or than the file holds: loading them would exhaust memory or fail late.
+
+    Raises:
+        ConfigError: naming ``path``, the arrays and the sizes.
+        zipfile.BadZipFile, ValueError, OSError, EOFError: not a readable npz (reported by the caller).
+    """
     headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     declared = {}
     with zipfile.ZipFile(path) as archive:
@@ -166,25 +171,28 @@ def _check_declared_sizes(path: Path, names: tuple[str, ...]) -> None:
                 if version not in headers:
                     continue  # a header version this check does not read; np.load checks it
                 shape, _, dtype = headers[version](f)
-                nbytes = math.prod(shape) * dtype.itemsize
-                if nbytes > info.file_size:
-                    raise ConfigError(
-                        f"data_dir: '{path}' array {name} declares {shape} {dtype} ({_size(nbytes)}), but the file "
-                        f"holds {_size(info.file_size)} for it (truncated or corrupt)"
-                    )
-                declared[name] = (shape, dtype, nbytes)
+                declared[name] = (shape, dtype, math.prod(shape) * dtype.itemsize, info.file_size)
     memory = machine_memory_bytes()
-    total = sum(nbytes for _, _, nbytes in declared.values())
+    total = sum(nbytes for _, _, nbytes, _ in declared.values())
     if memory is not None and total > memory:
-        arrays = ", ".join(f"{name} {shape} {dtype}" for name, (shape, dtype, _) in declared.items())
+        arrays = ", ".join(f"{name} {shape} {dtype}" for name, (shape, dtype, _, _) in declared.items())
         raise ConfigError(
             f"data_dir: '{path}' declares {_size(total)} of arrays ({arrays}), more than this machine's memory "
             f"({_size(memory)}); split it into smaller files"
         )
+    for name, (shape, dtype, nbytes, held) in declared.items():
+        if nbytes > held:
+            raise ConfigError(
+                f"data_dir: '{path}' array {name} declares {shape} {dtype} ({_size(nbytes)}), but the file holds "
+                f"{_size(held)} for it (truncated or corrupt)"
+            )
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+    for unit, scale in (("EiB", 2**60), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +202,8 @@ def _read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         _check_declared_sizes(path, ("x", "y"))
         with np.load(path, allow_pickle=False) as arrays:
             found = {name: arrays[name] for name in ("x", "y") if name in arrays.files}
+    except ConfigError:
+        raise  # the sizes its headers declare (a ConfigError is a ValueError too: keep its own message)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise ConfigError(f"data_dir: '{path}' is not a readable npz file ({type(exc).__name__}: {exc})") from None
     missing = {"x", "y"} - set(found)
@@ -208,9 +218,10 @@ def _from_torchvision(dataset_cls: Callable, root: Path, download: bool, **kwarg
     try:
         ds = dataset_cls(root=str(root), download=download, **kwargs)
     except RuntimeError as exc:
+        reason = str(exc).split(". You can use download=True")[0]  # torchvision's advice names its own argument
         raise DataNotFoundError(
-            f"data_dir: torchvision's {dataset_cls.__name__} files are not in '{root}' ({exc}); "
-            "pass --download to fetch them"
+            f"data_dir: torchvision's {dataset_cls.__name__} files are not in '{root}' ({reason}); expected its "
+            "folder or an npz folder (mmtard eval --download fetches torchvision's copy)"
         ) from None
     data = np.asarray(ds.data)
     if data.shape[1] == 3:  # STL-10 stores (N, 3, H, W)
