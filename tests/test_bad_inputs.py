@@ -547,17 +547,24 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     assert listing(workspace) == before  # nothing created, changed or removed
 
 
-IN_A_PROCESS = ["eval-pretrained-pickle-as-safetensors", "train-batch-larger-than-data", "train-resume-truncated-state"]
+IN_A_PROCESS = [
+    "eval-pretrained-pickle-as-safetensors",
+    "train-batch-larger-than-data",
+    "train-resume-truncated-state",
+    "eval-pretrained-fifo",
+    "export-non-finite-weights",
+]
 
 
 @pytest.mark.parametrize("name", IN_A_PROCESS)
-def test_a_real_process_prints_only_the_error_line(name, workspace, live_process):
-    """Refused before any model is built, so not even a warning is printed."""
+def test_a_real_process_prints_only_the_error_line(name, workspace, live_process, model_files):
+    """Refused before any model is built (or with weights from a file), so not even a warning is printed."""
     case = next(case for case in CASES if case[0] == name)
     prepare(case, workspace, live_process)
     before = listing(workspace)
-    code, stderr = run_process(case[1], workspace)
+    code, stderr = run_process([arg.replace("@models", str(model_files)) for arg in case[1]], workspace)
     check_refused(case, code, stderr)
+    assert EXPECTED_TEXT.get(name, "") in stderr, stderr
     assert listing(workspace) == before
 
 
@@ -665,3 +672,28 @@ def test_a_full_disk_or_read_only_output_is_one_line_naming_the_file_and_nothing
     assert f"'{named}" in stderr and os.strerror(errno.ENOSPC if "full" in name else errno.EROFS) in stderr, stderr
     assert listing(workspace) == before
     assert time.monotonic() - started < CASE_SECONDS * 4
+
+
+def test_demo_keeps_finished_stages_and_removes_what_it_did_not_finish(tmp_path):
+    """On an error (a full disk here), the stage folders this demo created without a final model and its
+    evaluation journals go; finished stages (a rerun reuses them) and what was there before stay. A new output
+    folder with nothing finished is removed."""
+    from mmtard.cli import without_partial_stages
+    from mmtard.errors import ConfigError
+    from mmtard.fileio import OutputWriteError
+
+    out = tmp_path / "demo"
+    (out / "earlier-partial" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(OutputWriteError), without_partial_stages(out):
+        (out / "finished" / "eval_journal").mkdir(parents=True)
+        (out / "finished" / "model.safetensors").write_bytes(b"weights")
+        (out / "partial" / "checkpoints").mkdir(parents=True)
+        raise OutputWriteError("--out: cannot write 'demo/partial/checkpoints/x': No space left on device")
+    assert sorted(p.name for p in out.iterdir()) == ["earlier-partial", "finished"]
+    assert sorted(p.name for p in (out / "finished").iterdir()) == ["model.safetensors"]
+
+    new = tmp_path / "new-demo"
+    with pytest.raises(ConfigError), without_partial_stages(new):
+        (new / "foundation-student" / "checkpoints").mkdir(parents=True)
+        raise ConfigError("data.dir: unreadable")
+    assert not new.exists()
