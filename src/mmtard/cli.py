@@ -236,14 +236,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from mmtard.eval.distributed import start_eval_processes
     from mmtard.eval.report import markdown_table, write_results
     from mmtard.eval.run import EvalRequest, evaluate_bundle
+    from mmtard.fileio import reported_write_errors
     from mmtard.models import load_clip
     from mmtard.train.preflight import renamed_fields
 
     data_dirs, eps, device = check_eval_args(args)
     with renamed_fields({"device": "--device"}):
         start_eval_processes(device)  # under torchrun: each process its share of the batches; else nothing
-    from mmtard.fileio import reported_write_errors
-
     journal_dir = os.path.join(args.out, "journal")  # an interrupted run, rerun as it was, continues
     with (
         leave_as_found(Path(args.out), inside=["journal"]),
