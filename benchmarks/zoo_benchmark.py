@@ -431,7 +431,7 @@ def write_report(out, args, command, scale, given, rows, jobs, started) -> None:
     for split in SPLITS:
         title = "Seen classes (in-distribution)" if split == "seen" else "Unseen classes (zero-shot)"
         sections.append(f"## {title}\n\n" + accuracy_table([*given, *rows], split, args.eval_samples))
-    baseline = f"ard-{args.recipe}"
+    baseline = f"student-ard-{args.recipe}"
     diffs = {} if args.calibrate else differences(rows, baseline)
     if diffs:
         sections.append(

@@ -5,17 +5,30 @@ few broken model files and run folders with broken checkpoints. It asserts the e
 stderr line, starting ``mmtard <command>: error: <field>``, no ``Traceback``, and the same listing of the
 folder (names, sizes, modification times) before and after. A few cases also run as a real process
 (``python -m mmtard.cli``), whose stderr includes what logging prints.
+
+Every case must also end within ``CASE_SECONDS`` (an alarm stops one that hangs, e.g. on a FIFO). Files that
+cannot be copied (FIFOs, links to devices) are made in each case's own folder by ``SPECIAL_FILES``; model files
+too large to copy for every case are made once, outside the folder (``@models/`` in a case's arguments).
+Faults of the machine (a full disk, a read-only file system) are simulated in-process by ``FAULTS``.
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import json
 import os
 import pickle
 import signal
+import stat
 import struct
 import subprocess
 import sys
 import textwrap
+import time
+import zipfile
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +42,55 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 EVAL = ["eval", "--model", "tiny-vit-s", "--dataset", "cifar10", "--data-dir", "data", "--no-progress"]
 TRAIN = ["train", "--config", "run.yaml", "--no-progress"]
 EXPORT = ["export", "--model", "tiny-vit-s", "--pretrained"]
+NPZ = ["eval", "--model", "tiny-vit-s", "--dataset", "npz", "--no-progress", "--attack", "none", "--data-dir"]
+IMAGES = [*NPZ[:4], "imagefolder", *NPZ[5:]]
+CASE_SECONDS = 30
+NO_MPS = not torch.backends.mps.is_available()
+RUN_CONFIG = {"student": {"arch": "tiny-vit-s", "pretrained": "none"}, "method": {"name": "tecoa"}, "data": {}}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels (its pixel data is a stub: PIL reads the
+    header, and checks the size, when the file is opened)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4)) + chunk(b"IEND", b"")
+    )
+
+
+def npz_declaring(path: Path, shape: tuple[int, ...], body: int = 64) -> None:
+    """An npz whose ``x.npy`` header declares ``shape`` (uint8) but holds only ``body`` bytes of data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(4, dtype=np.int64))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(body))
+        archive.writestr("y.npy", labels.getvalue())
+
+
+def npz_folder(root: Path, name: str, x=None, y=None, classes: bytes | None = None) -> None:
+    """A folder with ``train.npz`` and ``test.npz`` (4 images of 32 px, labels 0..3 unless given) and
+    ``classes.txt``."""
+    folder = root / name
+    folder.mkdir()
+    x = np.zeros((4, 32, 32, 3), dtype=np.uint8) if x is None else x
+    for split in ("train", "test"):
+        np.savez(folder / f"{split}.npz", x=x, y=np.arange(4) if y is None else y)
+    (folder / "classes.txt").write_bytes(b"cat\ndog\nbird\nfrog\n" if classes is None else classes)
+
+
+def run_folder(root: Path, name: str, config: str, final_eval: str | None = None) -> None:
+    """A finished-looking run folder for export; its model file is a link to a good one (``link_models``)."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "config.yaml").write_text(config)
+    if final_eval is not None:
+        (folder / "final_eval.json").write_text(final_eval)
 
 
 def make_workspace(root: Path) -> None:
@@ -73,12 +135,121 @@ def make_workspace(root: Path) -> None:
     (root / "dangling-run" / "checkpoints").mkdir(parents=True)
     (root / "dangling-run" / "checkpoints" / "latest").write_text("step_00000009\n")
     (root / "locked-run").mkdir()
+    # data the loaders refuse, each naming its file
+    npz_folder(root, "labels-negative", y=np.array([0, 1, -1, 2]))
+    npz_folder(root, "labels-string", y=np.array(["cat", "dog", "bird", "frog"]))
+    npz_folder(root, "labels-float", y=np.array([0.0, 1.0, 2.5, 3.0]))
+    npz_folder(root, "labels-2d", y=np.zeros((4, 2), dtype=np.int64))
+    npz_folder(root, "images-0x0", x=np.zeros((4, 0, 0, 3), dtype=np.uint8))
+    npz_folder(root, "classes-latin1", classes="café\ndog\nbird\nfrog\n".encode("latin-1"))
+    npz_folder(root, "classes-twice", classes=b"cat\ndog\ncat\nfrog\n")
+    npz_folder(root, "npz-huge")
+    npz_declaring(root / "npz-huge" / "test.npz", (2**40, 1024, 1024, 3))  # 3 EiB: more than any machine
+    npz_folder(root, "npz-truncated")
+    npz_declaring(root / "npz-truncated" / "test.npz", (4, 32, 32, 3))  # 12 KiB declared, 64 bytes held
+    (root / "images-bomb" / "cat").mkdir(parents=True)
+    (root / "images-bomb" / "cat" / "huge.png").write_bytes(png_header(20_000, 12_000))  # 240 megapixels
+    (root / "images-zero" / "cat").mkdir(parents=True)
+    (root / "images-zero" / "cat" / "empty.png").write_bytes(png_header(0, 0))
+    (root / "fifo-npz").mkdir()  # its test.npz is a FIFO (SPECIAL_FILES)
+    (root / "fifo-npz" / "classes.txt").write_text("cat\ndog\nbird\nfrog\n")
+    npz_folder(root, "fifo-classes")
+    (root / "fifo-classes" / "classes.txt").unlink()  # a FIFO instead (SPECIAL_FILES)
+    (root / "device-npz").mkdir()  # its test.npz is a link to /dev/zero (SPECIAL_FILES)
+    (root / "fifo-images" / "cat").mkdir(parents=True)  # cat/photo.png is a FIFO (SPECIAL_FILES)
+    # export: run folders whose config.yaml or final_eval.json is unusable, results files
+    good_config = textwrap.dedent("""\
+        student: {arch: tiny-vit-s, pretrained: none}
+        method: {name: tecoa}
+        data: {dataset: cifar10}
+        """)
+    run_folder(root, "run-config-not-yaml", "student: {arch: [tiny-vit-s\n")
+    run_folder(root, "run-config-empty", "")
+    run_folder(root, "run-config-a-list", "- student\n- method\n")
+    run_folder(root, "run-config-section", good_config + "train: 200\n")
+    run_folder(root, "run-config-latin1", "")
+    (root / "run-config-latin1" / "config.yaml").write_bytes("student: {arch: tiny-vit-s}  # é\n".encode("latin-1"))
+    run_folder(root, "run-final-not-json", good_config, '{"clean_acc": 5')
+    run_folder(root, "run-final-no-acc", good_config, '{"robust": [], "samples": 4}')
+    run_folder(root, "run-final-robust-text", good_config, '{"clean_acc": 5.0, "robust": [{"acc": "high"}]}')
+    results = {"dataset": "cifar10", "clean_acc": 50.0, "robust": [{"attack": "pgd", "eps": "4/255"}]}
+    (root / "results-no-acc.json").write_text(json.dumps(results))
+    (root / "results-not-json.json").write_text('{"dataset": ')
+
+
+#: what the one line of a case says besides its field (the field alone would also match a misleading message)
+EXPECTED_TEXT = {
+    "eval-pretrained-fifo": "is a FIFO",
+    "eval-pretrained-dev-zero": "is a character device",
+    "eval-pretrained-dev-null": "is a character device",
+    "export-pretrained-fifo": "is a FIFO",
+    "export-pretrained-dev-null": "is a character device",
+    "train-teacher-fifo": "is a FIFO",
+    "train-student-dev-zero": "is a character device",
+    "eval-npz-fifo": "'fifo-npz/test.npz' is a FIFO",
+    "eval-npz-dev-zero": "'device-npz/test.npz' is a character device",
+    "eval-classes-fifo": "'fifo-classes/classes.txt' is a FIFO",
+    "eval-image-fifo": "'fifo-images/cat/photo.png' is a FIFO",
+    "export-results-fifo": "'results-fifo.json' is a FIFO",
+    "eval-labels-negative": "'labels-negative/test.npz' array y holds 1 negative label",
+    "eval-labels-string": "'labels-string/test.npz' array y holds string labels",
+    "eval-labels-float": "'labels-float/test.npz' array y holds float labels",
+    "eval-labels-2d": "'labels-2d/test.npz' array y has shape (4, 2)",
+    "eval-images-0x0": "'images-0x0/test.npz' holds images of 0x0 pixels",
+    "eval-classes-not-utf8": "'classes-latin1/classes.txt' is not UTF-8",
+    "eval-classes-twice": "'classes-twice/classes.txt' names class 'cat' twice",
+    "eval-npz-declares-exabytes": "more than this machine's memory",
+    "eval-npz-declares-more-than-held": "'npz-truncated/test.npz' array x declares (4, 32, 32, 3)",
+    "eval-image-240-megapixels": "'images-bomb/cat/huge.png' is too large to decode safely",
+    "eval-image-0x0": "'images-zero/cat/empty.png' cannot be decoded",
+    "train-labels-negative": "'labels-negative/train.npz' array y holds 1 negative label",
+    "eval-seed-2-to-the-64": f"from 0 to {2**63 - 1}",
+    "eval-seed-2-to-the-63": f"from 0 to {2**63 - 1}",
+    "eval-device-mps": "no MPS backend",
+    "demo-device-mps": "no MPS backend",
+    "eval-logit-scale-1e39": "beyond float32's range",
+    "demo-download": "the demo never downloads",
+    "demo-cifar10-folder-empty": "(mmtard eval --download fetches",
+    "demo-npz-labels-negative": "'labels-negative/train.npz' array y holds 1 negative label",
+    "export-non-finite-weights": "nan.safetensors' holds non-finite weights",
+    "export-run-config-not-yaml": "'run-config-not-yaml/config.yaml' is not readable YAML",
+    "export-run-config-empty": "'run-config-empty/config.yaml' is empty",
+    "export-run-config-a-list": "'run-config-a-list/config.yaml' is a list",
+    "export-run-config-section": "has train: 200, expected a mapping",
+    "export-run-config-not-utf8": "'run-config-latin1/config.yaml' is not readable YAML",
+    "export-run-final-eval-not-json": "'run-final-not-json/final_eval.json' is not JSON",
+    "export-run-final-eval-no-acc": "'run-final-no-acc/final_eval.json' has clean_acc None",
+    "export-run-final-eval-robust-text": "final_eval.json' has a robust entry without a numeric acc",
+    "export-results-no-acc": "'results-no-acc.json' has a robust entry without a numeric acc",
+    "export-results-not-json": "'results-not-json.json' is not JSON",
+}
+
+#: files a folder copy cannot hold, made in each case's folder: name -> (path, kind)
+SPECIAL_FILES = {
+    "eval-pretrained-fifo": [("weights/fifo.pt", "fifo")],
+    "export-pretrained-fifo": [("weights/fifo.safetensors", "fifo")],
+    "train-teacher-fifo": [("weights/fifo.pt", "fifo")],
+    "eval-npz-fifo": [("fifo-npz/test.npz", "fifo")],
+    "eval-classes-fifo": [("fifo-classes/classes.txt", "fifo")],
+    "eval-npz-dev-zero": [("device-npz/test.npz", "/dev/zero")],
+    "eval-image-fifo": [("fifo-images/cat/photo.png", "fifo")],
+    "export-results-fifo": [("results-fifo.json", "fifo")],
+}
+
+
+def make_special_files(case_name: str, root: Path) -> None:
+    for name, kind in SPECIAL_FILES.get(case_name, []):
+        if kind == "fifo":
+            os.mkfifo(root / name)
+        else:
+            (root / name).symlink_to(kind)
 
 
 def listing(root: Path) -> list[tuple[str, int, int]]:
+    """Names, sizes (-1 for anything but a regular file) and modification times; links are not followed."""
+    entries = [(p, p.lstat()) for p in root.rglob("*")]
     return sorted(
-        (str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
-        for p in root.rglob("*")
+        (str(p.relative_to(root)), st.st_size if stat.S_ISREG(st.st_mode) else -1, st.st_mtime_ns) for p, st in entries
     )
 
 
@@ -177,13 +348,90 @@ CASES = [
     ("export-format-unknown", [*EXPORT, "none", "--format", "onnx", "--out", "out"], "--format"),
     # -------------------------------------------------------------------------------------------- cli
     ("unknown-command", ["evaluate"], "command"),
+    # ------------------------------------------------ issue 17: FIFOs and devices given as files (no hang)
+    ("eval-pretrained-fifo", [*EVAL, "--pretrained", "weights/fifo.pt", "--out", "out"], "--pretrained"),
+    ("eval-pretrained-dev-zero", [*EVAL, "--pretrained", "/dev/zero", "--out", "out"], "--pretrained"),
+    ("eval-pretrained-dev-null", [*EVAL, "--pretrained", "/dev/null", "--out", "out"], "--pretrained"),
+    ("export-pretrained-fifo", [*EXPORT, "weights/fifo.safetensors", "--out", "out"], "--pretrained"),
+    ("export-pretrained-dev-null", [*EXPORT, "/dev/null", "--out", "out"], "--pretrained"),
+    (
+        "train-teacher-fifo",
+        [*TRAIN, "--set", "teachers.clean.pretrained=weights/fifo.pt"],
+        "teachers.clean.pretrained",
+    ),
+    ("train-student-dev-zero", [*TRAIN, "--set", "student.pretrained=/dev/zero"], "student.pretrained"),
+    ("eval-npz-fifo", [*NPZ, "fifo-npz", "--out", "out"], "--data-dir"),
+    ("eval-npz-dev-zero", [*NPZ, "device-npz", "--out", "out"], "--data-dir"),
+    ("eval-classes-fifo", [*NPZ, "fifo-classes", "--out", "out"], "--data-dir"),
+    ("eval-image-fifo", [*IMAGES, "fifo-images", "--out", "out"], "--data-dir"),
+    ("export-results-fifo", [*EXPORT, "none", "--results", "results-fifo.json", "--out", "out"], "--results"),
+    # -------------------------------------------------------------------- issue 17: the data loader
+    ("eval-labels-negative", [*NPZ, "labels-negative", "--out", "out"], "--data-dir"),
+    ("eval-labels-string", [*NPZ, "labels-string", "--out", "out"], "--data-dir"),
+    ("eval-labels-float", [*NPZ, "labels-float", "--out", "out"], "--data-dir"),
+    ("eval-labels-2d", [*NPZ, "labels-2d", "--out", "out"], "--data-dir"),
+    ("eval-images-0x0", [*NPZ, "images-0x0", "--out", "out"], "--data-dir"),
+    ("eval-classes-not-utf8", [*NPZ, "classes-latin1", "--out", "out"], "--data-dir"),
+    ("eval-classes-twice", [*NPZ, "classes-twice", "--out", "out"], "--data-dir"),
+    ("eval-npz-declares-exabytes", [*NPZ, "npz-huge", "--out", "out"], "--data-dir"),
+    ("eval-npz-declares-more-than-held", [*NPZ, "npz-truncated", "--out", "out"], "--data-dir"),
+    ("eval-image-240-megapixels", [*IMAGES, "images-bomb", "--out", "out"], "--data-dir"),
+    ("eval-image-0x0", [*IMAGES, "images-zero", "--out", "out"], "--data-dir"),
+    ("train-labels-negative", [*TRAIN, "--set", "data.dataset=npz", "--set", "data.dir=labels-negative"], "data.dir"),
+    # ------------------------------------------------------------ issue 17: seeds, devices, messages
+    ("eval-seed-2-to-the-64", [*EVAL, "--seed", str(2**64), "--out", "out"], "--seed"),
+    ("eval-seed-2-to-the-63", [*EVAL, "--seed", str(2**63), "--out", "out"], "--seed"),
+    ("eval-device-mps", [*EVAL, "--device", "mps", "--out", "out"], "--device", None if NO_MPS else "has MPS"),
+    ("demo-device-mps", ["demo", "--device", "mps", "--out", "out"], "--device", None if NO_MPS else "has MPS"),
+    ("eval-logit-scale-1e39", [*EVAL, "--logit-scale", "1e39", "--out", "out"], "--logit-scale"),
+    ("demo-download", ["demo", "--download", "--out", "out"], "--download"),
+    (
+        "demo-cifar10-folder-empty",
+        ["demo", "--dataset", "cifar10", "--data-dir", "empty-data", "--out", "out"],
+        "--data-dir",
+    ),
+    (
+        "demo-npz-labels-negative",
+        ["demo", "--dataset", "npz", "--data-dir", "labels-negative", "--out", "out"],
+        "--data-dir",
+    ),
+    # --------------------------------------------- issue 17: export reads and checks everything first
+    (
+        "export-non-finite-weights",
+        [*EXPORT, "@models/nan.safetensors", "--format", "open_clip", "--out", "out"],
+        "--pretrained",
+    ),
+    ("export-run-config-not-yaml", [*EXPORT, "run-config-not-yaml", "--out", "out"], "--pretrained"),
+    ("export-run-config-empty", [*EXPORT, "run-config-empty", "--out", "out"], "--pretrained"),
+    ("export-run-config-a-list", [*EXPORT, "run-config-a-list", "--out", "out"], "--pretrained"),
+    ("export-run-config-section", [*EXPORT, "run-config-section", "--out", "out"], "--pretrained"),
+    ("export-run-config-not-utf8", [*EXPORT, "run-config-latin1", "--out", "out"], "--pretrained"),
+    ("export-run-final-eval-not-json", [*EXPORT, "run-final-not-json", "--out", "out"], "--pretrained"),
+    ("export-run-final-eval-no-acc", [*EXPORT, "run-final-no-acc", "--out", "out"], "--pretrained"),
+    ("export-run-final-eval-robust-text", [*EXPORT, "run-final-robust-text", "--out", "out"], "--pretrained"),
+    ("export-results-no-acc", [*EXPORT, "none", "--results", "results-no-acc.json", "--out", "out"], "--results"),
+    ("export-results-not-json", [*EXPORT, "none", "--results", "results-not-json.json", "--out", "out"], "--results"),
+    (
+        "export-out-read-only",
+        [*EXPORT, "none", "--out", "readonly/out"],
+        "--out",
+        "root writes anywhere" if IS_ROOT else None,
+    ),
 ]
 
 
+def link_models(root: Path, models: Path) -> None:
+    """Every export run folder's ``model.safetensors`` links to a good model: the run's own files are what is
+    wrong, and the weights would load (kept as links when the folder is copied)."""
+    for folder in root.glob("run-*"):
+        (folder / "model.safetensors").symlink_to(models / "good.safetensors")
+
+
 @pytest.fixture(scope="module")
-def workspace_template(tmp_path_factory) -> Path:
+def workspace_template(tmp_path_factory, model_files) -> Path:
     root = tmp_path_factory.mktemp("workspace")
     make_workspace(root)
+    link_models(root, model_files)
     return root
 
 
@@ -192,9 +440,45 @@ def workspace(workspace_template, tmp_path) -> Path:
     import shutil
 
     root = tmp_path / "ws"
-    shutil.copytree(workspace_template, root)
+    shutil.copytree(workspace_template, root, symlinks=True)
     (root / "readonly").chmod(0o555)
     return root
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> Path:
+    """Model files too large to copy into every case's folder (``@models/`` in a case's arguments)."""
+    from safetensors.torch import save_file
+
+    from mmtard.models import load_clip
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    state = {k: v.contiguous().clone() for k, v in load_clip("tiny-vit-s", "none").model.state_dict().items()}
+    save_file(state, str(root / "good.safetensors"))
+    state["visual.proj"][0, 0] = float("nan")
+    save_file(state, str(root / "nan.safetensors"))
+    return root
+
+
+class CaseTimeout(BaseException):
+    """Raised by the alarm in a case that runs past ``CASE_SECONDS`` (not an OSError: nothing may catch it)."""
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Stop the code inside after ``seconds`` (a blocking open of a FIFO included) and fail the case."""
+
+    def stop(signum, frame):
+        raise CaseTimeout(f"still running after {seconds} s (a hang?)")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
@@ -239,6 +523,7 @@ def check_refused(case: tuple, code: int, stderr: str) -> None:
 def prepare(case: tuple, workspace: Path, live_pid: int) -> None:
     if len(case) > 3 and case[3]:
         pytest.skip(case[3])
+    make_special_files(case[0], workspace)
     if case[0] == "train-output-dir-locked":
         import socket
 
@@ -246,25 +531,39 @@ def prepare(case: tuple, workspace: Path, live_pid: int) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(case, workspace, live_process, monkeypatch, capsys):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    case, workspace, live_process, model_files, monkeypatch, capsys
+):
     prepare(case, workspace, live_process)
+    argv = [arg.replace("@models", str(model_files)) for arg in case[1]]
     before = listing(workspace)
-    code, stderr = run_in_process(case[1], workspace, monkeypatch, capsys)
+    started = time.monotonic()
+    with time_limit(CASE_SECONDS):
+        code, stderr = run_in_process(argv, workspace, monkeypatch, capsys)
+    assert time.monotonic() - started < CASE_SECONDS
     check_refused(case, code, stderr)
+    assert EXPECTED_TEXT.get(case[0], "") in stderr, stderr
     assert listing(workspace) == before  # nothing created, changed or removed
 
 
-IN_A_PROCESS = ["eval-pretrained-pickle-as-safetensors", "train-batch-larger-than-data", "train-resume-truncated-state"]
+IN_A_PROCESS = [
+    "eval-pretrained-pickle-as-safetensors",
+    "train-batch-larger-than-data",
+    "train-resume-truncated-state",
+    "eval-pretrained-fifo",
+    "export-non-finite-weights",
+]
 
 
 @pytest.mark.parametrize("name", IN_A_PROCESS)
-def test_a_real_process_prints_only_the_error_line(name, workspace, live_process):
-    """Refused before any model is built, so not even a warning is printed."""
+def test_a_real_process_prints_only_the_error_line(name, workspace, live_process, model_files):
+    """Refused before any model is built (or with weights from a file), so not even a warning is printed."""
     case = next(case for case in CASES if case[0] == name)
     prepare(case, workspace, live_process)
     before = listing(workspace)
-    code, stderr = run_process(case[1], workspace)
+    code, stderr = run_process([arg.replace("@models", str(model_files)) for arg in case[1]], workspace)
     check_refused(case, code, stderr)
+    assert EXPECTED_TEXT.get(name, "") in stderr, stderr
     assert listing(workspace) == before
 
 
@@ -273,3 +572,127 @@ def test_debug_shows_the_traceback(workspace, monkeypatch, capsys):
 
     with pytest.raises(ConfigError, match="--batch-size|data.batch_size"):
         run_in_process([*TRAIN, "--set", "data.batch_size=64", "--debug"], workspace, monkeypatch, capsys)
+
+
+# ------------------------------------------------------ issue 17: a full disk or a read-only file system
+
+
+def disk_full_in_safetensors(monkeypatch) -> None:
+    """What safetensors raises when the disk fills while it writes (its I/O errors are not OSErrors)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+
+
+def disk_full_on_fsync(monkeypatch) -> None:
+    """Every atomic write fails when its data is flushed to the disk (as on a full disk)."""
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+
+
+def disk_full_at_the_model_card(monkeypatch) -> None:
+    """The export's weights and config are written (two files: two fsyncs each, the file's and the folder's),
+    then the disk is full when the model card is flushed."""
+    real_fsync, calls = os.fsync, []
+
+    def fills(fd):
+        calls.append(fd)
+        if len(calls) > 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fills)
+
+
+def read_only_file_system(monkeypatch) -> None:
+    """Creating a folder or file fails with EROFS, as on a read-only mount (root included)."""
+    import tempfile
+
+    def refused(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def refused_file(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+
+    monkeypatch.setattr(os, "mkdir", refused)
+    monkeypatch.setattr(tempfile, "mkstemp", refused_file)
+
+
+OPEN_CLIP_EXPORT = [*EXPORT, "@models/good.safetensors", "--format", "open_clip"]
+# (id, argv, what the one line names after "--out: cannot write", the fault, a previous run to make first)
+FAULTS = [
+    (
+        "export-disk-full-weights",
+        [*OPEN_CLIP_EXPORT, "--out", "out"],
+        "out/model.safetensors",
+        disk_full_in_safetensors,
+    ),
+    ("export-disk-full-on-flush", [*OPEN_CLIP_EXPORT, "--out", "out"], "out/model.safetensors", disk_full_on_fsync),
+    ("export-read-only", [*OPEN_CLIP_EXPORT, "--out", "new/out"], "new", read_only_file_system),
+    ("export-disk-full-at-the-card", [*OPEN_CLIP_EXPORT, "--out", "out"], "out/README.md", disk_full_at_the_model_card),
+    (
+        "export-disk-full-over-a-previous-export",
+        [*OPEN_CLIP_EXPORT, "--out", "out"],
+        "out/README.md",
+        disk_full_at_the_model_card,
+        [*OPEN_CLIP_EXPORT, "--out", "out"],
+    ),
+    ("eval-disk-full", [*EVAL, "--attack", "none", "--out", "out"], "out/journal/", disk_full_on_fsync),
+    ("eval-read-only", [*EVAL, "--attack", "none", "--out", "out"], "out", read_only_file_system),
+    ("demo-disk-full", ["demo", "--no-progress", "--out", "out"], "out/foundation-student/", disk_full_on_fsync),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[fault[0] for fault in FAULTS])
+def test_a_full_disk_or_read_only_output_is_one_line_naming_the_file_and_nothing_is_left(
+    fault, workspace, model_files, monkeypatch, capsys
+):
+    """The partial output folder is removed; a previous export stays as it was (its files are replaced only
+    once every new file is whole)."""
+    name, argv, named, simulate = fault[:4]
+    argv = [arg.replace("@models", str(model_files)) for arg in argv]
+    if len(fault) > 4:
+        previous = [arg.replace("@models", str(model_files)) for arg in fault[4]]
+        assert run_in_process(previous, workspace, monkeypatch, capsys)[0] == 0
+    before = listing(workspace)
+    simulate(monkeypatch)
+    started = time.monotonic()
+    with time_limit(CASE_SECONDS * 4):  # demo: the first stage's models are built before its first write
+        code, stderr = run_in_process(argv, workspace, monkeypatch, capsys)
+    monkeypatch.undo()
+    check_refused((name, argv, "--out: cannot write"), code, stderr)
+    assert f"'{named}" in stderr and os.strerror(errno.ENOSPC if "full" in name else errno.EROFS) in stderr, stderr
+    assert listing(workspace) == before
+    assert time.monotonic() - started < CASE_SECONDS * 4
+
+
+def test_demo_keeps_finished_stages_and_removes_what_it_did_not_finish(tmp_path):
+    """On an error (a full disk here), the stage folders this demo created without a final model and its
+    evaluation journals go; finished stages (a rerun reuses them) and what was there before stay. A new output
+    folder with nothing finished is removed."""
+    from mmtard.cli import without_partial_stages
+    from mmtard.errors import ConfigError
+    from mmtard.fileio import OutputWriteError
+
+    out = tmp_path / "demo"
+    (out / "earlier-partial" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(OutputWriteError), without_partial_stages(out):
+        (out / "finished" / "eval_journal").mkdir(parents=True)
+        (out / "finished" / "model.safetensors").write_bytes(b"weights")
+        (out / "partial" / "checkpoints").mkdir(parents=True)
+        raise OutputWriteError("--out: cannot write 'demo/partial/checkpoints/x': No space left on device")
+    assert sorted(p.name for p in out.iterdir()) == ["earlier-partial", "finished"]
+    assert sorted(p.name for p in (out / "finished").iterdir()) == ["model.safetensors"]
+
+    new = tmp_path / "new-demo"
+    with pytest.raises(ConfigError), without_partial_stages(new):
+        (new / "foundation-student" / "checkpoints").mkdir(parents=True)
+        raise ConfigError("data.dir: unreadable")
+    assert not new.exists()

@@ -244,6 +244,28 @@ def test_check_checkpoint_file_does_not_run_a_trusted_pickle(tmp_path, capsys):
     assert "this pickle ran code" not in capsys.readouterr().out
 
 
+def test_a_pickle_the_weights_only_unpickler_refuses_is_named_so_in_torch_s_current_wording(tmp_path):
+    """Judged from the file (a whole pickle that torch.load(weights_only=True) refused), not from torch's
+    sentences: a custom class in torch.save's zip, a plain pickle calling a function, and a state dict pickled
+    with protocol 4 (torch 2.14's weights-only unpickler refuses its FRAME opcode: "Unsupported operand 149")
+    are refused as needing code execution, with torch's reason; a cut zip stays "truncated or corrupt"."""
+    torch.save({"payload": _RunsCodeOnLoad()}, tmp_path / "custom-class.pt")
+    (tmp_path / "calls-print.pt").write_bytes(pickle.dumps(_RunsCodeOnLoad(), protocol=2))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "protocol-4.pt", pickle_protocol=4)
+    reasons = {
+        "custom-class.pt": "Unsupported global",
+        "calls-print.pt": "Unsupported global",
+        "protocol-4.pt": "Unsupported operand",
+    }
+    for name, reason in reasons.items():
+        with pytest.raises(CheckpointError, match=f"needs code execution.*weights_only=True\\): {reason}"):
+            check_checkpoint_file(tmp_path / name)
+    whole = (tmp_path / "protocol-4.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        check_checkpoint_file(tmp_path / "cut.pt")
+
+
 def test_hub_id_not_cached_while_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="model: 'hf-hub:mmtard-tests/absent': offline .*this id is not cached"):

@@ -39,16 +39,21 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def whole_number(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number ``>= low``."""
+#: the largest seed: torch's generators take 64-bit seeds, and seeds are offset per process, epoch and step
+MAX_SEED = 2**63 - 1
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number ``>= low`` (and ``<= high`` when given)."""
+    expected = f"a whole number >= {low}" if high is None else f"a whole number from {low} to {high}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
         return value
 
     return parse
@@ -64,7 +69,12 @@ def logit_scale_arg(text: str) -> float | str:
         value = float("nan")
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number (100) or 'model', got {text!r}")
-    return value
+    from mmtard.models.zeroshot import check_logit_scale
+
+    try:
+        return check_logit_scale(value, "")
+    except ConfigError as exc:  # beyond float32's range
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(": ")) from None
 
 
 @contextmanager
@@ -133,7 +143,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="fp32 (default) or bf16 (autocast; robust accuracy checked against fp32 on the first batch, "
         "refused beyond 1 point)",
     )
-    p.add_argument("--seed", type=whole_number(0), default=0)
+    p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0)
     p.add_argument(
         "--download", action="store_true", help="let torchvision download the dataset (never done otherwise)"
     )
@@ -169,6 +179,25 @@ EVAL_FLAGS = {
 }
 
 
+def check_device_here(requested: str | None, field: str):
+    """:func:`mmtard.preflight.check_device`, and the device's backend is built into this torch (``mps``
+    only exists on Apple machines).
+
+    Raises:
+        ConfigError: naming ``field``.
+    """
+    import torch
+
+    from mmtard.preflight import check_device
+
+    device = check_device(requested, field)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"{field}: {requested!r} asked for, but this machine has no MPS backend (Apple GPUs only); use cpu"
+        )
+    return device
+
+
 def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[float], str]:
     """Everything ``mmtard eval`` can check before it loads a model or writes a file.
 
@@ -177,7 +206,7 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[fl
     """
     from mmtard.attacks import list_attacks
     from mmtard.eval.zeroshot import check_precision
-    from mmtard.preflight import check_data, check_device, check_model, check_output_dir, renamed_fields
+    from mmtard.preflight import check_data, check_model, check_output_dir, renamed_fields
     from mmtard.units import parse_eps
 
     if len(args.data_dir) not in (1, len(args.dataset)):
@@ -193,7 +222,7 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[fl
             raise ConfigError(f"--attack: unknown attack {name!r}; expected one of {', '.join(attacks)}")
     with renamed_fields(EVAL_FLAGS):
         check_precision(args.precision)
-    device = str(check_device(args.device, "--device"))
+    device = str(check_device_here(args.device, "--device"))
     check_output_dir(args.out, "--out")
     check_model(args.model, args.pretrained, "--model", "--pretrained", trust_checkpoint=args.trust_checkpoint)
     for name, folder in zip(args.dataset, data_dirs):
@@ -207,6 +236,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from mmtard.distributed import start_eval_processes
     from mmtard.eval.report import markdown_table, write_results
     from mmtard.eval.run import EvalRequest, evaluate_bundle
+    from mmtard.fileio import reported_write_errors
     from mmtard.models import load_clip
     from mmtard.preflight import renamed_fields
 
@@ -214,7 +244,11 @@ def run_eval(args: argparse.Namespace) -> int:
     with renamed_fields({"device": "--device"}):
         start_eval_processes(device)  # under torchrun: each process its share of the batches; else nothing
     journal_dir = os.path.join(args.out, "journal")  # an interrupted run, rerun as it was, continues
-    with leave_as_found(Path(args.out), inside=["journal"]), renamed_fields(EVAL_FLAGS):
+    with (
+        leave_as_found(Path(args.out), inside=["journal"]),
+        reported_write_errors("--out", args.out),
+        renamed_fields(EVAL_FLAGS),
+    ):
         torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
         bundle = load_clip(args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint)
         request = EvalRequest(
@@ -322,17 +356,61 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, help="data folder, e.g. ../shared/data/cifar10 for --dataset cifar10")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--download", action="store_true", help=argparse.SUPPRESS)  # refused with its reason
+
+
+#: the demo's names of the run config's fields (errors of its training stages name the demo's flags)
+DEMO_FLAGS = {
+    **EVAL_DATA_FLAGS,
+    "data.dir": "--data-dir",
+    "data.dataset": "--dataset",
+    "device": "--device",
+    "output_dir": "--out",
+}
 
 
 def check_demo_args(args: argparse.Namespace) -> None:
-    """The device, the output folder and the data, before the first stage starts."""
+    """The device, the output folder and the data (both splits are read), before the first stage starts."""
+    from mmtard.data import create_dataset
     from mmtard.errors import import_optional
-    from mmtard.preflight import check_data, check_device, check_output_dir
+    from mmtard.preflight import check_data, check_output_dir, renamed_fields
 
-    check_device(args.device, "--device")
+    if args.download:
+        raise ConfigError(
+            "--download: the demo never downloads; digits ship with scikit-learn, and --dataset cifar10 reads "
+            "--data-dir (torchvision's CIFAR-10 folder or an npz folder; mmtard eval --download fetches it)"
+        )
+    check_device_here(args.device, "--device")
     check_output_dir(args.out, "--out")
     check_data(args.dataset, args.data_dir, "test", EVAL_DATA_FLAGS)
     import_optional("matplotlib", "plots", "the demo's plots")  # needed at the end: say so before training
+    with renamed_fields(EVAL_DATA_FLAGS):
+        for split in ("train", "test"):
+            create_dataset(args.dataset, args.data_dir, split=split)  # labels, class names, readable files
+
+
+@contextmanager
+def without_partial_stages(out: Path) -> Iterator[None]:
+    """On a user error (a disk full included), remove what this command created and did not finish: the stage
+    folders without their final model, evaluation journals, and ``out`` itself when it was new and holds
+    nothing finished. Finished stages stay (a rerun reuses them); Ctrl-C keeps everything, to continue from."""
+    existed = out.exists()
+    before = set(out.glob("*")) | set(out.glob("*/eval_journal"))
+    try:
+        yield
+    except USER_ERRORS:
+        from mmtard.train.rundir import RunDir
+
+        created = [p for p in out.glob("*") if p not in before]
+        for stage in created:
+            if stage.is_dir() and not RunDir(stage).model.is_file():
+                shutil.rmtree(stage, ignore_errors=True)
+        for journal in out.glob("*/eval_journal"):
+            if journal not in before:
+                shutil.rmtree(journal, ignore_errors=True)
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -341,24 +419,28 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from mmtard.experiments import DEMO_SCALE, run_protocol, write_protocol_report
     from mmtard.experiments.report import results_table
+    from mmtard.fileio import reported_write_errors
+    from mmtard.preflight import renamed_fields
 
     check_demo_args(args)
     scale = replace(DEMO_SCALE, dataset=args.dataset, data_dir=args.data_dir, device=args.device)
     if args.dataset != "digits":
         scale = replace(scale, train_samples=5000)
     started = time.perf_counter()
-    rows = run_protocol(args.out, scale, progress=not args.no_progress)
-    scale_text = (
-        f"foundations {scale.foundation_steps} steps, teachers {scale.teacher_steps}, students {scale.student_steps} "
-        f"(batch {scale.batch_size}, training PGD-{scale.train_attack_steps} at eps 4/255); {scale.eval_samples} test "
-        f"images per column; whole run {time.perf_counter() - started:.0f} s"
-    )
-    command = "mmtard demo " + " ".join(
-        f"--{k.replace('_', '-')} {v}"
-        for k, v in (("out", args.out), ("dataset", args.dataset), ("data_dir", args.data_dir))
-        if v
-    )
-    report = write_protocol_report(args.out, rows, command, scale_text)
+    out = Path(args.out)
+    with without_partial_stages(out), reported_write_errors("--out", out), renamed_fields(DEMO_FLAGS):
+        rows = run_protocol(out, scale, progress=not args.no_progress)
+        scale_text = (
+            f"foundations {scale.foundation_steps} steps, teachers {scale.teacher_steps}, students "
+            f"{scale.student_steps} (batch {scale.batch_size}, training PGD-{scale.train_attack_steps} at eps 4/255); "
+            f"{scale.eval_samples} test images per column; whole run {time.perf_counter() - started:.0f} s"
+        )
+        command = "mmtard demo " + " ".join(
+            f"--{k.replace('_', '-')} {v}"
+            for k, v in (("out", args.out), ("dataset", args.dataset), ("data_dir", args.data_dir))
+            if v
+        )
+        report = write_protocol_report(args.out, rows, command, scale_text)
     print("seen classes (in-distribution)\n" + results_table(rows, "seen"))
     print("\nunseen classes (zero-shot)\n" + results_table(rows, "unseen"))
     print(f"\n{scale_text}\nwrote {report} and its plots")

@@ -1,42 +1,144 @@
-"""Files: atomic writes, and the stamp that tells a rewritten file from the one seen before.
+"""Files: atomic writes, writes the machine refuses, the check that a user's file is a file, and the stamp that
+tells a rewritten file from the one seen before.
 
 Every file is written to a temporary name in the same folder, flushed and fsynced, then renamed over
-the target: a crash or kill mid-write leaves the previous file intact, never half a file.
+the target: a crash or kill mid-write leaves the previous file intact, never half a file. A write the
+machine refuses (disk full, quota, read-only file system) is an ``OSError`` naming the target, not the
+temporary name; :func:`reported_write_errors` makes it one :class:`OutputWriteError` naming the command's field.
+
+A path the user gives as a file (a checkpoint, an npz, an image, a results file) is checked with
+:func:`require_regular_file` before it is opened: opening a FIFO blocks until something writes to it, and a
+device (``/dev/zero``, ``/dev/null``) reads as an endless or empty file, so both are refused at once.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mmtard.errors import ConfigError
+
+#: errno values of a write the machine refused (not a bug of the program), with what the user can do
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+WRITE_REFUSED_ERRNOS = FULL_ERRNOS | READ_ONLY_ERRNOS
+
+
+class OutputWriteError(ConfigError):
+    """A file could not be written: the disk is full, a quota is reached, or the folder is read-only."""
+
+
+class NotARegularFileError(ConfigError):
+    """A path given as a file is a FIFO, a socket or a device (reading it would hang or never end)."""
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def require_regular_file(path: str | Path, field: str, expected: str = "a file") -> Path:
+    """``path`` as a ``Path`` when it is a regular file (or a link to one); nothing is opened.
+
+    Args:
+        path: the file.
+        field: the flag or config field that named it; the message starts with it.
+        expected: what the file should be, for the message (``"a checkpoint file"``).
+
+    Raises:
+        FileNotFoundError: nothing at ``path`` (callers with their own message check existence first).
+        NotARegularFileError: a FIFO, socket, device or folder: ``"<field>: '<path>' is a FIFO (named pipe),
+            expected a regular file (<expected>)"``.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode  # stat never blocks, even on a FIFO
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{field}: '{path}' does not exist (expected {expected})") from None
+    if stat.S_ISREG(mode):
+        return path
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise NotARegularFileError(f"{field}: '{path}' is {kind}, expected a regular file ({expected})")
+
+
+@contextmanager
+def reported_write_errors(field: str, where: str | Path) -> Iterator[None]:
+    """A write the machine refuses inside (see ``WRITE_REFUSED_ERRNOS``) becomes one :class:`OutputWriteError`:
+    ``"<field>: cannot write '<file>': No space left on device; free space or choose another folder"``.
+    A refused read of a file (``EACCES``) inside is reported the same way: give this only code that writes.
+
+    Args:
+        field: the command's output flag or field (``--out``).
+        where: the output folder, named when the error carries no file name.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in WRITE_REFUSED_ERRNOS:
+            raise
+        target = exc.filename if exc.filename is not None else where
+        remedy = "free space or choose another folder" if exc.errno in FULL_ERRNOS else "choose a writable folder"
+        raise OutputWriteError(
+            f"{field}: cannot write '{target}': {exc.strerror or os.strerror(exc.errno)}; {remedy}"
+        ) from None
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    A refused write (``WRITE_REFUSED_ERRNOS``) of the temporary file is an ``OSError`` of the same errno
+    whose ``filename`` is ``path``; the temporary file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with _named_after(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        # mkstemp makes 0600, and a writer may replace the file (safetensors does): give the final file the
-        # permissions of any file this user creates, after it is written
-        os.chmod(tmp_path, 0o666 & ~current_umask())
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with _named_after(path):
+            yield tmp_path
+            # mkstemp makes 0600, and a writer may replace the file (safetensors does): give the final file the
+            # permissions of any file this user creates, after it is written
+            os.chmod(tmp_path, 0o666 & ~current_umask())
+            with open(tmp_path, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp_path, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def _named_after(path: Path) -> Iterator[None]:
+    """A refused write of ``path``'s temporary file (or of no named file) is reported as one of ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        named = None if exc.filename is None else Path(os.path.abspath(exc.filename))
+        is_temporary = (
+            named is not None
+            and named.parent == Path(os.path.abspath(path.parent))
+            and named.name.startswith(f".{path.name}.")
+        )
+        if exc.errno in WRITE_REFUSED_ERRNOS and (named is None or is_temporary):
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+        raise
 
 
 def current_umask() -> int:

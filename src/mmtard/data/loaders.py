@@ -9,7 +9,10 @@ torchvision's CIFAR-10/100 and STL-10 folders, the ImageFolder layout
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from mmtard.errors import ConfigError, import_optional
+from mmtard.fileio import require_regular_file
 
 
 @dataclass
@@ -70,28 +74,136 @@ def load_npz_folder(root: str | Path, split: str, download: bool = False) -> Raw
     """
     root = require_dir(root, "a folder with <split>.npz files (test.npz, train.npz, ...) and classes.txt")
     path = root / f"{check_split_name(split)}.npz"
-    if not path.is_file():
+    if not path.exists():
         found = ", ".join(sorted(p.name for p in root.glob("*.npz"))) or "none"
         raise DataNotFoundError(f"data_dir: no '{split}.npz' in '{root}' (npz files found: {found})")
+    require_regular_file(path, "data_dir", "an npz file with arrays x and y")
     images, labels = _read_npz_arrays(path)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ConfigError(
             f"data_dir: '{path}' array x has shape {images.shape} and dtype {images.dtype}; expected uint8 (N, H, W, 3)"
         )
+    if 0 in images.shape[1:3]:
+        raise ConfigError(f"data_dir: '{path}' holds images of {images.shape[1]}x{images.shape[2]} pixels (empty)")
     if len(images) != len(labels):
         raise ConfigError(f"data_dir: '{path}' has {len(images)} images but {len(labels)} labels")
+    labels = check_labels(labels, path)
     classes_file = root / "classes.txt"
-    classnames = None
-    if classes_file.is_file():
-        classnames = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
-    return RawImages(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), classnames)
+    classnames = read_classnames(classes_file) if classes_file.exists() else None
+    return RawImages(torch.from_numpy(images), torch.from_numpy(labels), classnames)
+
+
+def check_labels(labels: np.ndarray, path: Path) -> np.ndarray:
+    """``labels`` as int64 when they are whole numbers ``>= 0`` in a 1-D integer array.
+
+    Raises:
+        ConfigError: naming ``path``: string, float or boolean labels, another shape, or a negative label.
+    """
+    if labels.dtype.kind not in "iu":
+        kind = {"U": "string", "S": "string", "f": "float", "c": "complex", "b": "boolean"}.get(labels.dtype.kind)
+        raise ConfigError(
+            f"data_dir: '{path}' array y holds {kind or labels.dtype.name} labels (dtype {labels.dtype}); "
+            "expected whole-number class indices 0..K-1 (an integer dtype)"
+        )
+    if labels.ndim != 1:
+        raise ConfigError(f"data_dir: '{path}' array y has shape {labels.shape}; expected one label per image (N,)")
+    negative = np.flatnonzero(labels < 0)
+    if len(negative):
+        raise ConfigError(
+            f"data_dir: '{path}' array y holds {len(negative)} negative label(s) (first: {labels[negative[0]]} at "
+            f"index {negative[0]}); expected class indices 0..K-1"
+        )
+    return labels.astype(np.int64)
+
+
+def read_classnames(path: Path) -> list[str]:
+    """The class names of a ``classes.txt``: one per non-empty line, UTF-8, each name once.
+
+    Raises:
+        ConfigError: naming ``path``: not a regular file, not UTF-8, or a name given twice.
+    """
+    require_regular_file(path, "data_dir", "classes.txt, one class name per line")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"data_dir: '{path}' is not UTF-8 text (byte {exc.start}, line {line}); save the class names as UTF-8"
+        ) from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, start=1):
+        if name in seen:
+            raise ConfigError(
+                f"data_dir: '{path}' names class '{name}' twice (names {seen[name]} and {number}); "
+                "each class needs its own name"
+            )
+        seen[name] = number
+    return names
+
+
+def machine_memory_bytes() -> int | None:
+    """The machine's physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_declared_sizes(path: Path, names: tuple[str, ...]) -> None:
+    """Read the ``.npy`` headers of ``names`` inside the npz (nothing else) and refuse arrays that declare more
+    bytes than the machine's memory, or than the file holds: loading them would exhaust memory or fail late.
+
+    Raises:
+        ConfigError: naming ``path``, the arrays and the sizes.
+        zipfile.BadZipFile, ValueError, OSError, EOFError: not a readable npz (reported by the caller).
+    """
+    headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    declared = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in names:
+            try:
+                info = archive.getinfo(f"{name}.npy")
+            except KeyError:
+                continue  # reported by the caller
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in headers:
+                    continue  # a header version this check does not read; np.load checks it
+                shape, _, dtype = headers[version](f)
+                declared[name] = (shape, dtype, math.prod(shape) * dtype.itemsize, info.file_size)
+    memory = machine_memory_bytes()
+    total = sum(nbytes for _, _, nbytes, _ in declared.values())
+    if memory is not None and total > memory:
+        arrays = ", ".join(f"{name} {shape} {dtype}" for name, (shape, dtype, _, _) in declared.items())
+        raise ConfigError(
+            f"data_dir: '{path}' declares {_size(total)} of arrays ({arrays}), more than this machine's memory "
+            f"({_size(memory)}); split it into smaller files"
+        )
+    for name, (shape, dtype, nbytes, held) in declared.items():
+        if nbytes > held:
+            raise ConfigError(
+                f"data_dir: '{path}' array {name} declares {shape} {dtype} ({_size(nbytes)}), but the file holds "
+                f"{_size(held)} for it (truncated or corrupt)"
+            )
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("EiB", 2**60), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Arrays ``x`` and ``y`` of an npz file; a corrupt file or a missing array is one ConfigError."""
+    """Arrays ``x`` and ``y`` of an npz file; a corrupt file, a missing array, or arrays that declare more than
+    the machine's memory are one ConfigError (the sizes are read from the headers, before any array)."""
     try:
+        _check_declared_sizes(path, ("x", "y"))
         with np.load(path, allow_pickle=False) as arrays:
             found = {name: arrays[name] for name in ("x", "y") if name in arrays.files}
+    except ConfigError:
+        raise  # the sizes its headers declare (a ConfigError is a ValueError too: keep its own message)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise ConfigError(f"data_dir: '{path}' is not a readable npz file ({type(exc).__name__}: {exc})") from None
     missing = {"x", "y"} - set(found)
@@ -106,9 +218,10 @@ def _from_torchvision(dataset_cls: Callable, root: Path, download: bool, **kwarg
     try:
         ds = dataset_cls(root=str(root), download=download, **kwargs)
     except RuntimeError as exc:
+        reason = str(exc).split(". You can use download=True")[0]  # torchvision's advice names its own argument
         raise DataNotFoundError(
-            f"data_dir: torchvision's {dataset_cls.__name__} files are not in '{root}' ({exc}); "
-            "pass --download to fetch them"
+            f"data_dir: torchvision's {dataset_cls.__name__} files are not in '{root}' ({reason}); expected its "
+            "folder or an npz folder (mmtard eval --download fetches torchvision's copy)"
         ) from None
     data = np.asarray(ds.data)
     if data.shape[1] == 3:  # STL-10 stores (N, 3, H, W)
@@ -184,10 +297,22 @@ def load_sklearn_digits(root: str | Path | None = None, split: str = "test", dow
 
 
 def read_image_file(path: Path) -> torch.Tensor:
-    """One image file as a uint8 ``(H, W, 3)`` tensor; a corrupt file is one clear error naming it."""
+    """One image file as a uint8 ``(H, W, 3)`` tensor.
+
+    Raises:
+        ConfigError: naming the file: not a regular file (a FIFO would hang), not decodable (0x0 pixels
+            included), or more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``).
+    """
+    require_regular_file(path, "data_dir", "an image file")
     try:
-        with Image.open(path) as img:
-            return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+        with warnings.catch_warnings():  # PIL only warns between its limit and twice it: refuse both alike
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # PIL refuses a 0x0 image as unidentifiable
+                return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ConfigError(
+            f"data_dir: image file '{path}' is too large to decode safely ({str(exc).rstrip('.')}); downscale it"
+        ) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise ConfigError(
             f"data_dir: image file '{path}' cannot be decoded ({exc.__class__.__name__}: {exc})"

@@ -9,7 +9,6 @@ model-card metadata (``library_name``, ``pipeline_tag``, ``tags``, ``datasets`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 from dataclasses import dataclass, field
@@ -20,9 +19,10 @@ import yaml
 
 import mmtard
 from mmtard.errors import ConfigError
-from mmtard.export.files import sha256
+from mmtard.export.files import check_record, read_json, sha256
 from mmtard.export.hf import HF_PROCESSOR_FILE, hidden_act
 from mmtard.export.source import ExportSource
+from mmtard.fileio import require_regular_file
 from mmtard.models.loading import RANDOM_INIT
 from mmtard.units import format_eps
 
@@ -77,18 +77,19 @@ def read_results(path: str | Path) -> list[dict]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ConfigError: the file is not a results file.
+        ConfigError: the file is not a regular file, not JSON, or not a results file (each record is checked
+            as :func:`check_record` does, so the card can be written from it).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"--results: file '{path}' does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--results: '{path}' is not JSON ({exc})") from None
+    require_regular_file(path, "--results", "a results.json of mmtard eval")
+    data = read_json(path, "--results")
     records = data.get("results", [data]) if isinstance(data, dict) else None
     if not records or not all(isinstance(r, dict) and "clean_acc" in r and "dataset" in r for r in records):
         raise ConfigError(f"--results: '{path}' is not a results.json of mmtard eval (records with dataset, clean_acc)")
+    for record in records:
+        check_record(record, path, "--results")
     return records
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +20,10 @@ from mmtard.export.card import CARD_FILE, CardInput, git_commit, read_results, r
 from mmtard.export.hf import HF_FILES, check_hf_convertible, import_transformers, write_hf_folder
 from mmtard.export.openclip import OPEN_CLIP_FILES, check_open_clip_exportable, write_open_clip_folder
 from mmtard.export.source import preprocess_config, resolve_source
-from mmtard.fileio import atomic_write_text
+from mmtard.fileio import atomic_write_text, reported_write_errors
 from mmtard.models import load_clip
 from mmtard.registry import Registry
+from mmtard.preflight import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -99,33 +104,97 @@ def export_model(
     Returns:
         The files written, the model card (``README.md``) last.
 
+    Everything read (the run's ``config.yaml`` and ``final_eval.json``, the results files, the weights) is
+    checked before anything is written; the files are written into a staging folder beside ``out`` and moved
+    into it at the end, so a failure leaves ``out`` as it was.
+
     Raises:
         ConfigError: an unknown format, an architecture the format cannot hold (naming ``--model``), a
-            run of another architecture, an ``out`` folder with other files, transformers missing for ``hf``.
+            run of another architecture, a malformed run or results file, non-finite weights, an ``out``
+            folder with other files or that cannot be written, transformers missing for ``hf``.
+        OutputWriteError: the disk is full or the folder read-only while writing (naming the file).
         FileNotFoundError: a missing checkpoint, run file or results file.
     """
     export_format = FORMATS.get(format)
     export_format.check(model)
-    source = resolve_source(model, pretrained)
-    results_read = [(Path(path), read_results(path)) for path in results]
     out = Path(out)
+    check_output_dir(out, "--out")
+    source = resolve_source(model, pretrained)  # the run's config.yaml and final_eval.json, read and checked
+    results_read = [(Path(path), read_results(path)) for path in results]
     _check_out_folder(out, (*export_format.files, CARD_FILE))
 
     bundle = load_clip(model, source.weights, trust_checkpoint=trust_checkpoint)
+    _check_finite_weights(bundle.model, source.weights)
     preprocess = preprocess_config(bundle, source.base_tag)
-    files = export_format.write(model, bundle.model, preprocess, out)
-    card = CardInput(
-        source=source,
-        format_name=format,
-        library_name=export_format.library_name,
-        folder=out,
-        files=files,
-        preprocess=preprocess,
-        results=results_read,
-        license=license,
-        versions=_versions(format),
-        commit=git_commit(),
-    )
-    atomic_write_text(out / CARD_FILE, render_card(card))
+    with reported_write_errors("--out", out), staged_folder(out) as stage:
+        files = export_format.write(model, bundle.model, preprocess, stage)
+        card = CardInput(
+            source=source,
+            format_name=format,
+            library_name=export_format.library_name,
+            folder=out,
+            files=files,
+            preprocess=preprocess,
+            results=results_read,
+            license=license,
+            versions=_versions(format),
+            commit=git_commit(),
+        )
+        atomic_write_text(stage / CARD_FILE, render_card(card))
     logger.info("exported %s (%s) to %s", model, format, out)
-    return [*files, out / CARD_FILE]
+    return [out / f.name for f in files] + [out / CARD_FILE]
+
+
+def _is_inside(file: str | Path, folder: Path) -> bool:
+    return Path(os.path.abspath(file)).parent == Path(os.path.abspath(folder))
+
+
+def _check_finite_weights(model: nn.Module, weights: str) -> None:
+    """Refuse weights holding NaN or inf (a diverged run): an export of them would load and give NaN.
+
+    Raises:
+        ConfigError: naming ``--pretrained``, the file and the first tensors concerned.
+    """
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise ConfigError(
+            f"--pretrained: '{weights}' holds non-finite weights (NaN or inf in {len(bad)} tensor(s): "
+            f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); a diverged run? Nothing was exported"
+        )
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A new hidden folder beside ``out`` to write the export into; on success its files move into ``out``
+    (renamed, so a previous export there is replaced file by file only once every new file is whole). On any
+    error the staging folder, and every folder this call created for ``out``, are removed: a failed export
+    (a full disk) leaves no partial folder and a previous export as it was."""
+    new_top = out if not out.exists() else None
+    while new_top is not None and not new_top.parent.exists():
+        new_top = new_top.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent))
+    except OSError as exc:  # name the folder asked for, not the staging folder
+        if new_top is not None:
+            shutil.rmtree(new_top, ignore_errors=True)
+        raise OSError(exc.errno, exc.strerror, str(out)) from exc
+    try:
+        yield stage
+        if out.exists():
+            for file in stage.iterdir():
+                os.replace(file, out / file.name)
+            stage.rmdir()
+        else:
+            os.rename(stage, out)
+    except BaseException as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        if new_top is not None:
+            shutil.rmtree(new_top, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.filename is not None and _is_inside(exc.filename, stage):
+            raise OSError(exc.errno, exc.strerror, str(out / Path(exc.filename).name)) from exc  # the file meant
+        raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import open_clip
 import yaml
 
 from mmtard.errors import ConfigError
+from mmtard.export.files import check_record, read_json
+from mmtard.fileio import require_regular_file
 from mmtard.models import CLIPBundle
 from mmtard.models.loading import RANDOM_INIT
 from mmtard.train.rundir import RunDir
@@ -62,7 +63,8 @@ def resolve_source(arch: str, pretrained: str | Path) -> ExportSource:
 
     Raises:
         FileNotFoundError: a run folder without its final ``model.safetensors`` or ``config.yaml``.
-        ConfigError: ``--model`` differs from the architecture the run trained.
+        ConfigError: ``--model`` differs from the architecture the run trained; its ``config.yaml`` or
+            ``final_eval.json`` is unreadable or malformed (:func:`read_run_config`, :func:`read_final_eval`).
     """
     path = Path(pretrained)
     if not path.is_dir():
@@ -74,14 +76,14 @@ def resolve_source(arch: str, pretrained: str | Path) -> ExportSource:
                 f"--pretrained: '{path}' is a folder without {needed.name} ({what}); give a finished run folder "
                 "or a checkpoint file"
             )
-    config = yaml.safe_load(run.config.read_text()) or {}
-    student = config.get("student", {})
+    config = read_run_config(run.config)
+    student = config.get("student") or {}
     if student.get("arch") != arch:
         raise ConfigError(
             f"--model: '{arch}', but the run in '{path}' trained a {student.get('arch')!r} student; "
             f"use --model {student.get('arch')}"
         )
-    final_eval = json.loads(run.final_eval.read_text()) if run.final_eval.is_file() else None
+    final_eval = read_final_eval(run.final_eval) if run.final_eval.exists() else None
     return ExportSource(
         arch=arch,
         weights=str(run.model),
@@ -90,6 +92,48 @@ def resolve_source(arch: str, pretrained: str | Path) -> ExportSource:
         final_eval=final_eval,
         base_tag=_tag_of(arch, student.get("pretrained")),
     )
+
+
+#: the sections of a run config the model card reads, each a mapping when present
+CARD_SECTIONS = ("student", "teachers", "method", "data", "train")
+
+
+def read_run_config(path: Path) -> dict:
+    """A run folder's ``config.yaml`` as a mapping whose sections the model card reads are mappings.
+
+    Raises:
+        ConfigError: naming ``--pretrained`` and the file: not a regular file, not UTF-8 YAML, empty, not a
+            mapping, or a section of another type.
+    """
+    require_regular_file(path, "--pretrained", "the run's config.yaml")
+    try:
+        config = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ConfigError(f"--pretrained: '{path}' is not readable YAML ({reason})") from None
+    if not isinstance(config, dict):
+        what = "empty" if config is None else f"a {type(config).__name__}"
+        raise ConfigError(f"--pretrained: '{path}' is {what}, expected the run's resolved config (a mapping)")
+    for section in CARD_SECTIONS:
+        if not isinstance(config.get(section) or {}, dict):
+            raise ConfigError(f"--pretrained: '{path}' has {section}: {config[section]!r}, expected a mapping")
+    teachers = config.get("teachers") or {}
+    for name, teacher in teachers.items():
+        if not isinstance(teacher, dict):
+            raise ConfigError(f"--pretrained: '{path}' has teachers.{name}: {teacher!r}, expected a mapping")
+    return config
+
+
+def read_final_eval(path: Path) -> dict:
+    """A run folder's ``final_eval.json``, checked as the model card reads it (:func:`check_record`).
+
+    Raises:
+        ConfigError: naming ``--pretrained`` and the file.
+    """
+    require_regular_file(path, "--pretrained", "the run's final_eval.json")
+    record = read_json(path, "--pretrained")
+    check_record(record, path, "--pretrained")
+    return record
 
 
 def preprocess_config(bundle: CLIPBundle, base_tag: str | None) -> dict:

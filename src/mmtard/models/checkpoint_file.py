@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from mmtard.errors import ConfigError
+from mmtard.fileio import require_regular_file
 
 SAFETENSORS_HEADER_BYTES = 8  # little-endian u64: the length of the JSON header that follows
 SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit on the JSON header
@@ -65,6 +66,7 @@ def check_checkpoint_file(path: str | Path, field: str = "pretrained", *, trust_
 
     Raises:
         CheckpointNotFoundError: nothing at ``path``.
+        NotARegularFileError: a FIFO or device file (``/dev/zero``, ``/dev/null``), refused without reading it.
         CheckpointError: a folder, an unreadable, empty, truncated or corrupt file, a PyTorch file under a
             ``.safetensors`` name, a pickle that needs code execution (without ``trust_checkpoint``), or a
             file that holds no state dict.
@@ -74,6 +76,7 @@ def check_checkpoint_file(path: str | Path, field: str = "pretrained", *, trust_
         raise CheckpointNotFoundError(f"{field}: checkpoint file '{path}' does not exist")
     if path.is_dir():
         raise CheckpointError(f"{field}: '{path}' is a folder, expected a file (.safetensors, or a .pt state dict)")
+    require_regular_file(path, field, "a checkpoint: .safetensors, or a .pt state dict")  # a FIFO would hang
     try:
         with open(path, "rb") as f:
             head = f.read(SAFETENSORS_HEADER_BYTES)
@@ -153,11 +156,11 @@ def _check_torch_file(path: Path, head: bytes, field: str, trust_checkpoint: boo
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc) or _is_complete_pickle(path):
+        if _is_complete_pickle(path, is_zip):  # a well-formed pickle that the weights-only unpickler refused
             raise CheckpointError(
                 f"{field}: '{path}' is a pickle that needs code execution to load, so it was refused "
-                "(a checkpoint from the internet is data, not code). Convert it to .safetensors, or pass "
-                "--trust-checkpoint if you made this file yourself."
+                f"(torch.load(weights_only=True): {_weights_only_reason(exc)}; a checkpoint from the internet is data, "
+                "not code). Convert it to .safetensors, or pass --trust-checkpoint if you made this file yourself."
             ) from None
         raise _unreadable(path, field, "not a PyTorch file") from None
     except UNREADABLE_FILE_ERRORS as exc:
@@ -169,15 +172,46 @@ def _check_torch_file(path: Path, head: bytes, field: str, trust_checkpoint: boo
         )
 
 
-def _is_complete_pickle(path: Path) -> bool:
-    """True when the file starts with a whole, well-formed pickle (read opcode by opcode, nothing executed)."""
+def _is_complete_pickle(path: Path, is_zip: bool) -> bool:
+    """True when the file's pickle (the file itself, or the ``data.pkl`` of torch.save's zip) is whole and
+    well-formed: read opcode by opcode, nothing executed. Decides "refused by the weights-only unpickler"
+    from the file, not from the wording of torch's message (which changes between versions)."""
     try:
-        with open(path, "rb") as f:
-            for _ in pickletools.genops(f):
-                pass
-    except (ValueError, EOFError, struct.error, UnicodeDecodeError):
+        if is_zip:
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                if len(names) != 1:
+                    return False
+                with archive.open(names[0]) as f:
+                    _read_all_opcodes(f)
+        else:
+            with open(path, "rb") as f:
+                _read_all_opcodes(f)
+    except (ValueError, EOFError, struct.error, UnicodeDecodeError, zipfile.BadZipFile, OSError):
         return False
     return True
+
+
+def _read_all_opcodes(f) -> None:
+    for _ in pickletools.genops(f):
+        pass
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The unpickler's own reason from torch's message (``Unsupported global: GLOBAL x.Y ...``), one line.
+
+    torch wraps it in a few sentences that have changed between versions ("Weights only load failed. ...
+    WeightsUnpickler error: <reason>"); the reason is the last non-empty line before the documentation link.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [
+        line.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in line else line
+        for line in lines
+        if not line.startswith(("Check the documentation", "Weights only load failed", "Please file an issue"))
+    ]
+    reasons = [r for r in reasons if r and not r.startswith(("(1)", "(2)", "In PyTorch"))]
+    reason = reasons[0] if reasons else "weights-only load failed"
+    return reason.split(". Please use")[0][:200]
 
 
 def _first_line(exc: BaseException) -> str:

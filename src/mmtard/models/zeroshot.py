@@ -100,11 +100,15 @@ class ZeroShotClassifier(nn.Module):
         return features if return_features else self.logits_from_features(features)
 
 
+#: the largest logit scale a float32 logit holds (the cosine is at most 1)
+MAX_LOGIT_SCALE = float(torch.finfo(torch.float32).max)
+
+
 def check_logit_scale(logit_scale: float | str, field: str = "logit_scale") -> float | str:
     """``"model"``, or the scale as a positive finite float.
 
     Raises:
-        ConfigError: anything else (text, zero, negative, NaN, inf).
+        ConfigError: anything else (text, zero, negative, NaN, inf, beyond float32's range).
     """
     if logit_scale == "model":
         return "model"
@@ -114,6 +118,11 @@ def check_logit_scale(logit_scale: float | str, field: str = "logit_scale") -> f
         value = math.nan
     if isinstance(logit_scale, bool) or not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{field}: expected a positive number or 'model', got {logit_scale!r}")
+    if value > MAX_LOGIT_SCALE:
+        raise ConfigError(
+            f"{field}: {logit_scale!r} is beyond float32's range (at most {MAX_LOGIT_SCALE:.4g}), so every logit "
+            "would be infinite; CLIP's own scale is 100"
+        )
     return value
 
 
