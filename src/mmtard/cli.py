@@ -84,6 +84,34 @@ def leave_as_found(folder: Path, inside: Sequence[str] = ()) -> Iterator[None]:
         raise
 
 
+def fraction_arg(text: str) -> float:
+    """An argparse type: a number in ``[0, 1]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _add_vision_weights_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vision-weights",
+        default=None,
+        metavar="FILE",
+        help="an image-tower state dict (RobustVLM FARE/TeCoA .pt, TeCoA vision_encoder_state_dict, .safetensors) "
+        "loaded into the model's image tower over --pretrained",
+    )
+    p.add_argument(
+        "--vision-weights-alpha",
+        type=fraction_arg,
+        default=1.0,
+        metavar="A",
+        help="weight-space interpolation: A * file + (1 - A) * base tower (default 1: the file's tower)",
+    )
+
+
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="clean and robust zero-shot accuracy of a CLIP model")
     p.add_argument(
@@ -97,6 +125,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)",
     )
+    _add_vision_weights_flags(p)
     p.add_argument("--dataset", nargs="+", required=True, help="one or more registered datasets (see README)")
     p.add_argument("--data-dir", nargs="+", default=[None], help="data folder per dataset (one for all, or one each)")
     p.add_argument("--split", default="test")
@@ -166,6 +195,8 @@ EVAL_FLAGS = {
     "model": "--model",
     "pretrained": "--pretrained",
     "precision": "--precision",
+    "vision_weights": "--vision-weights",
+    "vision_weights_alpha": "--vision-weights-alpha",
 }
 
 
@@ -177,6 +208,7 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[fl
     """
     from mmtard.attacks import list_attacks
     from mmtard.eval.zeroshot import check_precision
+    from mmtard.models import check_checkpoint_file
     from mmtard.train.preflight import check_data, check_device, check_model, check_output_dir, renamed_fields
     from mmtard.units import parse_eps
 
@@ -196,6 +228,8 @@ def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[fl
     device = str(check_device(args.device, "--device"))
     check_output_dir(args.out, "--out")
     check_model(args.model, args.pretrained, "--model", "--pretrained", trust_checkpoint=args.trust_checkpoint)
+    if args.vision_weights is not None:
+        check_checkpoint_file(args.vision_weights, "--vision-weights", trust_checkpoint=args.trust_checkpoint)
     for name, folder in zip(args.dataset, data_dirs):
         check_data(name, folder, args.split, EVAL_DATA_FLAGS, args.download)
     return data_dirs, eps, device
@@ -216,7 +250,14 @@ def run_eval(args: argparse.Namespace) -> int:
     journal_dir = os.path.join(args.out, "journal")  # an interrupted run, rerun as it was, continues
     with leave_as_found(Path(args.out), inside=["journal"]), renamed_fields(EVAL_FLAGS):
         torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
-        bundle = load_clip(args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint)
+        bundle = load_clip(
+            args.model,
+            args.pretrained,
+            device=device,
+            trust_checkpoint=args.trust_checkpoint,
+            vision_weights=args.vision_weights,
+            vision_weights_alpha=args.vision_weights_alpha,
+        )
         request = EvalRequest(
             datasets=args.dataset,
             data_dirs=data_dirs,
@@ -383,13 +424,16 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)",
     )
+    _add_vision_weights_flags(p)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from mmtard.export import export_model
     from mmtard.train.preflight import renamed_fields
 
-    with renamed_fields({"model": "--model", "pretrained": "--pretrained", "out": "--out", "format": "--format"}):
+    flags = {"model": "--model", "pretrained": "--pretrained", "out": "--out", "format": "--format"}
+    flags |= {"vision_weights": "--vision-weights", "vision_weights_alpha": "--vision-weights-alpha"}
+    with renamed_fields(flags):
         paths = export_model(
             args.model,
             args.pretrained,
@@ -398,6 +442,8 @@ def run_export(args: argparse.Namespace) -> int:
             results=args.results,
             license=args.license,
             trust_checkpoint=args.trust_checkpoint,
+            vision_weights=args.vision_weights,
+            vision_weights_alpha=args.vision_weights_alpha,
         )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

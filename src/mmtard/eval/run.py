@@ -182,6 +182,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
         record = {
             "model": bundle.name,
             "pretrained": bundle.pretrained,
+            **_vision_fields(bundle),
             "split": request.split,
             "data_dir": None if data_dir is None else str(data_dir),
             "classes": request.classes if isinstance(request.classes, str) else list(request.classes),
@@ -196,6 +197,13 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
         }
         records.append(record)
     return records
+
+
+def _vision_fields(bundle: CLIPBundle) -> dict:
+    """``vision_weights`` (and its alpha) for a record, when an image-tower file was loaded."""
+    if bundle.vision_weights is None:
+        return {}
+    return {"vision_weights": bundle.vision_weights, "vision_weights_alpha": bundle.vision_weights_alpha}
 
 
 def _open_journal(
@@ -214,6 +222,9 @@ def _open_journal(
         "model": bundle.name,
         "pretrained": bundle.pretrained,
         "weights_file": weights_stamp(bundle.pretrained),
+        "vision_weights": bundle.vision_weights,
+        "vision_weights_file": weights_stamp(bundle.vision_weights),
+        "vision_weights_alpha": bundle.vision_weights_alpha,
         "dataset": name,
         "data_dir": data_dir,
         "split": request.split,

@@ -82,6 +82,8 @@ def export_model(
     results: Sequence[str | Path] = (),
     license: str | None = None,
     trust_checkpoint: bool = False,
+    vision_weights: str | Path | None = None,
+    vision_weights_alpha: float = 1.0,
 ) -> list[Path]:
     """Write a model as an open_clip or Hugging Face ``transformers`` folder with a model card.
 
@@ -95,6 +97,9 @@ def export_model(
         results: ``results.json`` files of ``mmtard eval`` whose tables go into the card.
         license: a license identifier for the card's metadata (left out when ``None``).
         trust_checkpoint: allow full unpickling of a ``.pt`` checkpoint (only for your own files).
+        vision_weights: an image-tower file loaded into the image tower over ``pretrained`` (see
+            :mod:`mmtard.models.vision_weights`); over ``openai`` the ``-quickgelu`` variant is written.
+        vision_weights_alpha: its weight against the base tower, in weight space.
 
     Returns:
         The files written, the model card (``README.md``) last.
@@ -111,9 +116,15 @@ def export_model(
     out = Path(out)
     _check_out_folder(out, (*export_format.files, CARD_FILE))
 
-    bundle = load_clip(model, source.weights, trust_checkpoint=trust_checkpoint)
+    bundle = load_clip(
+        model,
+        source.weights,
+        trust_checkpoint=trust_checkpoint,
+        vision_weights=vision_weights,
+        vision_weights_alpha=vision_weights_alpha,
+    )
     preprocess = preprocess_config(bundle, source.base_tag)
-    files = export_format.write(model, bundle.model, preprocess, out)
+    files = export_format.write(bundle.name, bundle.model, preprocess, out)
     card = CardInput(
         source=source,
         format_name=format,
