@@ -131,3 +131,33 @@ def test_a_wrong_suite_file_is_one_error_naming_the_key(tmp_path, text, message)
     with pytest.raises(ConfigError, match="^suite: ") as info:
         load_suite(path)
     assert message in str(info.value)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_an_interrupted_suite_continues_where_it_stopped(tmp_path, data_root, monkeypatch):
+    from mmtard.eval import zeroshot
+
+    suite_file = tmp_path / "two.yaml"
+    suite_file.write_text("name: two\nattacks: [pgd]\neps: [4/255]\ndatasets: [{name: cifar10, samples: 10}, dtd]\n")
+    real, calls = zeroshot._evaluate_batch, []
+
+    def counted(*args):
+        calls.append(len(args[3]))
+        if len(calls) == 4:  # cifar10's 3 batches of 4, 4, 2 are done; dtd's first is interrupted
+            raise Crash("interrupted")
+        return real(*args)
+
+    monkeypatch.setattr(zeroshot, "_evaluate_batch", counted)
+    argv = ["eval", "--model", "tiny-vit-s", "--suite", str(suite_file), "--data-dir", str(data_root), "--steps", "1"]
+    argv += ["--batch-size", "4", "--no-progress", "--out", str(tmp_path / "out")]
+    with pytest.raises(Crash):
+        main(argv)
+    assert calls == [4, 4, 2, 4] and (tmp_path / "out" / "journal").is_dir()
+    calls.clear()
+    assert main(argv) == 0
+    assert calls == [4, 4]  # dtd's 8 images only: cifar10 came from the journal
+    records = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
+    assert [r["samples"] for r in records] == [10, 8]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmtard.cli import main
-from mmtard.models import CheckpointError, list_tiny_models, load_clip
+from mmtard.models import CheckpointError, check_architecture, load_clip
 from mmtard.models.vision_weights import quickgelu_name
 
 ARCH = "ViT-B-32"
@@ -134,7 +134,7 @@ def test_quickgelu_for_openai_towers():
 
 def _tiny_files(tmp_path) -> tuple[dict, dict, dict]:
     """A tiny-vit-s base checkpoint and another tower in every format: (base, tower, files)."""
-    list_tiny_models()  # registers the tiny architectures with open_clip
+    check_architecture("tiny-vit-s")  # registers the tiny architectures with open_clip
     torch.manual_seed(10)
     base = open_clip.create_model("tiny-vit-s", pretrained=None).state_dict()
     tower = {k[len("visual.") :]: v.clone() + 1 for k, v in base.items() if k.startswith("visual.")}
@@ -198,3 +198,20 @@ def test_eval_refuses_a_missing_tower_file_before_anything(tmp_path, npz_dir, ca
     assert main([*argv, "--vision-weights", str(tmp_path / "nope.pt")]) == 2
     assert "error: --vision-weights: checkpoint file" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_tower_over_openai_is_built_with_quickgelu_and_says_so(tower_files, monkeypatch, caplog):
+    """No download here: the tag's weights are stood in for by random ones; the architecture built is the point."""
+    from mmtard.models import loading
+
+    built = []
+
+    def tagged(name, tag, device, cache_dir, field):
+        built.append((name, tag))
+        return open_clip.create_model(name, pretrained=None)
+
+    monkeypatch.setattr(loading, "_create_tagged_model", tagged)
+    bundle = load_clip(ARCH, "openai", vision_weights=tower_files["bare.pt"])
+    assert built == [("ViT-B-32-quickgelu", "openai")] and bundle.name == "ViT-B-32-quickgelu"
+    assert isinstance(bundle.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert "building ViT-B-32-quickgelu (name it to silence this warning)" in caplog.text

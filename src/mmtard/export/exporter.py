@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import open_clip
@@ -123,6 +123,8 @@ def export_model(
         vision_weights=vision_weights,
         vision_weights_alpha=vision_weights_alpha,
     )
+    # the architecture built (a -quickgelu variant for a tower over openai) is the one written and described
+    source = replace(source, arch=bundle.name, vision_weights=bundle.vision_weights)
     preprocess = preprocess_config(bundle, source.base_tag)
     files = export_format.write(bundle.name, bundle.model, preprocess, out)
     card = CardInput(

@@ -130,7 +130,7 @@ def _listing(items: list[str]) -> str:
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    return str(tuple(t.shape))
 
 
 def apply_vision_weights(
