@@ -237,7 +237,6 @@ class EvalPlan:
     requests: list
     device: str
     suite: object = None
-    datasets: tuple = ()
 
 
 def _suite_flags(args: argparse.Namespace) -> None:
@@ -327,7 +326,7 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
             )
             for entry, folder in zip(chosen, folders)
         ]
-        return EvalPlan(requests, device, suite, chosen)
+        return EvalPlan(requests, device, suite)
     split = args.split or EVAL_DEFAULTS["split"]
     data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
     for name, folder in zip(args.dataset, data_dirs):
