@@ -106,9 +106,9 @@ def test_the_first_batch_in_bf16_is_computed_once(monkeypatch):
     calls = []
     real = zeroshot._evaluate_batch
 
-    def counted(classifier, attacks, x, y):
+    def counted(classifier, attacks, x, y, ids):
         calls.append(len(y))
-        return real(classifier, attacks, x, y)
+        return real(classifier, attacks, x, y, ids)
 
     monkeypatch.setattr(zeroshot, "_evaluate_batch", counted)
     result = evaluate_classifier(ColourClassifier(), colour_images(), attacks(), batch_size=8, precision="bf16")

@@ -107,11 +107,11 @@ def test_non_finite_logits_after_the_first_batch_are_refused_too(tiny_bundle, tm
     real = zeroshot._evaluate_batch
     batches = []
 
-    def poisoned(classifier, attacks, x, y):
+    def poisoned(classifier, attacks, x, y, ids):
         batches.append(1)
         if len(batches) == 2:
             x = x * math.inf  # an overflow inside the model
-        return real(classifier, attacks, x, y)
+        return real(classifier, attacks, x, y, ids)
 
     monkeypatch.setattr(zeroshot, "_evaluate_batch", poisoned)
     with pytest.raises(NonFiniteLogitsError, match="non-finite logits on npz"):

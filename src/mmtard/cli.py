@@ -1,4 +1,4 @@
-"""``mmtard eval | train | demo | export``: argument parsing only; the work is in the library.
+"""``mmtard eval | train | demo | export | data check``: argument parsing only; the work is in the library.
 
 Every error the user can cause (a flag, a config field, a file, the machine) is one line on stderr,
 ``mmtard <command>: error: <field>: <what is wrong and what is expected>``, with exit code 2; a refused
@@ -15,6 +15,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted, WorkerTimeoutError
@@ -94,6 +95,34 @@ def leave_as_found(folder: Path, inside: Sequence[str] = ()) -> Iterator[None]:
         raise
 
 
+def fraction_arg(text: str) -> float:
+    """An argparse type: a number in ``[0, 1]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _add_vision_weights_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vision-weights",
+        default=None,
+        metavar="FILE",
+        help="an image-tower state dict (RobustVLM FARE/TeCoA .pt, TeCoA vision_encoder_state_dict, .safetensors) "
+        "loaded into the model's image tower over --pretrained",
+    )
+    p.add_argument(
+        "--vision-weights-alpha",
+        type=fraction_arg,
+        default=1.0,
+        metavar="A",
+        help="weight-space interpolation: A * file + (1 - A) * base tower (default 1: the file's tower)",
+    )
+
+
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="clean and robust zero-shot accuracy of a CLIP model")
     p.add_argument(
@@ -107,21 +136,45 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)",
     )
-    p.add_argument("--dataset", nargs="+", required=True, help="one or more registered datasets (see README)")
-    p.add_argument("--data-dir", nargs="+", default=[None], help="data folder per dataset (one for all, or one each)")
-    p.add_argument("--split", default="test")
+    _add_vision_weights_flags(p)
+    p.add_argument(
+        "--dataset",
+        nargs="+",
+        default=None,
+        help="one or more registered datasets (see README); with --suite, a part of the suite's",
+    )
+    p.add_argument(
+        "--data-dir",
+        nargs="+",
+        default=[None],
+        help="data folder per dataset (one for all, or one each); with --suite, the root holding ROOT/<dataset>",
+    )
+    p.add_argument(
+        "--suite",
+        default=None,
+        help="a protocol as data: robustvlm (ImageNet 5k + 13 zero-shot sets x 1k, aa at 1, 2, 4/255) or a suite "
+        "YAML file; it sets the datasets, splits, samples, attacks, radii and norm",
+    )
+    p.add_argument(
+        "--subset",
+        default=None,
+        metavar="FILE",
+        help="evaluate exactly the images of an earlier run: its subset.json or results.json",
+    )
+    p.add_argument("--split", default=None, help="the split to read (default: test)")
     p.add_argument("--classes", default="all", help="all | seen | unseen | comma-separated class names")
     p.add_argument("--samples", type=whole_number(1), default=None, help="fixed class-balanced subset of N images")
     p.add_argument(
-        "--attack", nargs="+", default=["pgd"], help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)"
+        "--attack", nargs="+", default=None, help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)"
     )
     p.add_argument(
         "--eps",
         nargs="+",
-        default=["1/255", "2/255", "4/255"],
-        help="radii as fractions of the pixel range, e.g. 1/255 4/255 (linf: at most 1; l2: any length, e.g. 0.5)",
+        default=None,
+        help="radii as fractions of the pixel range, e.g. 1/255 4/255 (linf: at most 1; l2: any length, e.g. 0.5); "
+        "default 1/255 2/255 4/255",
     )
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--norm", default=None, choices=["linf", "l2"], help="default linf")
     p.add_argument("--steps", type=whole_number(1), default=None, help="attack iterations (default: PGD 10, APGD 100)")
     p.add_argument("--restarts", type=whole_number(1), default=None)
     p.add_argument("--batch-size", type=whole_number(1), default=128)
@@ -176,6 +229,9 @@ EVAL_FLAGS = {
     "model": "--model",
     "pretrained": "--pretrained",
     "precision": "--precision",
+    "subset": "--subset",
+    "vision_weights": "--vision-weights",
+    "vision_weights_alpha": "--vision-weights-alpha",
 }
 
 
@@ -198,36 +254,114 @@ def check_device_here(requested: str | None, field: str):
     return device
 
 
-def check_eval_args(args: argparse.Namespace) -> tuple[list[str | None], list[float], str]:
+#: what ``mmtard eval`` uses for a flag not given (with --suite, the suite sets these instead)
+EVAL_DEFAULTS = {"split": "test", "attack": ["pgd"], "eps": ["1/255", "2/255", "4/255"], "norm": "linf"}
+
+
+@dataclass
+class EvalPlan:
+    """What ``mmtard eval`` runs, resolved from its flags: one request per group of datasets (a suite has
+    one per dataset: each its split and sample count)."""
+
+    requests: list
+    device: str
+    suite: object = None
+
+
+def _suite_flags(args: argparse.Namespace) -> None:
+    """With --suite, the flags the suite sets are refused (one line naming the flag)."""
+    for flag in ("split", "samples", "attack", "eps", "norm"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(
+                f"--{flag}: set by --suite {args.suite}; leave it out, or write a suite file with your own {flag}"
+            )
+    if len(args.data_dir) != 1 or args.data_dir[0] is None:
+        raise ConfigError("--data-dir: with --suite, give one root folder holding each dataset as ROOT/<name>")
+
+
+def check_eval_args(args: argparse.Namespace) -> EvalPlan:
     """Everything ``mmtard eval`` can check before it loads a model or writes a file.
 
     Returns:
-        ``(data_dirs, eps, device)``: one folder per dataset, the radii as floats, the device to use.
+        The evaluation requests (datasets, folders, attacks, radii...) and the device.
     """
     from mmtard.attacks import list_attacks
+    from mmtard.eval.run import EvalRequest
+    from mmtard.eval.subset import read_subset
+    from mmtard.eval.suite import check_suite_data, load_suite, select_datasets
     from mmtard.eval.zeroshot import check_precision
+    from mmtard.models import check_checkpoint_file
     from mmtard.preflight import check_data, check_model, check_output_dir, renamed_fields
     from mmtard.units import parse_eps
 
-    if len(args.data_dir) not in (1, len(args.dataset)):
-        raise ConfigError(
-            f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
-            f"got {len(args.data_dir)}"
-        )
-    data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
-    eps = [parse_eps(text, "--eps", args.norm) for text in args.eps]
-    attacks = ["none", *list_attacks()]
-    for name in args.attack:
-        if name not in attacks:
-            raise ConfigError(f"--attack: unknown attack {name!r}; expected one of {', '.join(attacks)}")
+    suite = None
+    if args.suite is not None:
+        _suite_flags(args)
+        suite = load_suite(args.suite, "--suite")
+        attacks, eps_texts, norm = list(suite.attacks), list(suite.eps), suite.norm
+    else:
+        if not args.dataset:
+            raise ConfigError("--dataset: give one or more datasets, or --suite (e.g. --suite robustvlm)")
+        attacks = args.attack or EVAL_DEFAULTS["attack"]
+        eps_texts = args.eps or EVAL_DEFAULTS["eps"]
+        norm = args.norm or EVAL_DEFAULTS["norm"]
+        if len(args.data_dir) not in (1, len(args.dataset)):
+            raise ConfigError(
+                f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
+                f"got {len(args.data_dir)}"
+            )
+    eps = [parse_eps(text, "--eps", norm) for text in eps_texts]
+    known = ["none", *list_attacks()]
+    for name in attacks:
+        if name not in known:
+            raise ConfigError(f"--attack: unknown attack {name!r}; expected one of {', '.join(known)}")
     with renamed_fields(EVAL_FLAGS):
         check_precision(args.precision)
     device = str(check_device_here(args.device, "--device"))
     check_output_dir(args.out, "--out")
     check_model(args.model, args.pretrained, "--model", "--pretrained", trust_checkpoint=args.trust_checkpoint)
+    if args.vision_weights is not None:
+        check_checkpoint_file(args.vision_weights, "--vision-weights", trust_checkpoint=args.trust_checkpoint)
+    subset = read_subset(args.subset, "--subset") if args.subset is not None else None
+    if subset is not None and args.samples is not None:
+        raise ConfigError("--samples: give --samples or --subset, not both (a subset fixes the images)")
+    common = dict(
+        classes=args.classes,
+        attacks=attacks,
+        eps=eps,
+        norm=norm,
+        steps=args.steps,
+        restarts=args.restarts,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        logit_scale=args.logit_scale,
+        seed=args.seed,
+        download=args.download,
+        progress=not args.no_progress,
+        journal_dir=os.path.join(args.out, "journal"),  # an interrupted run, rerun as it was, continues
+        precision=args.precision,
+        subset=subset,
+    )
+    if suite is not None:
+        chosen = select_datasets(suite, args.dataset, "--dataset")
+        folders = check_suite_data(chosen, args.data_dir[0], suite.name, "--data-dir")
+        requests = [
+            EvalRequest(
+                datasets=[entry.name],
+                data_dirs=[folder],
+                split=entry.split,
+                samples=None if subset is not None else entry.samples,
+                **common,
+            )
+            for entry, folder in zip(chosen, folders)
+        ]
+        return EvalPlan(requests, device, suite)
+    split = args.split or EVAL_DEFAULTS["split"]
+    data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
     for name, folder in zip(args.dataset, data_dirs):
-        check_data(name, folder, args.split, EVAL_DATA_FLAGS, args.download)
-    return data_dirs, eps, device
+        check_data(name, folder, split, EVAL_DATA_FLAGS, args.download)
+    request = EvalRequest(datasets=args.dataset, data_dirs=data_dirs, split=split, samples=args.samples, **common)
+    return EvalPlan([request], device)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -235,14 +369,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from mmtard.distributed import start_eval_processes
     from mmtard.eval.report import markdown_table, write_results
-    from mmtard.eval.run import EvalRequest, evaluate_bundle
+    from mmtard.eval.run import evaluate_bundle
+    from mmtard.eval.suite import suite_table, suite_wide_table
     from mmtard.fileio import reported_write_errors
     from mmtard.models import load_clip
     from mmtard.preflight import renamed_fields
 
-    data_dirs, eps, device = check_eval_args(args)
+    plan = check_eval_args(args)
     with renamed_fields({"device": "--device"}):
-        start_eval_processes(device)  # under torchrun: each process its share of the batches; else nothing
+        start_eval_processes(plan.device)  # under torchrun: each process its share of the batches; else nothing
     journal_dir = os.path.join(args.out, "journal")  # an interrupted run, rerun as it was, continues
     with (
         leave_as_found(Path(args.out), inside=["journal"]),
@@ -250,31 +385,24 @@ def run_eval(args: argparse.Namespace) -> int:
         renamed_fields(EVAL_FLAGS),
     ):
         torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
-        bundle = load_clip(args.model, args.pretrained, device=device, trust_checkpoint=args.trust_checkpoint)
-        request = EvalRequest(
-            datasets=args.dataset,
-            data_dirs=data_dirs,
-            split=args.split,
-            classes=args.classes,
-            samples=args.samples,
-            attacks=args.attack,
-            eps=eps,
-            norm=args.norm,
-            steps=args.steps,
-            restarts=args.restarts,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            logit_scale=args.logit_scale,
-            seed=args.seed,
-            download=args.download,
-            progress=not args.no_progress,
-            journal_dir=journal_dir,
-            precision=args.precision,
+        bundle = load_clip(
+            args.model,
+            args.pretrained,
+            device=plan.device,
+            trust_checkpoint=args.trust_checkpoint,
+            vision_weights=args.vision_weights,
+            vision_weights_alpha=args.vision_weights_alpha,
         )
-        records = evaluate_bundle(bundle, request)
-        paths = write_results(args.out, records)
+        records = [record for request in plan.requests for record in evaluate_bundle(bundle, request)]
+        if plan.suite is not None:
+            table = suite_table(records, plan.suite)
+            table += "\n\n## The field's layout\n\n" + suite_wide_table(records, plan.suite)
+            paths = write_results(args.out, records, table=table, extra={"suite": plan.suite.describe()})
+        else:
+            table = markdown_table(records)
+            paths = write_results(args.out, records)
     shutil.rmtree(journal_dir, ignore_errors=True)  # the results are written: nothing left to resume
-    print(markdown_table(records))
+    print(table)
     for record in records:
         for warning in record["checks"].get("warnings", []):
             print(f"WARNING {record['dataset']}: {warning}")
@@ -462,13 +590,16 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)",
     )
+    _add_vision_weights_flags(p)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from mmtard.export import export_model
     from mmtard.preflight import renamed_fields
 
-    with renamed_fields({"model": "--model", "pretrained": "--pretrained", "out": "--out", "format": "--format"}):
+    flags = {"model": "--model", "pretrained": "--pretrained", "out": "--out", "format": "--format"}
+    flags |= {"vision_weights": "--vision-weights", "vision_weights_alpha": "--vision-weights-alpha"}
+    with renamed_fields(flags):
         paths = export_model(
             args.model,
             args.pretrained,
@@ -477,9 +608,52 @@ def run_export(args: argparse.Namespace) -> int:
             results=args.results,
             license=args.license,
             trust_checkpoint=args.trust_checkpoint,
+            vision_weights=args.vision_weights,
+            vision_weights_alpha=args.vision_weights_alpha,
         )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check datasets: found, layout, class and image counts")
+    actions = p.add_subparsers(dest="data_command", required=True)
+    check = actions.add_parser("check", help="is each dataset where it should be and readable (exit 0 when all are)")
+    check.add_argument("--dataset", nargs="+", default=None, help="registered datasets (with --suite: a part of it)")
+    check.add_argument(
+        "--data-dir",
+        nargs="+",
+        required=True,
+        help="data folder per dataset (one for all, or one each); with --suite, the root holding ROOT/<dataset>",
+    )
+    check.add_argument("--suite", default=None, help="check a suite's datasets (robustvlm or a suite file)")
+    check.add_argument("--split", default=None, help="the split to list (default: val for imagenet, test otherwise)")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from mmtard.data.check import check_dataset, format_checks
+    from mmtard.eval.suite import load_suite, select_datasets
+    from mmtard.preflight import renamed_fields
+
+    if args.suite is not None:
+        if len(args.data_dir) != 1:
+            raise ConfigError("--data-dir: with --suite, give one root folder holding each dataset as ROOT/<name>")
+        entries = select_datasets(load_suite(args.suite, "--suite"), args.dataset, "--dataset")
+        targets = [(e.name, Path(args.data_dir[0]) / e.name, args.split or e.split) for e in entries]
+    else:
+        if not args.dataset:
+            raise ConfigError("--dataset: give one or more datasets, or --suite")
+        if len(args.data_dir) not in (1, len(args.dataset)):
+            raise ConfigError(
+                f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
+                f"got {len(args.data_dir)}"
+            )
+        folders = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
+        targets = [(name, folder, args.split) for name, folder in zip(args.dataset, folders)]
+    with renamed_fields({"dataset": "--dataset"}):
+        checks = [check_dataset(name, folder, split) for name, folder, split in targets]
+    print(format_checks(checks))
+    return 0 if all(c.usable for c in checks) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -491,13 +665,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_demo_parser(sub)
     _add_export_parser(sub)
+    _add_data_parser(sub)
     for command in sub.choices.values():  # also accepted after the command: mmtard train ... --debug
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
-COMMANDS = {"eval": run_eval, "train": run_train, "demo": run_demo, "export": run_export}
+COMMANDS = {"eval": run_eval, "train": run_train, "demo": run_demo, "export": run_export, "data": run_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -100,6 +100,8 @@ class Attack:
     uses_alpha: ClassVar[bool] = False
     #: True for attacks whose settings are fixed by their protocol (``steps``/``restarts`` refused).
     fixed_settings: ClassVar[bool] = False
+    #: True for attacks whose ``_perturb`` takes ``sample_ids`` (randomness per sample, not per batch).
+    per_sample_randomness: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -130,13 +132,18 @@ class Attack:
             raise ConfigError(f"{label}: seed must be an integer, got {seed!r}")
         self.seed = seed
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Adversarial examples for ``model`` at ``(x, y)``.
 
         Args:
             model: maps ``(B, C, H, W)`` pixels in ``[0, 1]`` to ``(B, K)`` logits; in eval mode.
             x: clean images ``(B, C, H, W)`` in ``[0, 1]``.
             y: true labels ``(B,)``.
+            sample_ids: ``(B,)`` whole numbers naming the samples (their dataset positions). Attacks with
+                ``per_sample_randomness`` then draw each sample's randomness from ``(seed, id)``, so a sample's
+                ``x_adv`` does not depend on the batch it is in; others ignore them.
 
         Returns:
             ``x_adv``, detached, same shape as ``x``, within ``eps`` of ``x`` and in ``[0, 1]``.
@@ -149,8 +156,9 @@ class Attack:
         y = y.detach().to(device=x.device, dtype=torch.long)
         if self.eps == 0 or x.shape[0] == 0:
             return x.clone()
+        per_sample = {} if sample_ids is None or not self.per_sample_randomness else {"sample_ids": sample_ids}
         with frozen_parameters(model):
-            x_adv = self._perturb(model, x, y)
+            x_adv = self._perturb(model, x, y, **per_sample)
         return x_adv.detach().to(x.dtype)
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

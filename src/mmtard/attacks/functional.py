@@ -11,7 +11,7 @@ eps-ball. After every step the image is clipped to ``[0, 1]``. Shapes: ``x`` is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,8 +32,16 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return delta * (eps / _flat_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
 
 
-def random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A uniform random perturbation in the eps-box (L-inf) or eps-ball (L2), kept inside ``[0, 1]``."""
+def random_start(
+    x: torch.Tensor, eps: float, norm: str, generator: torch.Generator | Sequence[torch.Generator] | None = None
+) -> torch.Tensor:
+    """A uniform random perturbation in the eps-box (L-inf) or eps-ball (L2), kept inside ``[0, 1]``.
+
+    ``generator`` may be one generator per sample: each sample's start then depends on its own generator
+    only, not on the batch it is in (evaluation results do not change with the batch size).
+    """
+    if isinstance(generator, Sequence):
+        return torch.cat([random_start(x[i : i + 1], eps, norm, g) for i, g in enumerate(generator)])
     if norm == "linf":
         delta = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
     else:
@@ -55,7 +63,7 @@ def pgd(
     random_init: bool = True,
     restarts: int = 1,
     success_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Maximise ``loss_fn`` within the eps-ball around ``x`` and ``[0, 1]``.
 
@@ -71,7 +79,7 @@ def pgd(
             reaches the highest final loss is kept.
         success_fn: maps ``x_adv`` to a ``(B,)`` bool tensor, True where the attack has succeeded
             (e.g. misclassified). A success is never replaced by a later restart.
-        generator: RNG for the random start, for reproducible attacks.
+        generator: RNG for the random start, for reproducible attacks; or one per sample.
 
     Returns:
         ``x_adv`` with ``||x_adv - x|| <= eps`` and values in ``[0, 1]``, detached.

@@ -159,14 +159,28 @@ class ImageDataset(Dataset):
 
     ``classnames`` and ``templates`` define its zero-shot head; labels are ``0..K-1`` in ``classnames``
     order. ``index`` is the item's position in this dataset (used to cache per-sample teacher outputs).
+    ``source_indices`` are the items' positions in the whole split as its loader lists it (sorted files of an
+    ImageFolder, array order of an npz or torchvision file), before any class or sample selection; with
+    ``source_size`` (the split's image count) they pin the subset (see ``create_dataset(indices=...)``).
     """
 
-    def __init__(self, raw: RawImages, classnames: list[str], templates: list[str], image_size: int, name: str):
+    def __init__(
+        self,
+        raw: RawImages,
+        classnames: list[str],
+        templates: list[str],
+        image_size: int,
+        name: str,
+        source_indices: list[int] | None = None,
+        source_size: int | None = None,
+    ):
         self.raw = raw
         self.classnames = classnames
         self.templates = templates
         self.image_size = image_size
         self.name = name
+        self.source_indices = list(range(len(raw.labels))) if source_indices is None else list(source_indices)
+        self.source_size = len(raw.labels) if source_size is None else source_size
 
     @property
     def labels(self) -> torch.Tensor:
@@ -230,6 +244,8 @@ def create_dataset(
     classnames: Sequence[str] | None = None,
     download: bool = False,
     seed: int = 0,
+    indices: Sequence[int] | None = None,
+    source_size: int | None = None,
 ) -> ImageDataset:
     """Load a registered dataset as ``[0, 1]`` images of side ``image_size``.
 
@@ -243,6 +259,11 @@ def create_dataset(
         classnames: names to use instead of the registry's / data's (must have one per label).
         download: allow torchvision to download (never done otherwise).
         seed: seed of the balanced subset choice.
+        indices: exactly these images, by their position in the whole split (``ImageDataset.source_indices``
+            of an earlier run, e.g. from its ``results.json``); taken before the class selection, and not
+            together with ``samples``.
+        source_size: with ``indices``, the split's image count they were taken from; another count means
+            other data (another copy or version of the dataset), and is refused.
 
     A ``samples`` larger than the images available (after the class selection) takes them all, with a
     warning.
@@ -251,7 +272,14 @@ def create_dataset(
         ConfigError: see :func:`check_dataset_source`; unreadable data; class names that do not match.
     """
     spec = check_dataset_source(name, data_dir, split, download)
+    if indices is not None and samples is not None:
+        raise ConfigError("samples: give samples or a subset's indices, not both")
     raw = spec.load(data_dir, split, download=download)
+    total = len(raw.labels)
+    positions = torch.arange(total)
+    if indices is not None:
+        positions = _check_indices(indices, total, source_size, name, split)
+        raw = _select(raw, positions)
     names = list(classnames) if classnames is not None else (spec.classnames() if spec.classnames else raw.classnames)
     if names is None:
         raise ConfigError(
@@ -268,9 +296,12 @@ def create_dataset(
     if chosen != list(range(len(names))):
         keep = torch.nonzero(torch.isin(raw.labels, torch.tensor(chosen))).flatten()
         raw = _select(raw, keep, {old: new for new, old in enumerate(chosen)})
+        positions = positions[keep]
         names = [names[i] for i in chosen]
     if samples is not None:
-        raw = _select(raw, loaders.balanced_subset(raw.labels, samples, seed))
+        keep = loaders.balanced_subset(raw.labels, samples, seed)
+        raw = _select(raw, keep)
+        positions = positions[keep]
         if len(raw.labels) < samples:
             logger.warning(
                 "samples: %d requested, but %s (split %s, classes %s) has %d images for a class-balanced subset; "
@@ -282,4 +313,25 @@ def create_dataset(
                 len(raw.labels),
                 len(raw.labels),
             )
-    return ImageDataset(raw, names, spec.templates(), image_size, name)
+    return ImageDataset(raw, names, spec.templates(), image_size, name, positions.tolist(), total)
+
+
+def _check_indices(indices: Sequence[int], total: int, source_size: int | None, name: str, split: str) -> torch.Tensor:
+    """``indices`` as a tensor, if they are distinct whole numbers inside a split of ``total`` images.
+
+    Raises:
+        ConfigError: ``subset: ...`` naming the dataset, when they are not, or ``source_size`` differs.
+    """
+    if source_size is not None and source_size != total:
+        raise ConfigError(
+            f"subset: the {name} indices were taken from a split of {source_size} images, but {split} here has "
+            f"{total}: this is other data (another copy or version of {name})"
+        )
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) for i in indices):
+        raise ConfigError(f"subset: the {name} indices must be a non-empty list of whole numbers")
+    bad = [i for i in indices if not 0 <= i < total]
+    if bad:
+        raise ConfigError(f"subset: {name} index {bad[0]} is outside its {split} split of {total} images")
+    if len(set(indices)) != len(indices):
+        raise ConfigError(f"subset: the {name} indices repeat an image; expected distinct indices")
+    return torch.tensor(list(indices), dtype=torch.int64)

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from mmtard.distributed import Shard
+from mmtard.eval.subset import SUBSET_FILE, subset_file
 from mmtard.fileio import atomic_write_text
 
 _UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.+-]+")
@@ -64,29 +65,39 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str | Path, records: list[dict], shard: Shard | None = None) -> list[Path]:
-    """Write ``results.json`` + ``results.md``; return their paths.
+def write_results(
+    out_dir: str | Path,
+    records: list[dict],
+    shard: Shard | None = None,
+    *,
+    table: str | None = None,
+    extra: dict | None = None,
+) -> list[Path]:
+    """Write ``results.json``, ``results.md`` and ``subset.json`` (every record's images, for ``--subset``);
+    return their paths.
 
     One dataset: ``out_dir/results.json`` is that dataset's record. Several: each record goes to
     ``out_dir/<name>/results.json`` (``name`` from :func:`result_names`: the dataset, plus the data folder's
     name when several folders share a dataset) and ``out_dir/results.json`` holds ``{"results": [records]}``.
     Under ``torchrun`` (``shard``, by default the initialised process group's) only rank 0 writes; the
-    other processes get the same paths and write nothing.
+    other processes get the same paths and write nothing. ``table`` replaces the markdown table of
+    ``results.md`` (a suite's); ``extra`` adds keys to the top level of a several-record ``results.json``.
     """
     out = Path(out_dir)
     names = result_names(records)
     per_record = [out / name / "results.json" for name in names] if len(records) > 1 else []
-    written = [*per_record, out / "results.json", out / "results.md"]
+    written = [*per_record, out / "results.json", out / "results.md", out / SUBSET_FILE]
     if not (Shard.from_process_group() if shard is None else shard).is_main:
         return written
     out.mkdir(parents=True, exist_ok=True)
     for record, path in zip(records, per_record):
         path.parent.mkdir(exist_ok=True)
         atomic_write_text(path, json.dumps(record, indent=2))
-    payload: dict = records[0] if len(records) == 1 else {"results": records}
+    payload: dict = records[0] if len(records) == 1 and not extra else {**(extra or {}), "results": records}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
+    atomic_write_text(out / SUBSET_FILE, json.dumps(subset_file(records), indent=1))
     warnings = [f"- {name}: {w}" for r, name in zip(records, names) for w in r.get("checks", {}).get("warnings", [])]
-    body = "# Zero-shot evaluation\n\nAccuracy in percent.\n\n" + markdown_table(records) + "\n"
+    body = "# Zero-shot evaluation\n\nAccuracy in percent.\n\n" + (table or markdown_table(records)) + "\n"
     body += "\n## Gradient-masking checks\n\n" + ("\n".join(warnings) if warnings else "All checks passed.") + "\n"
     atomic_write_text(out / "results.md", body)
     return written

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +14,7 @@ from mmtard.data import ImageDataset, check_dataset_source, create_dataset
 from mmtard.distributed import Shard
 from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
+from mmtard.eval.subset import indices_sha256, subset_entry
 from mmtard.eval.zeroshot import NonFiniteLogitsError, check_finite_logits, check_precision, evaluate_classifier
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier
 from mmtard.models.zeroshot import check_logit_scale
@@ -32,7 +33,8 @@ class EvalRequest:
     finished batch is journaled there (see :mod:`mmtard.eval.journal`) and a rerun of the same request on
     the same model continues where an interrupted one stopped. ``precision`` ``bf16`` autocasts the
     forwards and attacks; its robust numbers are checked against fp32 on the first batch (see
-    :mod:`mmtard.eval.zeroshot`).
+    :mod:`mmtard.eval.zeroshot`). ``subset`` (dataset name -> a record's ``subset``, see
+    :mod:`mmtard.eval.subset`) evaluates exactly those images of each dataset, instead of ``samples``.
     """
 
     datasets: Sequence[str]
@@ -54,6 +56,7 @@ class EvalRequest:
     classnames: Sequence[str] | None = None
     journal_dir: str | None = None
     precision: str = "fp32"
+    subset: Mapping[str, dict] | None = None
 
 
 def build_attacks(request: EvalRequest) -> list[Attack]:
@@ -97,7 +100,21 @@ def check_eval_request(request: EvalRequest) -> list[Attack]:
     attacks = build_attacks(request)
     for name, data_dir in zip(request.datasets, request.data_dirs):
         check_dataset_source(name, data_dir, request.split, request.download)
+    _check_subset(request)
     return attacks
+
+
+def _check_subset(request: EvalRequest) -> None:
+    if request.subset is None:
+        return
+    if request.samples is not None:
+        raise ConfigError("samples: give samples or a subset, not both (a subset fixes the images)")
+    for name in request.datasets:
+        entry = request.subset.get(name)
+        if entry is None:
+            raise ConfigError(f"subset: no images of {name} in it (it has {', '.join(sorted(request.subset))})")
+        if entry.get("split", request.split) != request.split:
+            raise ConfigError(f"subset: its {name} images are of split {entry['split']!r}, not {request.split!r}")
 
 
 def _check_int(value: object, field: str, minimum: int | None) -> None:
@@ -159,6 +176,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
             classnames=request.classnames,
             download=request.download,
             seed=request.seed,
+            **_subset_arguments(request, name),
         )
         classifier = build_zero_shot_classifier(bundle, dataset.classnames, dataset.templates, request.logit_scale)
         try:
@@ -182,6 +200,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
         record = {
             "model": bundle.name,
             "pretrained": bundle.pretrained,
+            **_vision_fields(bundle),
             "split": request.split,
             "data_dir": None if data_dir is None else str(data_dir),
             "classes": request.classes if isinstance(request.classes, str) else list(request.classes),
@@ -193,9 +212,24 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
             "machine": platform.node() or platform.machine(),
             **result.to_dict(),
             "eps_values": [format_eps(e) for e in request.eps] if attacks else [],
+            "subset": subset_entry(request.split, dataset.source_size, dataset.source_indices),
         }
         records.append(record)
     return records
+
+
+def _subset_arguments(request: EvalRequest, name: str) -> dict:
+    if request.subset is None:
+        return {}
+    entry = request.subset[name]
+    return {"indices": entry["indices"], "source_size": entry.get("source_size")}
+
+
+def _vision_fields(bundle: CLIPBundle) -> dict:
+    """``vision_weights`` (and its alpha) for a record, when an image-tower file was loaded."""
+    if bundle.vision_weights is None:
+        return {}
+    return {"vision_weights": bundle.vision_weights, "vision_weights_alpha": bundle.vision_weights_alpha}
 
 
 def _open_journal(
@@ -214,12 +248,16 @@ def _open_journal(
         "model": bundle.name,
         "pretrained": bundle.pretrained,
         "weights_file": weights_stamp(bundle.pretrained),
+        "vision_weights": bundle.vision_weights,
+        "vision_weights_file": weights_stamp(bundle.vision_weights),
+        "vision_weights_alpha": bundle.vision_weights_alpha,
         "dataset": name,
         "data_dir": data_dir,
         "split": request.split,
         "classnames": dataset.classnames,
         "templates": list(dataset.templates),
         "images": len(dataset),
+        "indices_sha256": indices_sha256(dataset.source_indices),
         "logit_scale": classifier.logit_scale,
         "seed": request.seed,
         "batch_size": request.batch_size,

@@ -187,8 +187,9 @@ def evaluate_classifier(
             counts = computed.pop(index, None)
             if counts is None:
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+                ids = batch[2] if len(batch) > 2 else torch.tensor(batches[index])
                 with autocast(precision, device):
-                    counts = _evaluate_batch(classifier, attacks, x, y)
+                    counts = _evaluate_batch(classifier, attacks, x, y, ids)
             if journal is not None:
                 journal.record(dict(counts, batch=index))
         else:
@@ -245,9 +246,10 @@ def _compare_precisions(
     device = next(classifier.parameters()).device
     x, y = next(iter(DataLoader(dataset, batch_sampler=[indices])))[:2]
     x, y = x.to(device), y.to(device)
-    reference = _evaluate_batch(classifier, attacks, x, y)
+    ids = torch.tensor(indices)
+    reference = _evaluate_batch(classifier, attacks, x, y, ids)
     with autocast(precision, device):
-        lowered = _evaluate_batch(classifier, attacks, x, y)
+        lowered = _evaluate_batch(classifier, attacks, x, y, ids)
     images = len(indices)
 
     def accuracies(counts: dict) -> dict:
@@ -280,8 +282,14 @@ def _compare_precisions(
     return check, lowered
 
 
-def _evaluate_batch(classifier: nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Counts on one batch: correct when clean, still correct under each attack, zero input gradients."""
+def _evaluate_batch(
+    classifier: nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor
+) -> dict:
+    """Counts on one batch: correct when clean, still correct under each attack, zero input gradients.
+
+    ``ids`` are the images' dataset positions: attacks with per-sample randomness (PGD's random start) draw
+    it per image, so the counts do not depend on how the images are batched.
+    """
     start = time.perf_counter()
     with torch.no_grad():
         correct = check_finite_logits(classifier(x), "clean").argmax(1) == y
@@ -290,9 +298,9 @@ def _evaluate_batch(classifier: nn.Module, attacks: list[Attack], x: torch.Tenso
     if attacks:
         zero_grad = round(zero_gradient_fraction(classifier, x, y) * len(y))
         if correct.any():  # an image misclassified when clean is not attacked and counts as not robust
-            x_ok, y_ok = x[correct], y[correct]
+            x_ok, y_ok, ids_ok = x[correct], y[correct], ids[correct.cpu()]
             for i, attack in enumerate(attacks):
-                x_adv = attack(classifier, x_ok, y_ok)
+                x_adv = attack(classifier, x_ok, y_ok, sample_ids=ids_ok)
                 with torch.no_grad():
                     logits = check_finite_logits(classifier(x_adv), f"{attack.name} at {attack.describe()['eps']}")
                     robust_correct[i][correct] = logits.argmax(1) == y_ok

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import open_clip
@@ -22,8 +22,8 @@ from mmtard.export.openclip import OPEN_CLIP_FILES, check_open_clip_exportable, 
 from mmtard.export.source import preprocess_config, resolve_source
 from mmtard.fileio import atomic_write_text, reported_write_errors
 from mmtard.models import load_clip
-from mmtard.registry import Registry
 from mmtard.preflight import check_output_dir
+from mmtard.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ def export_model(
     results: Sequence[str | Path] = (),
     license: str | None = None,
     trust_checkpoint: bool = False,
+    vision_weights: str | Path | None = None,
+    vision_weights_alpha: float = 1.0,
 ) -> list[Path]:
     """Write a model as an open_clip or Hugging Face ``transformers`` folder with a model card.
 
@@ -100,6 +102,9 @@ def export_model(
         results: ``results.json`` files of ``mmtard eval`` whose tables go into the card.
         license: a license identifier for the card's metadata (left out when ``None``).
         trust_checkpoint: allow full unpickling of a ``.pt`` checkpoint (only for your own files).
+        vision_weights: an image-tower file loaded into the image tower over ``pretrained`` (see
+            :mod:`mmtard.models.vision_weights`); over ``openai`` the ``-quickgelu`` variant is written.
+        vision_weights_alpha: its weight against the base tower, in weight space.
 
     Returns:
         The files written, the model card (``README.md``) last.
@@ -123,11 +128,19 @@ def export_model(
     results_read = [(Path(path), read_results(path)) for path in results]
     _check_out_folder(out, (*export_format.files, CARD_FILE))
 
-    bundle = load_clip(model, source.weights, trust_checkpoint=trust_checkpoint)
+    bundle = load_clip(
+        model,
+        source.weights,
+        trust_checkpoint=trust_checkpoint,
+        vision_weights=vision_weights,
+        vision_weights_alpha=vision_weights_alpha,
+    )
     _check_finite_weights(bundle.model, source.weights)
+    # the architecture built (a -quickgelu variant for a tower over openai) is the one written and described
+    source = replace(source, arch=bundle.name, vision_weights=bundle.vision_weights)
     preprocess = preprocess_config(bundle, source.base_tag)
     with reported_write_errors("--out", out), staged_folder(out) as stage:
-        files = export_format.write(model, bundle.model, preprocess, stage)
+        files = export_format.write(bundle.name, bundle.model, preprocess, stage)
         card = CardInput(
             source=source,
             format_name=format,

@@ -31,6 +31,7 @@ class ExportSource:
         final_eval: the run's ``final_eval.json`` (``None`` when absent).
         base_tag: the open_clip pretrained tag the weights started from, when known (the run's
             ``student.pretrained``, or ``--pretrained`` itself).
+        vision_weights: the image-tower file loaded over ``weights`` (``--vision-weights``), if any.
     """
 
     arch: str
@@ -39,6 +40,7 @@ class ExportSource:
     run_config: dict | None = None
     final_eval: dict | None = None
     base_tag: str | None = None
+    vision_weights: str | None = None
 
     @property
     def weights_file(self) -> Path | None:

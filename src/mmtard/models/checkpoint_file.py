@@ -28,6 +28,8 @@ SAFETENSORS_HEADER_BYTES = 8  # little-endian u64: the length of the JSON header
 SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit on the JSON header
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 PICKLE_PROTOCOL_2_PLUS = b"\x80"  # first byte of a pickle (torch.save's legacy format, pickle.dump)
+#: the keys a checkpoint may nest its state dict under
+STATE_DICT_KEYS = ("state_dict", "vision_encoder_state_dict")
 #: what torch.load raises on bytes that are not a readable checkpoint (it has no single error type for that)
 UNREADABLE_FILE_ERRORS = (
     pickle.UnpicklingError,
@@ -165,7 +167,9 @@ def _check_torch_file(path: Path, head: bytes, field: str, trust_checkpoint: boo
         raise _unreadable(path, field, "not a PyTorch file") from None
     except UNREADABLE_FILE_ERRORS as exc:
         raise _unreadable(path, field, _first_line(exc)) from None
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    state_dict = checkpoint
+    if isinstance(checkpoint, Mapping):  # open_clip's "state_dict", TeCoA's "vision_encoder_state_dict"
+        state_dict = next((checkpoint[k] for k in STATE_DICT_KEYS if k in checkpoint), checkpoint)
     if not (isinstance(state_dict, Mapping) and any(isinstance(v, torch.Tensor) for v in state_dict.values())):
         raise CheckpointError(
             f"{field}: '{path}' holds a {type(state_dict).__name__}, expected a state dict (parameter name -> tensor)"

@@ -25,6 +25,12 @@ from torch import nn
 from mmtard.errors import ConfigError
 from mmtard.models.checkpoint_file import CheckpointError, CheckpointNotFoundError, check_checkpoint_file
 from mmtard.models.tiny import ensure_tiny_models_registered
+from mmtard.models.vision_weights import (
+    apply_vision_weights,
+    check_vision_alpha,
+    quickgelu_name,
+    read_vision_state_dict,
+)
 
 __all__ = [
     "CLIPBundle",
@@ -60,6 +66,8 @@ class CLIPBundle:
         mean: per-channel normalisation mean the image tower expects.
         std: per-channel normalisation std the image tower expects.
         image_size: input side length in pixels.
+        vision_weights: the image-tower file loaded over ``pretrained`` (``None``: none).
+        vision_weights_alpha: its weight against the base tower (1: the file's tower).
 
     The bundle also holds the text prototypes of every label set it was used with, filled by
     ``mmtard.models.zeroshot.text_prototypes`` (the text tower is frozen, so they are computed once).
@@ -72,6 +80,8 @@ class CLIPBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     image_size: int
+    vision_weights: str | None = None
+    vision_weights_alpha: float = 1.0
     _prototype_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -167,6 +177,9 @@ def load_clip(
     trust_checkpoint: bool = False,
     cache_dir: str | None = None,
     field: str = "pretrained",
+    vision_weights: str | Path | None = None,
+    vision_weights_alpha: float = 1.0,
+    vision_field: str = "vision_weights",
 ) -> CLIPBundle:
     """Create an open_clip model and load its weights.
 
@@ -179,6 +192,13 @@ def load_clip(
         trust_checkpoint: allow full unpickling of a ``.pt`` file. Only for files you made yourself.
         cache_dir: open_clip's download cache.
         field: the flag or config field ``pretrained`` came from; error messages start with it.
+        vision_weights: an image-tower file (RobustVLM's FARE / TeCoA ``.pt``, TeCoA's
+            ``vision_encoder_state_dict``, ``.safetensors``; see :mod:`mmtard.models.vision_weights`) loaded
+            into ``model.visual`` over ``pretrained``. Over an ``openai`` tag, an architecture with a
+            ``-quickgelu`` variant is built as that variant (the activation the weights were trained with),
+            with a warning; the bundle's ``name`` is the variant.
+        vision_weights_alpha: ``alpha * file + (1 - alpha) * base`` in weight space (1: the file's tower).
+        vision_field: the flag or config field ``vision_weights`` came from.
 
     Returns:
         The model in eval mode with its tokenizer and preprocessing constants.
@@ -192,6 +212,21 @@ def load_clip(
     """
     check_architecture(name)
     pretrained = "none" if pretrained is None else str(pretrained)
+    vision_state = None
+    if vision_weights is not None:
+        check_vision_alpha(vision_weights_alpha, f"{vision_field}_alpha")
+        vision_state = read_vision_state_dict(vision_weights, field=vision_field, trust_checkpoint=trust_checkpoint)
+        variant = quickgelu_name(name, pretrained)
+        if variant is not None:
+            logger.warning(
+                "%s: %s's '%s' weights were trained with QuickGELU, and so were the image towers published over "
+                "them; building %s (name it to silence this warning)",
+                vision_field,
+                name,
+                pretrained,
+                variant,
+            )
+            name = variant
     is_hub = name.startswith((HUB_PREFIX, LOCAL_DIR_PREFIX))
     checkpoint: Path | None = None
 
@@ -215,6 +250,10 @@ def load_clip(
             )
         model = _create_tagged_model(name, pretrained, device, cache_dir, field)
 
+    if vision_state is not None:
+        apply_vision_weights(
+            model, vision_state, alpha=vision_weights_alpha, arch=name, source=str(vision_weights), field=vision_field
+        )
     model.eval()
     cfg = open_clip.get_model_preprocess_cfg(model)
     return CLIPBundle(
@@ -225,6 +264,8 @@ def load_clip(
         mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
         image_size=_image_size(model),
+        vision_weights=None if vision_weights is None else str(vision_weights),
+        vision_weights_alpha=float(vision_weights_alpha),
     )
 
 

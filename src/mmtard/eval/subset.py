@@ -1,0 +1,91 @@
+"""Pinned, shareable subsets: which images of each dataset an evaluation used, and how to use exactly those.
+
+Every ``results.json`` record carries ``subset``: the split, its image count (``source_size``), and the
+positions (``indices``) in that split, as its loader lists it (sorted file paths of an ImageFolder, array order
+of an npz or torchvision file), of the images evaluated, with their SHA-256 (of the indices written as
+``"3,17,42"``) to compare subsets at a glance. Clean and robust accuracy are computed on these same images:
+each image is attacked only in the batch where its clean prediction was taken, and one that is misclassified
+clean counts as not robust.
+
+``mmtard eval --subset FILE`` reads them back from a ``results.json`` (one record or ``{"results": [...]}``)
+or from the ``subset.json`` written beside it (``{"datasets": {name: subset}}``) and evaluates exactly those
+images: the same split, refused when the split here has another image count (other data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mmtard.errors import ConfigError
+
+__all__ = ["SUBSET_FILE", "indices_sha256", "read_subset", "subset_entry", "subset_file"]
+
+#: written beside results.json
+SUBSET_FILE = "subset.json"
+
+
+def indices_sha256(indices: Sequence[int]) -> str:
+    """SHA-256 of the indices written as ``"3,17,42"``."""
+    return hashlib.sha256(",".join(str(int(i)) for i in indices).encode()).hexdigest()
+
+
+def subset_entry(split: str, source_size: int, indices: Sequence[int]) -> dict:
+    """The ``subset`` of a results record."""
+    indices = [int(i) for i in indices]
+    return {
+        "split": split,
+        "source_size": int(source_size),
+        "count": len(indices),
+        "sha256": indices_sha256(indices),
+        "indices": indices,
+    }
+
+
+def subset_file(records: Sequence[Mapping]) -> dict:
+    """``subset.json``: every record's subset, by dataset."""
+    return {"datasets": {record["dataset"]: record["subset"] for record in records if "subset" in record}}
+
+
+def read_subset(path: str | Path, field: str = "subset") -> dict[str, dict]:
+    """Dataset name -> its subset, from a ``subset.json`` or a ``results.json``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: not JSON, no subsets in it, a subset whose indices do not match its SHA-256, or two
+            records of one dataset with different indices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}: '{path}' does not exist; expected a subset.json or results.json file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{field}: '{path}' is not JSON ({exc})") from None
+    if isinstance(data, Mapping) and isinstance(data.get("datasets"), Mapping):
+        subsets = dict(data["datasets"])
+    else:
+        records = data.get("results", [data]) if isinstance(data, Mapping) else []
+        subsets = {}
+        for record in records:
+            if not (isinstance(record, Mapping) and isinstance(record.get("subset"), Mapping)):
+                continue
+            name = record.get("dataset")
+            if name in subsets and subsets[name].get("sha256") != record["subset"].get("sha256"):
+                raise ConfigError(
+                    f"{field}: '{path}' has two records of {name} with different images; give its subset.json instead"
+                )
+            subsets[name] = record["subset"]
+    if not subsets:
+        raise ConfigError(
+            f"{field}: '{path}' holds no subsets; expected the subset.json or results.json of an mmtard eval run"
+        )
+    for name, entry in subsets.items():
+        indices = entry.get("indices") if isinstance(entry, Mapping) else None
+        if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise ConfigError(f"{field}: '{path}': the {name} subset has no list of whole-number indices")
+        if "sha256" in entry and entry["sha256"] != indices_sha256(indices):
+            raise ConfigError(f"{field}: '{path}': the {name} indices do not match their sha256 (edited or cut?)")
+    return subsets
