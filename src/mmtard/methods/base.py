@@ -250,12 +250,28 @@ class Method:
                 bundle._prototype_cache = dict(student._prototype_cache)
             else:
                 spec = sources[name]
-                bundle = load_clip(spec.arch, spec.pretrained, device=device, trust_checkpoint=spec.trust_checkpoint)
+                vision_weights = getattr(spec, "vision_weights", None)
+                vision_alpha = getattr(spec, "vision_weights_alpha", 1.0)
+                bundle = load_clip(
+                    spec.arch,
+                    spec.pretrained,
+                    device=device,
+                    trust_checkpoint=spec.trust_checkpoint,
+                    vision_weights=vision_weights,
+                    vision_weights_alpha=vision_alpha,
+                    vision_field=f"teachers.{name}.vision_weights",
+                )
                 self.teacher_sources[name] = {
                     "arch": spec.arch,
                     "pretrained": spec.pretrained,
                     "weights_file": weights_stamp(spec.pretrained),
                 }
+                if vision_weights is not None:  # the logit caches' identity: another tower is another teacher
+                    self.teacher_sources[name] |= {
+                        "vision_weights": vision_weights,
+                        "vision_weights_file": weights_stamp(vision_weights),
+                        "vision_weights_alpha": vision_alpha,
+                    }
             freeze(bundle.model)
             teachers[name] = build_zero_shot_classifier(bundle, classnames, templates, self.cfg.logit_scale)
             freeze(teachers[name])

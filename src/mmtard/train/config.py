@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from mmtard.errors import ConfigError
 from mmtard.methods import Method, MethodConfig, create_method, method_class
 from mmtard.methods.teachers import implied_kinds
+from mmtard.models.vision_weights import check_vision_alpha
+from mmtard.units import NORMS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINETUNE_MODES = ("full", "lora")
@@ -21,11 +23,15 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 @dataclass
 class ModelConfig:
-    """A CLIP model: open_clip architecture (or ``hf-hub:`` id) and its weights."""
+    """A CLIP model: open_clip architecture (or ``hf-hub:`` id) and its weights; ``vision_weights``, a published
+    image-tower file (RobustVLM's FARE / TeCoA) loaded over them, ``vision_weights_alpha`` its weight against the
+    base tower (see :mod:`mmtard.models.vision_weights`)."""
 
     arch: str = "tiny-vit-s"
     pretrained: str = "none"
     trust_checkpoint: bool = False
+    vision_weights: str | None = None
+    vision_weights_alpha: float = 1.0
 
 
 @dataclass
@@ -117,7 +123,8 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     """Periodic held-out evaluation (clean and PGD robust) every ``every`` steps (0: never) and, with
-    ``final``, once at the end (``final_eval.json``)."""
+    ``final``, once at the end (``final_eval.json``). ``norm`` left out is the training attack's, so a run
+    trained with L2 is evaluated with L2."""
 
     every: int = 0
     attack: str = "pgd"
@@ -125,6 +132,7 @@ class EvalConfig:
     steps: int = 10
     batch_size: int = 128
     final: bool = True
+    norm: str | None = None  # linf or l2; None: the training attack's (method.norm)
 
 
 @dataclass
@@ -144,6 +152,10 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Check every field; raise a :class:`ConfigError` naming the first bad one. Returns ``self``."""
         _check_teachers(self)
+        for name, spec in [("student", self.student), *((f"teachers.{n}", t) for n, t in self.teachers.items())]:
+            check_vision_alpha(spec.vision_weights_alpha, f"{name}.vision_weights_alpha")
+        if self.eval.norm is not None:
+            _choice("eval.norm", self.eval.norm, NORMS)
         _choice("student.finetune", self.student.finetune, FINETUNE_MODES)
         _choice("train.precision", self.train.precision, PRECISIONS)
         _choice("train.on_nonfinite", self.train.on_nonfinite, NONFINITE_POLICIES)
@@ -300,4 +312,8 @@ def build_eval_attacks(cfg: RunConfig) -> list:
     """The held-out evaluation's attacks: ``eval.attack`` at each radius of ``eval.eps``."""
     from mmtard.attacks import create_attack
 
-    return [create_attack(cfg.eval.attack, eps=eps, steps=cfg.eval.steps, seed=cfg.train.seed) for eps in cfg.eval.eps]
+    norm = cfg.eval.norm or cfg.method.norm
+    return [
+        create_attack(cfg.eval.attack, eps=eps, norm=norm, steps=cfg.eval.steps, seed=cfg.train.seed)
+        for eps in cfg.eval.eps
+    ]

@@ -164,7 +164,13 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
         check_batch_size(cfg, len(train_set), env.world_size)
     torch.manual_seed(cfg.train.seed)  # the same random initial weights on every process
     student_bundle = load_clip(
-        cfg.student.arch, cfg.student.pretrained, device=env.device, trust_checkpoint=cfg.student.trust_checkpoint
+        cfg.student.arch,
+        cfg.student.pretrained,
+        device=env.device,
+        trust_checkpoint=cfg.student.trust_checkpoint,
+        vision_weights=cfg.student.vision_weights,
+        vision_weights_alpha=cfg.student.vision_weights_alpha,
+        vision_field="student.vision_weights",
     )
     if student_bundle.image_size != image_size:
         train_set, eval_set = build_datasets(cfg, student_bundle.image_size, cfg.train.seed)
