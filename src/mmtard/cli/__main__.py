@@ -1,0 +1,7 @@
+"""``python -m mmtard.cli`` (and ``torchrun -m mmtard.cli``): the ``mmtard`` command."""
+
+import sys
+
+from mmtard.cli import main
+
+sys.exit(main())

@@ -1,0 +1,285 @@
+"""``mmtard eval``: its flags, the checks before anything is loaded or written, and the run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmtard.cli.common import (
+    EVAL_DATA_FLAGS,
+    MAX_SEED,
+    add_vision_weights_flags,
+    check_device_here,
+    leave_as_found,
+    logit_scale_arg,
+    whole_number,
+)
+from mmtard.errors import ConfigError
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="clean and robust zero-shot accuracy of a CLIP model")
+    p.add_argument(
+        "--model", required=True, help="open_clip architecture (ViT-B-32, tiny-vit-s, ...) or hf-hub:ORG/REPO"
+    )
+    p.add_argument(
+        "--pretrained", default="none", help="pretrained tag (openai, ...), checkpoint file, or none (random weights)"
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)",
+    )
+    add_vision_weights_flags(p)
+    p.add_argument(
+        "--dataset",
+        nargs="+",
+        default=None,
+        help="one or more registered datasets (see README); with --suite, a part of the suite's",
+    )
+    p.add_argument(
+        "--data-dir",
+        nargs="+",
+        default=[None],
+        help="data folder per dataset (one for all, or one each); with --suite, the root holding ROOT/<dataset>",
+    )
+    p.add_argument(
+        "--suite",
+        default=None,
+        help="a protocol as data: robustvlm (ImageNet 5k + 13 zero-shot sets x 1k, aa at 1, 2, 4/255) or a suite "
+        "YAML file; it sets the datasets, splits, samples, attacks, radii and norm",
+    )
+    p.add_argument(
+        "--subset",
+        default=None,
+        metavar="FILE",
+        help="evaluate exactly the images of an earlier run: its subset.json or results.json",
+    )
+    p.add_argument("--split", default=None, help="the split to read (default: test)")
+    p.add_argument("--classes", default="all", help="all | seen | unseen | comma-separated class names")
+    p.add_argument("--samples", type=whole_number(1), default=None, help="fixed class-balanced subset of N images")
+    p.add_argument(
+        "--attack", nargs="+", default=None, help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)"
+    )
+    p.add_argument(
+        "--eps",
+        nargs="+",
+        default=None,
+        help="radii as fractions of the pixel range, e.g. 1/255 4/255 (linf: at most 1; l2: any length, e.g. 0.5); "
+        "default 1/255 2/255 4/255",
+    )
+    p.add_argument("--norm", default=None, choices=["linf", "l2"], help="default linf")
+    p.add_argument("--steps", type=whole_number(1), default=None, help="attack iterations (default: PGD 10, APGD 100)")
+    p.add_argument("--restarts", type=whole_number(1), default=None)
+    p.add_argument("--batch-size", type=whole_number(1), default=128)
+    p.add_argument("--workers", type=whole_number(0), default=0)
+    p.add_argument(
+        "--logit-scale",
+        type=logit_scale_arg,
+        default=100.0,
+        help="fixed scale (default 100) or 'model' for the model's learned scale",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, ... (default: cuda if available; under torchrun, cuda is each process's own GPU)",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="fp32 (default) or bf16 (autocast; robust accuracy checked against fp32 on the first batch, "
+        "refused beyond 1 point)",
+    )
+    p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0)
+    p.add_argument(
+        "--download", action="store_true", help="let torchvision download the dataset (never done otherwise)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder for results.json and results.md (an interrupted run, "
+        "rerun with the same arguments, continues from the journal in OUT/journal)",
+    )
+
+
+#: The flags of the library's fields in ``mmtard eval`` (errors raised by the library name its fields).
+EVAL_FLAGS = {
+    **EVAL_DATA_FLAGS,
+    "classnames": "--data-dir",
+    "classes": "--classes",
+    "samples": "--samples",
+    "batch_size": "--batch-size",
+    "num_workers": "--workers",
+    "logit_scale": "--logit-scale",
+    "attack": "--attack",
+    "eps": "--eps",
+    "norm": "--norm",
+    "steps": "--steps",
+    "restarts": "--restarts",
+    "seed": "--seed",
+    "model": "--model",
+    "pretrained": "--pretrained",
+    "precision": "--precision",
+    "subset": "--subset",
+    "vision_weights": "--vision-weights",
+    "vision_weights_alpha": "--vision-weights-alpha",
+}
+
+#: what ``mmtard eval`` uses for a flag not given (with --suite, the suite sets these instead)
+EVAL_DEFAULTS = {"split": "test", "attack": ["pgd"], "eps": ["1/255", "2/255", "4/255"], "norm": "linf"}
+
+
+@dataclass
+class EvalPlan:
+    """What ``mmtard eval`` runs, resolved from its flags: one request per group of datasets (a suite has
+    one per dataset: each its split and sample count)."""
+
+    requests: list
+    device: str
+    suite: object = None
+
+
+def _suite_flags(args: argparse.Namespace) -> None:
+    """With --suite, the flags the suite sets are refused (one line naming the flag)."""
+    for flag in ("split", "samples", "attack", "eps", "norm"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(
+                f"--{flag}: set by --suite {args.suite}; leave it out, or write a suite file with your own {flag}"
+            )
+    if len(args.data_dir) != 1 or args.data_dir[0] is None:
+        raise ConfigError("--data-dir: with --suite, give one root folder holding each dataset as ROOT/<name>")
+
+
+def check_eval_args(args: argparse.Namespace) -> EvalPlan:
+    """Everything ``mmtard eval`` can check before it loads a model or writes a file.
+
+    Returns:
+        The evaluation requests (datasets, folders, attacks, radii...) and the device.
+    """
+    from mmtard.attacks import list_attacks
+    from mmtard.eval.run import EvalRequest
+    from mmtard.eval.subset import read_subset
+    from mmtard.eval.suite import check_suite_data, load_suite, select_datasets
+    from mmtard.eval.zeroshot import check_precision
+    from mmtard.models import check_checkpoint_file
+    from mmtard.preflight import check_data, check_model, check_output_dir, renamed_fields
+    from mmtard.units import parse_eps
+
+    suite = None
+    if args.suite is not None:
+        _suite_flags(args)
+        suite = load_suite(args.suite, "--suite")
+        attacks, eps_texts, norm = list(suite.attacks), list(suite.eps), suite.norm
+    else:
+        if not args.dataset:
+            raise ConfigError("--dataset: give one or more datasets, or --suite (e.g. --suite robustvlm)")
+        attacks = args.attack or EVAL_DEFAULTS["attack"]
+        eps_texts = args.eps or EVAL_DEFAULTS["eps"]
+        norm = args.norm or EVAL_DEFAULTS["norm"]
+        if len(args.data_dir) not in (1, len(args.dataset)):
+            raise ConfigError(
+                f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
+                f"got {len(args.data_dir)}"
+            )
+    eps = [parse_eps(text, "--eps", norm) for text in eps_texts]
+    known = ["none", *list_attacks()]
+    for name in attacks:
+        if name not in known:
+            raise ConfigError(f"--attack: unknown attack {name!r}; expected one of {', '.join(known)}")
+    with renamed_fields(EVAL_FLAGS):
+        check_precision(args.precision)
+    device = str(check_device_here(args.device, "--device"))
+    check_output_dir(args.out, "--out")
+    check_model(args.model, args.pretrained, "--model", "--pretrained", trust_checkpoint=args.trust_checkpoint)
+    if args.vision_weights is not None:
+        check_checkpoint_file(args.vision_weights, "--vision-weights", trust_checkpoint=args.trust_checkpoint)
+    subset = read_subset(args.subset, "--subset") if args.subset is not None else None
+    if subset is not None and args.samples is not None:
+        raise ConfigError("--samples: give --samples or --subset, not both (a subset fixes the images)")
+    common = dict(
+        classes=args.classes,
+        attacks=attacks,
+        eps=eps,
+        norm=norm,
+        steps=args.steps,
+        restarts=args.restarts,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        logit_scale=args.logit_scale,
+        seed=args.seed,
+        download=args.download,
+        progress=not args.no_progress,
+        journal_dir=os.path.join(args.out, "journal"),  # an interrupted run, rerun as it was, continues
+        precision=args.precision,
+        subset=subset,
+    )
+    if suite is not None:
+        chosen = select_datasets(suite, args.dataset, "--dataset")
+        folders = check_suite_data(chosen, args.data_dir[0], suite.name, "--data-dir")
+        requests = [
+            EvalRequest(
+                datasets=[entry.name],
+                data_dirs=[folder],
+                split=entry.split,
+                samples=None if subset is not None else entry.samples,
+                **common,
+            )
+            for entry, folder in zip(chosen, folders)
+        ]
+        return EvalPlan(requests, device, suite)
+    split = args.split or EVAL_DEFAULTS["split"]
+    data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
+    for name, folder in zip(args.dataset, data_dirs):
+        check_data(name, folder, split, EVAL_DATA_FLAGS, args.download)
+    request = EvalRequest(datasets=args.dataset, data_dirs=data_dirs, split=split, samples=args.samples, **common)
+    return EvalPlan([request], device)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmtard.distributed import start_eval_processes
+    from mmtard.eval.report import markdown_table, write_results
+    from mmtard.eval.run import evaluate_bundle
+    from mmtard.eval.suite import suite_table, suite_wide_table
+    from mmtard.fileio import reported_write_errors
+    from mmtard.models import load_clip
+    from mmtard.preflight import renamed_fields
+
+    plan = check_eval_args(args)
+    with renamed_fields({"device": "--device"}):
+        start_eval_processes(plan.device)  # under torchrun: each process its share of the batches; else nothing
+    journal_dir = os.path.join(args.out, "journal")  # an interrupted run, rerun as it was, continues
+    with (
+        leave_as_found(Path(args.out), inside=["journal"]),
+        reported_write_errors("--out", args.out),
+        renamed_fields(EVAL_FLAGS),
+    ):
+        torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
+        bundle = load_clip(
+            args.model,
+            args.pretrained,
+            device=plan.device,
+            trust_checkpoint=args.trust_checkpoint,
+            vision_weights=args.vision_weights,
+            vision_weights_alpha=args.vision_weights_alpha,
+        )
+        records = [record for request in plan.requests for record in evaluate_bundle(bundle, request)]
+        if plan.suite is not None:
+            table = suite_table(records, plan.suite)
+            table += "\n\n## The field's layout\n\n" + suite_wide_table(records, plan.suite)
+            paths = write_results(args.out, records, table=table, extra={"suite": plan.suite.describe()})
+        else:
+            table = markdown_table(records)
+            paths = write_results(args.out, records)
+    shutil.rmtree(journal_dir, ignore_errors=True)  # the results are written: nothing left to resume
+    print(table)
+    for record in records:
+        for warning in record["checks"].get("warnings", []):
+            print(f"WARNING {record['dataset']}: {warning}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
