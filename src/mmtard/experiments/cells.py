@@ -88,6 +88,7 @@ CELLS: dict[str, Cell] = {
         Cell("mmt-ard_diwref", "mmt-ard", {"diw": "reference"}),
         Cell("mmt-ard_rho9_ardinner", "mmt-ard", {"rho": 9.0, **ARD_INNER}),
         Cell("mmt-ard_gap_ardinner", "mmt-ard", {"balance": "gap", **ARD_INNER}),
+        Cell("mmt-ard_fixed_ardinner", "mmt-ard", {"balance": "fixed", **ARD_INNER}),
         Cell("mmt-ard_both", "mmt-ard", {"clean_input": "both"}),
         Cell("mmt-ard_fare", "mmt-ard", more_teachers={"fare": "robust"}),  # a second robust teacher (FARE)
         # Variants with names of their own: they drop a part of the method.
