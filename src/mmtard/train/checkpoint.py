@@ -143,6 +143,18 @@ def check_checkpoint_files(path: Path) -> None:
         raise ConfigError(f"--resume: '{path / STATE_FILE}' is not a complete trainer state (truncated or foreign)")
 
 
+def check_finetune_kind(path: Path, cfg: RunConfig) -> None:
+    """A LoRA checkpoint (it has adapters) resumes a LoRA student only, a full fine-tuning one a full student.
+
+    Raises:
+        ConfigError: naming ``--resume`` and both kinds.
+    """
+    adapter = (path / ADAPTER_FILE).is_file()
+    if adapter != (cfg.student.finetune == "lora"):
+        kind = "a LoRA" if adapter else "a full fine-tuning"
+        raise ConfigError(f"--resume: '{path}' is {kind} checkpoint, but student.finetune is {cfg.student.finetune}")
+
+
 def load_checkpoint_files(path: Path) -> tuple[dict, dict, dict | None]:
     """``(model_state, trainer_state, adapter_state or None)`` of a checkpoint folder, read safely."""
     try:
@@ -184,10 +196,8 @@ def save(state: TrainState, built: Run, cfg: RunConfig, run: RunDir, env: DistEn
 
 
 def restore(state: TrainState, bundle: CLIPBundle, path: Path, cfg: RunConfig, env: DistEnv) -> None:
+    check_finetune_kind(path, cfg)
     model_state, trainer_state, adapter = load_checkpoint_files(path)
-    if (adapter is not None) != (cfg.student.finetune == "lora"):
-        kind = "a LoRA" if adapter is not None else "a full fine-tuning"
-        raise ConfigError(f"--resume: '{path}' is {kind} checkpoint, but student.finetune is {cfg.student.finetune}")
     try:
         if adapter is not None:  # the frozen base weights come from student.pretrained, as in the first run
             loaded = bundle.model.visual.load_state_dict(adapter, strict=False)

@@ -54,6 +54,7 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
     if resume:
         path = ckpt.resolve_resume(run.path, resume)
         ckpt.check_checkpoint_files(path)
+        ckpt.check_finetune_kind(path, cfg)
         check_resume_configs(cfg, run, path)
         if env.is_main:
             check_logs(run)
