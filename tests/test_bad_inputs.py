@@ -172,9 +172,62 @@ def make_workspace(root: Path) -> None:
     run_folder(root, "run-final-not-json", good_config, '{"clean_acc": 5')
     run_folder(root, "run-final-no-acc", good_config, '{"robust": [], "samples": 4}')
     run_folder(root, "run-final-robust-text", good_config, '{"clean_acc": 5.0, "robust": [{"acc": "high"}]}')
+    make_train_workspace(root)
     results = {"dataset": "cifar10", "clean_acc": 50.0, "robust": [{"attack": "pgd", "eps": "4/255"}]}
     (root / "results-no-acc.json").write_text(json.dumps(results))
     (root / "results-not-json.json").write_text('{"dataset": ')
+
+
+class RunsCodeWhenUnpickled:
+    """Unpickling it creates ``MARKER_FILE`` in the working folder (the case's folder): code from a file ran."""
+
+    def __reduce__(self):
+        return (open, (MARKER_FILE, "w"))
+
+
+MARKER_FILE = "pickle-ran-code.txt"
+
+
+def with_section(text: str, line: str) -> str:
+    """``run.yaml``'s text with one top-level line replaced (the line starting like ``line``)."""
+    key = line.split(":")[0] + ":"
+    return "".join((line + "\n" if old.startswith(key) else old) for old in text.splitlines(keepends=True))
+
+
+def checkpoint_folder(run: Path, step: int = 1) -> None:
+    """``run/checkpoints/step_N`` with a readable model header and a whole (empty) trainer state, and ``latest``."""
+    folder = run / "checkpoints" / f"step_{step:08d}"
+    folder.mkdir(parents=True)
+    header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    torch.save({}, folder / "trainer_state.pt")
+    (run / "checkpoints" / "latest").write_text(folder.name + "\n")
+
+
+def make_train_workspace(root: Path) -> None:
+    """The files of the ``mmtard train`` cases of issue 17's second round."""
+    from mmtard.train.config_io import load_config, save_config
+
+    run_yaml = (root / "run.yaml").read_text()
+    (root / "weights" / "runs-code.pt").write_bytes(pickle.dumps({"state_dict": RunsCodeWhenUnpickled()}))
+    trusting = "student: {arch: tiny-vit-s, pretrained: weights/runs-code.pt, trust_checkpoint: true}"
+    (root / "trusting-student.yaml").write_text(with_section(run_yaml, trusting))
+    trusting = (
+        "teachers: {clean: {arch: tiny-vit-s, pretrained: weights/runs-code.pt, trust_checkpoint: true}, "
+        "robust: {arch: tiny-vit-s}}"
+    )
+    (root / "trusting-teacher.yaml").write_text(with_section(run_yaml, trusting))
+    (root / "teacher-224px.yaml").write_text(with_section(run_yaml, "teachers: {clean: {arch: ViT-B-32}, robust: {}}"))
+    (root / "empty.yaml").write_text("# nothing here yet\n")
+    (root / "nested.yaml").write_text("train: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    checkpoint_folder(root / "interrupted-run")
+    (root / "garbage-lock-run").mkdir()
+    (root / "garbage-lock-run" / ".lock").write_bytes(b"\x00\xff not a lock \x07")
+    checkpoint_folder(root / "torn-metrics-run")
+    (root / "torn-metrics-run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n{"step": 2, "lo\n{"step": 3}\n')
+    checkpoint_folder(root / "other-run")
+    other = load_config(root / "run.yaml", ["train.lr=0.01", "output_dir=other-run"])
+    save_config(other, root / "other-run" / "config.yaml")
 
 
 #: what the one line of a case says besides its field (the field alone would also match a misleading message)
@@ -222,6 +275,19 @@ EXPECTED_TEXT = {
     "export-run-final-eval-robust-text": "final_eval.json' has a robust entry without a numeric acc",
     "export-results-no-acc": "'results-no-acc.json' has a robust entry without a numeric acc",
     "export-results-not-json": "'results-not-json.json' is not JSON",
+    "train-trust-checkpoint-in-yaml": "give --trust-checkpoint on the mmtard train command line",
+    "train-trust-checkpoint-teacher-yaml": "give --trust-checkpoint on the mmtard train command line",
+    "train-trust-checkpoint-set": "give --trust-checkpoint on the mmtard train command line",
+    "train-teacher-224px-student-32px": "ViT-B-32 takes 224 px images, the student (student.arch tiny-vit-s) 32 px",
+    "train-interrupted-run-without-resume": "holds an interrupted run (checkpoint step_00000001",
+    "train-device-mps": "no MPS backend",
+    "train-seed-2-to-the-64": "from 0 to 4294967295",
+    "train-config-nested-10000-deep": "nested too deeply",
+    "train-set-nested-5000-deep": "cannot read",
+    "train-config-empty": "'empty.yaml' is empty",
+    "train-lock-file-garbage": "the lock file garbage-lock-run/.lock is unreadable",
+    "train-resume-metrics-middle-line-corrupt": "'torn-metrics-run/metrics.jsonl' line 2 is not JSON",
+    "train-resume-another-runs-checkpoint": "the run was started with 0.01 (other-run/config.yaml)",
 }
 
 #: files a folder copy cannot hold, made in each case's folder: name -> (path, kind)
@@ -335,6 +401,32 @@ CASES = [
     ("train-resume-truncated-state", [*TRAIN, "--set", "output_dir=broken-run", "--resume", "latest"], "--resume"),
     ("train-resume-dangling-latest", [*TRAIN, "--set", "output_dir=dangling-run", "--resume", "latest"], "--resume"),
     ("train-output-dir-locked", [*TRAIN, "--set", "output_dir=locked-run"], "output_dir"),
+    # ------------------------------------------------ issue 17, round 2: train checks before it writes anything
+    ("train-trust-checkpoint-in-yaml", ["train", "--config", "trusting-student.yaml"], "student.trust_checkpoint"),
+    (
+        "train-trust-checkpoint-teacher-yaml",
+        ["train", "--config", "trusting-teacher.yaml"],
+        "teachers.clean.trust_checkpoint",
+    ),
+    ("train-trust-checkpoint-set", [*TRAIN, "--set", "student.trust_checkpoint=true"], "student.trust_checkpoint"),
+    ("train-teacher-224px-student-32px", ["train", "--config", "teacher-224px.yaml"], "teachers.clean.arch"),
+    ("train-interrupted-run-without-resume", [*TRAIN, "--set", "output_dir=interrupted-run"], "output_dir"),
+    ("train-device-mps", [*TRAIN, "--set", "device=mps"], "device", None if NO_MPS else "has MPS"),
+    ("train-seed-2-to-the-64", [*TRAIN, "--set", f"train.seed={2**64}"], "train.seed"),
+    ("train-config-nested-10000-deep", ["train", "--config", "nested.yaml"], "--config"),
+    ("train-set-nested-5000-deep", [*TRAIN, "--set", "train.betas=" + "[" * 5000 + "]" * 5000], "--set train.betas"),
+    ("train-config-empty", ["train", "--config", "empty.yaml"], "--config"),
+    ("train-lock-file-garbage", [*TRAIN, "--set", "output_dir=garbage-lock-run"], "output_dir"),
+    (
+        "train-resume-metrics-middle-line-corrupt",
+        [*TRAIN, "--set", "output_dir=torn-metrics-run", "--resume", "latest"],
+        "--resume",
+    ),
+    (
+        "train-resume-another-runs-checkpoint",
+        [*TRAIN, "--resume", "other-run/checkpoints/step_00000001"],
+        "train.lr",
+    ),
     # ------------------------------------------------------------------------------------------- demo
     ("demo-dataset-unknown", ["demo", "--dataset", "cifar11", "--out", "out"], "--dataset"),
     ("demo-no-data-dir", ["demo", "--dataset", "cifar10", "--out", "out"], "--data-dir"),
@@ -543,6 +635,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     assert time.monotonic() - started < CASE_SECONDS
     check_refused(case, code, stderr)
     assert EXPECTED_TEXT.get(case[0], "") in stderr, stderr
+    assert not (workspace / MARKER_FILE).exists()  # no pickle ran code
     assert listing(workspace) == before  # nothing created, changed or removed
 
 
@@ -552,6 +645,9 @@ IN_A_PROCESS = [
     "train-resume-truncated-state",
     "eval-pretrained-fifo",
     "export-non-finite-weights",
+    "train-trust-checkpoint-in-yaml",
+    "train-teacher-224px-student-32px",
+    "train-interrupted-run-without-resume",
 ]
 
 

@@ -266,6 +266,34 @@ def test_a_pickle_the_weights_only_unpickler_refuses_is_named_so_in_torch_s_curr
         check_checkpoint_file(tmp_path / "cut.pt")
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        pickle.UnpicklingError("a wording no torch has used yet"),
+        RuntimeError("Weights only load failed. Unsupported global: GLOBAL builtins.print"),
+        TypeError("WeightsUnpickler error: Unsupported operand 149"),
+    ],
+    ids=["unpickling-error-any-wording", "runtime-error-torch-words", "type-error-torch-words"],
+)
+def test_a_blocked_pickle_is_recognised_by_error_type_or_by_any_of_torch_s_wordings(refusal, tmp_path, monkeypatch):
+    """The weights-only unpickler's refusal is told from the error type (``pickle.UnpicklingError``, whatever its
+    message) or, for another type, from torch's words; the file then decides (a whole pickle). An error of another
+    type in other words stays "truncated or corrupt"."""
+    path = tmp_path / "custom-class.pt"
+    torch.save({"payload": _RunsCodeOnLoad()}, path)
+
+    def refuse(*args, **kwargs):
+        raise refusal
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(CheckpointError, match="needs code execution"):
+        check_checkpoint_file(path)
+    refusal_elsewhere = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(refusal_elsewhere))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        check_checkpoint_file(path)
+
+
 def test_hub_id_not_cached_while_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="model: 'hf-hub:mmtard-tests/absent': offline .*this id is not cached"):

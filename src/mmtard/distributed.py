@@ -88,7 +88,7 @@ def check_device(requested: str | None, field: str = "device") -> torch.device:
     """The device to use: ``auto``/None is CUDA when present, else CPU; a CUDA device must exist here.
 
     Raises:
-        ConfigError: an unreadable device name, or CUDA (or a GPU index) this machine does not have.
+        ConfigError: an unreadable device name, or CUDA (or a GPU index) or MPS this machine does not have.
     """
     if requested in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,7 +100,12 @@ def check_device(requested: str | None, field: str = "device") -> torch.device:
             raise ConfigError(
                 f"{field}: {requested!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
-    elif device.type not in ("cpu", "mps"):
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():  # only Apple machines have the backend
+            raise ConfigError(
+                f"{field}: {requested!r} asked for, but this machine has no MPS backend (Apple GPUs only); use cpu"
+            )
+    elif device.type != "cpu":
         raise ConfigError(f"{field}: device type {device.type!r} is not supported; use auto, cpu or cuda")
     return device
 

@@ -119,19 +119,11 @@ EVAL_DATA_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "split": "-
 
 
 def check_device_here(requested: str | None, field: str):
-    """:func:`mmtard.preflight.check_device`, and the device's backend is built into this torch (``mps``
-    only exists on Apple machines).
+    """:func:`mmtard.preflight.check_device`: the device exists on this machine (``mps`` only on Apple machines).
 
     Raises:
         ConfigError: naming ``field``.
     """
-    import torch
-
     from mmtard.preflight import check_device
 
-    device = check_device(requested, field)
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(
-            f"{field}: {requested!r} asked for, but this machine has no MPS backend (Apple GPUs only); use cpu"
-        )
-    return device
+    return check_device(requested, field)

@@ -43,12 +43,26 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="stop with a checkpoint after N >= 1 steps of this invocation",
     )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="the student's and teachers' .pt files may be full pickles, which can run code when loaded: only for "
+        "files you made yourself. Only this flag grants it (a run config cannot); give it again with --resume",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
 def train_config(args: argparse.Namespace):
     """The run config: ``--config`` with ``--set``; to resume, the run's saved ``config.yaml`` with ``--set``
-    (the file given with ``--config`` then only locates the run folder)."""
+    (the file given with ``--config`` then only locates the run folder). ``--trust-checkpoint`` applies to
+    either (``config.yaml`` never holds it)."""
+    from mmtard.train.config_io import with_trusted_checkpoints
+
+    config = resolved_train_config(args)
+    return with_trusted_checkpoints(config) if args.trust_checkpoint else config
+
+
+def resolved_train_config(args: argparse.Namespace):
     from mmtard.train.config_io import load_config
     from mmtard.train.resume import config_to_resume
     from mmtard.train.rundir import RunDir

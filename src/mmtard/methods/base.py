@@ -366,5 +366,17 @@ class Method:
         """State that must survive a resume (empty for stateless methods)."""
         return {}
 
+    def logit_cache_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The in-memory clean-image logit caches' rows by teacher (:meth:`LogitCache.state_dict`; ``{}`` without
+        them: disk caches keep their rows themselves). Each process has its own; a checkpoint saves each one's."""
+        states = {name: cache.state_dict() for name, cache in self.caches.items()}
+        return {name: state for name, state in states.items() if state is not None}
+
+    def load_logit_cache_state(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Restore :meth:`logit_cache_state`'s rows into this method's caches of the same teachers."""
+        for name, rows in state.items():
+            if name in self.caches:
+                self.caches[name].load_state_dict(dict(rows))
+
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict`'s output."""

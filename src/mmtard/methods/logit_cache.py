@@ -30,13 +30,15 @@ class LogitCache:
     """Per-dataset-index logits of a frozen model, computed on first sight and reused (spec 2.1).
 
     Only correct when the image of an index never changes between epochs: enable it for deterministic
-    pipelines (no random augmentation) only. Not part of ``state_dict``.
+    pipelines (no random augmentation) only.
 
     Two stores:
 
     - in memory (the default, ``cache_dir=None``): float32 rows exactly as the model computed them, in CPU
-      memory (``N x K`` floats: 17.5k x 5 on the CPU protocol, 1.28M x 1000 = 5 GB on ImageNet). After a
-      resume the rows are recomputed, with the same values.
+      memory (``N x K`` floats: 17.5k x 5 on the CPU protocol, 1.28M x 1000 = 5 GB on ImageNet). A row's
+      values depend on the batch it was first computed in (a forward of 3 rows and one of 8 differ in the last
+      bits), so a training checkpoint saves the rows (:meth:`state_dict`) and a resume restores them
+      (:meth:`load_state_dict`): the resumed run reads the same values as the uninterrupted one.
     - on disk (``cache_dir``): an fp16 memory-mapped array of ``rows x K`` (``logits.npy``, 2.6 GB for
       ImageNet, paged in by the OS, no RAM of its own), a filled-row mask (``filled.npy``, one byte per row)
       and ``cache.json`` (rows, classes, ``identity``). Rows survive the process: a resumed or later run
@@ -92,6 +94,22 @@ class LogitCache:
         if self.cache_dir is None:
             return len(self._rows)
         return 0 if self._filled is None else int(np.count_nonzero(self._filled))
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The in-memory rows, ``{"index": (n,) int64, "logits": (n, K) float32}`` in the order they were
+        computed; None for the disk store, which keeps its rows itself."""
+        if self.cache_dir is not None:
+            return None
+        keys = list(self._rows)
+        rows = torch.stack([self._rows[key] for key in keys]) if keys else torch.zeros(0, 0)
+        return {"index": torch.tensor(keys, dtype=torch.int64), "logits": rows}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the in-memory rows with :meth:`state_dict`'s (bitwise the saved values)."""
+        index, logits = state["index"], state["logits"]
+        if index.ndim != 1 or logits.shape[0] != index.shape[0]:
+            raise ValueError(f"a logit cache state of {tuple(index.shape)} indices and {tuple(logits.shape)} rows")
+        self._rows = {int(key): row.clone() for key, row in zip(index.tolist(), logits.float())}
 
     def logits(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Logits of ``model`` on ``x`` whose rows have dataset indices ``index``; forwards only unseen rows."""

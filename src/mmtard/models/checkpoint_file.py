@@ -157,16 +157,15 @@ def _check_torch_file(path: Path, head: bytes, field: str, trust_checkpoint: boo
         with warnings.catch_warnings():  # torch notes pickle protocols it did not write; the file is judged here
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as exc:
-        if _is_complete_pickle(path, is_zip):  # a well-formed pickle that the weights-only unpickler refused
+    except UNREADABLE_FILE_ERRORS as exc:
+        if _is_weights_only_refusal(exc) and _is_complete_pickle(path, is_zip):
             raise CheckpointError(
                 f"{field}: '{path}' is a pickle that needs code execution to load, so it was refused "
                 f"(torch.load(weights_only=True): {_weights_only_reason(exc)}; a checkpoint from the internet is data, "
                 "not code). Convert it to .safetensors, or pass --trust-checkpoint if you made this file yourself."
             ) from None
-        raise _unreadable(path, field, "not a PyTorch file") from None
-    except UNREADABLE_FILE_ERRORS as exc:
-        raise _unreadable(path, field, _first_line(exc)) from None
+        reason = "not a PyTorch file" if isinstance(exc, pickle.UnpicklingError) else _first_line(exc)
+        raise _unreadable(path, field, reason) from None
     state_dict = checkpoint
     if isinstance(checkpoint, Mapping):  # open_clip's "state_dict", TeCoA's "vision_encoder_state_dict"
         state_dict = next((checkpoint[k] for k in STATE_DICT_KEYS if k in checkpoint), checkpoint)
@@ -174,6 +173,21 @@ def _check_torch_file(path: Path, head: bytes, field: str, trust_checkpoint: boo
         raise CheckpointError(
             f"{field}: '{path}' holds a {type(state_dict).__name__}, expected a state dict (parameter name -> tensor)"
         )
+
+
+#: how torch's weights-only unpickler has worded its refusals (2.4 to 2.14), lower case; matched only when the
+#: error is not the ``pickle.UnpicklingError`` it raises today
+WEIGHTS_ONLY_WORDING = ("weights only load failed", "weights_only", "weightsunpickler", "unsupported global")
+
+
+def _is_weights_only_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` may be the weights-only unpickler's refusal: the ``pickle.UnpicklingError`` torch raises
+    (by type, whatever its wording), or another error type that uses torch's words for it (a later torch may
+    change the type). :func:`_is_complete_pickle` then decides from the file."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in WEIGHTS_ONLY_WORDING)
 
 
 def _is_complete_pickle(path: Path, is_zip: bool) -> bool:

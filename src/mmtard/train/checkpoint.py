@@ -4,9 +4,10 @@ Layout of ``<run>/checkpoints/step_00000100/``:
 
 - ``model.safetensors``: the student's full open_clip state dict (LoRA merged): a plain CLIP checkpoint.
 - ``adapter.safetensors``: LoRA students only, the adapter weights to resume from.
-- ``trainer_state.pt``: optimizer, scheduler, grad scaler, RNG states (a list, one per process), step and method
-  (balance)
-  state; tensors and plain containers only, read back with ``torch.load(weights_only=True)``.
+- ``trainer_state.pt``: optimizer, scheduler, grad scaler, RNG states (a list, one per process), step, method
+  (balance) state and the in-memory clean-teacher logit caches (``method.cache_clean_teacher`` without
+  ``cache_dir``: a list, one per process, since a row's last bits depend on the batch it was computed in);
+  tensors and plain containers only, read back with ``torch.load(weights_only=True)``.
 
 :func:`save` writes a run's checkpoint (every process gives its RNG state), :func:`restore` reads one back into
 the :class:`~mmtard.train.state.TrainState`. A checkpoint is assembled in a temporary folder and renamed into
@@ -142,6 +143,18 @@ def check_checkpoint_files(path: Path) -> None:
         raise ConfigError(f"--resume: '{path / STATE_FILE}' is not a complete trainer state (truncated or foreign)")
 
 
+def check_finetune_kind(path: Path, cfg: RunConfig) -> None:
+    """A LoRA checkpoint (it has adapters) resumes a LoRA student only, a full fine-tuning one a full student.
+
+    Raises:
+        ConfigError: naming ``--resume`` and both kinds.
+    """
+    adapter = (path / ADAPTER_FILE).is_file()
+    if adapter != (cfg.student.finetune == "lora"):
+        kind = "a LoRA" if adapter else "a full fine-tuning"
+        raise ConfigError(f"--resume: '{path}' is {kind} checkpoint, but student.finetune is {cfg.student.finetune}")
+
+
 def load_checkpoint_files(path: Path) -> tuple[dict, dict, dict | None]:
     """``(model_state, trainer_state, adapter_state or None)`` of a checkpoint folder, read safely."""
     try:
@@ -158,7 +171,8 @@ def save(state: TrainState, built: Run, cfg: RunConfig, run: RunDir, env: DistEn
     always names a good one."""
     check_finite_student(built, state.step, run)
     bundle = built.student_bundle
-    rng = gather_objects(rng_state())  # one per process: each draws its own attack random starts
+    # One per process: each draws its own attack random starts and caches the teacher logits of its own batches.
+    rng, caches = zip(*gather_objects((rng_state(), state.method.logit_cache_state())))
     if not env.is_main:
         return None
     trainer_state = {
@@ -166,8 +180,9 @@ def save(state: TrainState, built: Run, cfg: RunConfig, run: RunDir, env: DistEn
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
-        "rng": rng,
+        "rng": list(rng),
         "method": state.method.state_dict(),
+        "logit_caches": list(caches),
         "skipped_steps": state.skipped_steps,
     }
     return save_checkpoint(
@@ -181,10 +196,8 @@ def save(state: TrainState, built: Run, cfg: RunConfig, run: RunDir, env: DistEn
 
 
 def restore(state: TrainState, bundle: CLIPBundle, path: Path, cfg: RunConfig, env: DistEnv) -> None:
+    check_finetune_kind(path, cfg)
     model_state, trainer_state, adapter = load_checkpoint_files(path)
-    if (adapter is not None) != (cfg.student.finetune == "lora"):
-        kind = "a LoRA" if adapter is not None else "a full fine-tuning"
-        raise ConfigError(f"--resume: '{path}' is {kind} checkpoint, but student.finetune is {cfg.student.finetune}")
     try:
         if adapter is not None:  # the frozen base weights come from student.pretrained, as in the first run
             loaded = bundle.model.visual.load_state_dict(adapter, strict=False)
@@ -206,11 +219,14 @@ def restore(state: TrainState, bundle: CLIPBundle, path: Path, cfg: RunConfig, e
     state.skipped_steps = int(trainer_state.get("skipped_steps", 0))
     rng = trainer_state["rng"]
     rng = [rng] if isinstance(rng, dict) else rng
+    caches = trainer_state.get("logit_caches") or [{}] * len(rng)  # absent from checkpoints of older versions
     if len(rng) == env.world_size:
         set_rng_state(rng[env.rank])
+        state.method.load_logit_cache_state(caches[env.rank])
     else:  # another number of processes: the run continues, but not as the uninterrupted one would
         logger.warning(
-            "checkpoint %s was written by %d process(es), this run has %d: attack random starts are reseeded",
+            "checkpoint %s was written by %d process(es), this run has %d: attack random starts are reseeded "
+            "(and cached teacher logits computed again)",
             path,
             len(rng),
             env.world_size,

@@ -19,6 +19,9 @@ from mmtard.units import NORMS
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINETUNE_MODES = ("full", "lora")
 NONFINITE_POLICIES = ("stop", "skip")
+#: the largest ``train.seed``: the data order, the attacks' random starts and each process's generator take
+#: seeds derived from it (``seed * 1_000_003 + step``...), which must stay within torch's 64-bit seeds
+MAX_TRAIN_SEED = 2**32 - 1
 
 
 @dataclass
@@ -98,6 +101,8 @@ class OptimConfig:
     process waits for the others in a collective before the run ends with an error (a stalled or dead
     worker); raise it if a held-out evaluation, which rank 0 runs alone, takes longer.
 
+    ``seed``: a whole number from 0 to :data:`MAX_TRAIN_SEED` (2**32 - 1).
+
     ``compile``: ``torch.compile`` the student's and the teachers' zero-shot classifiers (image tower,
     normalisation and prototypes) for the training steps; results equal eager ones within floating-point
     reordering, not bitwise. The first step pays the compilation (its seconds are logged as
@@ -175,6 +180,8 @@ class RunConfig:
         ):
             if value is not None and value < low:
                 raise ConfigError(f"{name}: expected a whole number >= {low}, got {value}")
+        if not 0 <= self.train.seed <= MAX_TRAIN_SEED:
+            raise ConfigError(f"train.seed: expected a whole number from 0 to {MAX_TRAIN_SEED}, got {self.train.seed}")
         _positive("train.lr", self.train.lr, "a positive learning rate")
         _positive("train.dist_timeout_s", self.train.dist_timeout_s, "a positive number of seconds")
         _positive("student.lora.alpha", self.student.lora.alpha, "a positive scale")

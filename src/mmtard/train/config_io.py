@@ -22,7 +22,7 @@ import yaml
 from mmtard.errors import ConfigError
 from mmtard.fileio import atomic_write_text
 from mmtard.methods import MethodConfig, method_config
-from mmtard.train.config import RunConfig, TeacherConfig
+from mmtard.train.config import ModelConfig, RunConfig, TeacherConfig
 from mmtard.units import parse_eps
 
 DEFAULTS_KEY = "defaults"
@@ -34,11 +34,16 @@ EPS_FIELDS = {"method.eps", "method.alpha", "eval.eps"}
 
 DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
+#: A model field that only the command line sets (``mmtard train --trust-checkpoint``): unpickling a file can run
+#: its code, so a run config (a file anyone may hand over) cannot ask for it. It is never saved in ``config.yaml``,
+#: so a resumed run trusts nothing unless the flag is given again.
+COMMAND_LINE_ONLY = "trust_checkpoint"
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), field: str = "--config") -> RunConfig:
     """Read a YAML run config (and its ``defaults:`` chain), apply overrides, validate; every error names the
-    offending key."""
-    data = read_config_file(path) if path is not None else {}
+    offending key (a file that cannot be read as a run config: ``field``, the flag or field that named it)."""
+    data = read_config_file(path, field) if path is not None else {}
     data = apply_overrides(data, overrides)
     return _build(RunConfig, data, "").validate()
 
@@ -51,6 +56,11 @@ def read_config_file(path: str | Path, field: str = "--config", _chain: tuple[Pa
         cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
         raise ConfigError(f"{DEFAULTS_KEY}: '{path}' includes itself ({cycle})")
     data = read_yaml(path, field)
+    if not data:  # every field at its default would be a run nobody asked for
+        raise ConfigError(
+            f"{field}: '{path}' is empty; expected a run config with sections student, teachers, method, data, "
+            "train, eval (e.g. configs/cpu/mmt-ard.yaml)"
+        )
     includes = data.pop(DEFAULTS_KEY, None) or []
     if isinstance(includes, str):
         includes = [includes]
@@ -77,6 +87,8 @@ def read_yaml(path: Path, field: str = "--config") -> dict:
         raise ConfigError(f"{field}: '{path}' is not valid YAML{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{field}: cannot read '{path}' ({exc})") from None
+    except RecursionError:  # the YAML parser recurses once per nesting level
+        raise ConfigError(f"{field}: '{path}' is nested too deeply to be a run config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -109,9 +121,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             raise ConfigError(
-                f"--set {key}: cannot read {raw!r} as a value (YAML: a number, text, [a, b]...)"
+                f"--set {key}: cannot read {raw[:40]!r} as a value (YAML: a number, text, [a, b]...)"
             ) from None
     return data
 
@@ -138,9 +150,30 @@ def _build(cls: type, data: Any, path: str) -> Any:
             }
         elif cls is RunConfig and name == "method":
             values[name] = _build_method(value, sub)
+        elif issubclass(cls, ModelConfig) and name == COMMAND_LINE_ONLY:
+            _refuse_trust(sub, value)
         else:
             values[name] = _check_type(sub, value, hints[name])
     return cls(**values)
+
+
+def _refuse_trust(path: str, value: Any) -> None:
+    """``trust_checkpoint: true`` in a run config or ``--set`` is refused; ``false`` (what ``config.yaml`` files
+    written before this rule hold) changes nothing and is accepted."""
+    if _check_type(path, value, bool):
+        raise ConfigError(
+            f"{path}: a run config cannot trust a checkpoint file (unpickling it can run its code); give "
+            "--trust-checkpoint on the mmtard train command line, and only for files you made yourself"
+        )
+
+
+def with_trusted_checkpoints(config: RunConfig) -> RunConfig:
+    """``mmtard train --trust-checkpoint``: the student's and every teacher's ``.pt`` file may be a full pickle."""
+    return dataclasses.replace(
+        config,
+        student=dataclasses.replace(config.student, trust_checkpoint=True),
+        teachers={name: dataclasses.replace(spec, trust_checkpoint=True) for name, spec in config.teachers.items()},
+    )
 
 
 def _build_method(data: Any, path: str) -> MethodConfig:
@@ -219,7 +252,11 @@ def _check_type(path: str, value: Any, annotation: Any, norm: str = "linf") -> A
 
 
 def config_to_dict(config: RunConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The config as plain data, as ``config.yaml`` holds it: without :data:`COMMAND_LINE_ONLY`."""
+    data = dataclasses.asdict(config)
+    for model in (data["student"], *data["teachers"].values()):
+        model.pop(COMMAND_LINE_ONLY, None)
+    return data
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

@@ -117,20 +117,30 @@ def read_jsonl(path: Path) -> list[dict]:
     """One dict per line of a JSON-lines log; ``[]`` when the file does not exist.
 
     A last line that is not valid JSON (a process killed while appending it) is dropped with a warning;
-    a bad line anywhere else is a real corruption and raises ``json.JSONDecodeError``.
+    a bad line anywhere else is a real corruption and raises ``json.JSONDecodeError`` whose ``doc`` is the
+    file's text and ``lineno`` the line's number in the file.
     """
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    offset, lines = 0, []  # (offset in the file, line) of each non-blank line
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            lines.append((offset, line.rstrip("\r\n")))
+        offset += len(line)
     records = []
-    for number, line in enumerate(lines, start=1):
+    for number, (start, line) in enumerate(lines, start=1):
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
             if number < len(lines):
-                raise
+                raise json.JSONDecodeError(exc.msg, text, start + exc.pos) from None
             logger.warning("%s: dropped a torn last line (a crash while it was written): %.60s", path, line)
     return records
+
+
+#: what :meth:`RunLock._holder` gives for a lock file it cannot read
+UNREADABLE_LOCK = (-1, "?", None)
 
 
 class RunLockedError(ConfigError):
@@ -157,6 +167,12 @@ class RunLock:
     def check_free(self) -> None:
         """Raise :class:`RunLockedError` naming the holder if a live process holds the lock; writes nothing."""
         holder = self._holder()
+        if holder == UNREADABLE_LOCK:
+            raise RunLockedError(
+                f"output_dir: the lock file {self.run.lock} is unreadable (it holds {self._text()!r}, not "
+                f"'<pid> <host> <start>'): a run starting in '{self.run.path}' this moment, or a damaged file; if no "
+                "mmtard train runs there, remove the lock file and run again"
+            )
         if holder is not None and _alive(*holder):
             pid, host, _ = holder
             where = f"process {pid}" if host == socket.gethostname() else f"process {pid} on {host}"
@@ -197,8 +213,15 @@ class RunLock:
             return int(pid), host, (start[0] if start and start[0] != "-" else None)
         except FileNotFoundError:
             return None
-        except (ValueError, OSError):
-            return -1, "?", None  # unreadable or half written: treat as held by an unknown process
+        except (ValueError, OSError, UnicodeDecodeError):
+            return UNREADABLE_LOCK  # half written, or not a lock file: held until the user says otherwise
+
+    def _text(self) -> str:
+        """The start of the lock file's text, for messages."""
+        try:
+            return self.run.lock.read_bytes()[:40].decode("utf-8", errors="replace")
+        except OSError as exc:
+            return f"<{exc.strerror}>"
 
 
 def _alive(pid: int, host: str, start: str | None = None) -> bool:

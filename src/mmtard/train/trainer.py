@@ -7,7 +7,7 @@ checkpoints (:mod:`~mmtard.train.checkpoint`). Everything that must survive a re
 :class:`~mmtard.train.state.TrainState` and goes into each checkpoint.
 
 Order of work, so that a refused run leaves the file system as it found it: check what the config points
-at (:mod:`mmtard.preflight`), build models, data and optimizer and restore the checkpoint, agree
+at (:mod:`mmtard.train.checks`), build models, data and optimizer and restore the checkpoint, agree
 across processes that every one of them succeeded, and only then lock the run folder and write to it.
 Faults lose nothing (:mod:`~mmtard.train.faults`): a non-finite loss stops the run (or skips the batch,
 ``train.on_nonfinite``) and non-finite weights are never saved; SIGTERM / SIGINT save a checkpoint at the end
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mmtard import preflight
 from mmtard.data import ImageDataset, TrainAugment, step_generator
 from mmtard.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
-from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted, WorkerTimeoutError
+from mmtard.errors import NonFiniteError, TrainingInterrupted, WorkerTimeoutError
 from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.fileio import atomic_write_text
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier, load_clip
@@ -43,11 +43,11 @@ from mmtard.train.build import (
     build_student,
     build_teachers,
     compile_models,
-    data_fields,
     merged_student_state,
 )
-from mmtard.train.config import RunConfig, build_eval_attacks, build_method, method_teachers, unused_teachers
-from mmtard.train.config_io import load_config, save_config
+from mmtard.train.checks import check_built_image_sizes, check_run
+from mmtard.train.config import RunConfig, build_eval_attacks, build_method
+from mmtard.train.config_io import config_to_dict, load_config, save_config
 from mmtard.train.faults import (
     StopSignals,
     agree,
@@ -59,7 +59,6 @@ from mmtard.train.faults import (
     stop_requested,
 )
 from mmtard.train.metrics_log import MetricsLog, logged_values
-from mmtard.train.resume import check_resume
 from mmtard.train.rundir import RunDir, RunLock
 from mmtard.train.state import Run, TrainState
 
@@ -106,56 +105,6 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
         lock.release()
 
 
-def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, stop_after: int | None) -> Path | None:
-    """What the config points at, before anything is built: output folder, lock, models, data, the
-    checkpoint to resume and its saved config. Returns the checkpoint folder to resume from (or None)."""
-    if stop_after is not None and stop_after < 1:
-        raise ConfigError(f"--stop-after: expected a whole number of steps >= 1, got {stop_after}")
-    preflight.check_output_dir(run.path, "output_dir")
-    if env.is_main:
-        RunLock(run).check_free()
-    student = cfg.student
-    preflight.check_model(
-        student.arch,
-        student.pretrained,
-        "student.arch",
-        "student.pretrained",
-        trust_checkpoint=student.trust_checkpoint,
-    )
-    for name in method_teachers(cfg) or {}:
-        spec = cfg.teachers[name]
-        preflight.check_model(
-            spec.arch,
-            spec.pretrained,
-            f"teachers.{name}.arch",
-            f"teachers.{name}.pretrained",
-            trust_checkpoint=spec.trust_checkpoint,
-        )
-    unused = unused_teachers(cfg)
-    if unused and env.is_main:
-        logger.warning(
-            "method %s does not distil from teacher(s) %s (their kind, or a method without teachers): not loaded",
-            cfg.method.name,
-            ", ".join(unused),
-        )
-    for split in (cfg.data.split, cfg.data.eval_split):
-        preflight.check_data(
-            cfg.data.dataset, cfg.data.dir, split, data_fields("eval_" if split != cfg.data.split else "")
-        )
-    build_precision(cfg, env.device)
-    if cfg.train.compile:
-        preflight.check_compile(env.device)
-    if cfg.method.cache_dir is not None:
-        preflight.check_output_dir(cfg.method.cache_dir, "method.cache_dir")
-    if not resume:
-        return None
-    path = ckpt.resolve_resume(run.path, resume)
-    ckpt.check_checkpoint_files(path)
-    if run.config.is_file():
-        check_resume(load_config(run.config), cfg, run.config)
-    return path
-
-
 def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
     """Models, data, method, optimizer; the checkpoint restored. Nothing is written."""
     image_size = preflight.model_image_size(cfg.student.arch)
@@ -177,6 +126,7 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
         check_batch_size(cfg, len(train_set), env.world_size)
     method = build_method(cfg)
     teachers = build_teachers(cfg, method, student_bundle, train_set, env.device)
+    check_built_image_sizes(cfg, student_bundle.image_size, teachers)
     build_student(cfg, student_bundle)
     student = build_zero_shot_classifier(
         student_bundle, train_set.classnames, train_set.templates, cfg.method.logit_scale
@@ -206,7 +156,7 @@ def start_writing(cfg: RunConfig, run: RunDir, env: DistEnv, lock: RunLock) -> N
 
 def write_run_config(cfg: RunConfig, run: RunDir) -> None:
     """``config.yaml``, unless the folder already holds this very config (a resume that changes nothing)."""
-    if run.config.is_file() and load_config(run.config) == cfg:
+    if run.config.is_file() and config_to_dict(load_config(run.config, field="output_dir")) == config_to_dict(cfg):
         return
     save_config(cfg, run.config)
 
