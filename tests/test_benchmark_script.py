@@ -221,3 +221,11 @@ def test_the_benchmark_runs_end_to_end_in_worker_processes(tmp_path, monkeypatch
     mmt = next(r for r in records if r["cell"] == "mmt-ard" and r["split"] == "seen")
     assert mmt["clean_samples"] == 20 and mmt["robust_samples"] == 10 and mmt["aa4_mean"] is not None
     assert set(mmt["vs_ard"]) == {"clean", "pgd4", "aa4"} and len(mmt["vs_ard"]["aa4"]["ci95"]) == 2
+    assert all(
+        (tmp_path / "out" / plot).stat().st_size > 0 for plot in ("pareto.png", "pareto_pgd.png", "lambda_r.png")
+    )
+
+    module.main(
+        [*common, "--recipe", "smoke", "--cells", "ard", "--ablation", "--no-zoo-models", "--out", str(tmp_path / "o2")]
+    )
+    assert "| teacher-robust | given |" not in (tmp_path / "o2" / "benchmark.md").read_text()

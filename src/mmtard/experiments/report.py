@@ -135,7 +135,7 @@ def plot_pareto(rows: Sequence[dict], path: Path, attack: str = "aa", eps: str =
     """Clean against robust accuracy (``attack`` at ``eps``), one point per model: the mean over its seeds with
     standard-deviation error bars; seen and unseen classes side by side. Rows without that attack are skipped."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
     for ax, split, title in zip(axes, ("seen", "unseen"), ("seen classes (in-distribution)", "unseen (zero-shot)")):
         for name, group in group_by_model(rows).items():
             robust = [robust_accuracy(row[split], attack, eps) for row in group]
@@ -157,7 +157,7 @@ def plot_pareto(rows: Sequence[dict], path: Path, attack: str = "aa", eps: str =
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel(f"robust accuracy (%), {attack} L-inf {eps}")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: it hid points
     fig.tight_layout()
     save_figure(fig, path)
 
