@@ -89,9 +89,16 @@ class CLIPBundle:
         return next(self.model.parameters()).device
 
 
+def tower_image_size(model: nn.Module) -> int | None:
+    """The input size of a model's image tower (``model.visual.image_size``), None when it does not say."""
+    size = getattr(getattr(model, "visual", None), "image_size", None)
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    return int(size) if size else None
+
+
 def _image_size(model: nn.Module) -> int:
-    size = getattr(model.visual, "image_size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return tower_image_size(model) or 224
 
 
 def _is_path_like(pretrained: str) -> bool:

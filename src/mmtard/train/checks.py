@@ -18,6 +18,7 @@ from torch import nn
 from mmtard import preflight
 from mmtard.distributed import DistEnv
 from mmtard.errors import ConfigError
+from mmtard.models.loading import tower_image_size
 from mmtard.train import checkpoint as ckpt
 from mmtard.train.build import build_precision, data_fields
 from mmtard.train.config import RunConfig, method_teachers, unused_teachers
@@ -106,14 +107,6 @@ def check_built_image_sizes(cfg: RunConfig, student_size: int, teachers: Mapping
     for name, teacher in teachers.items():
         if name in cfg.teachers:
             _check_same_size(cfg, name, student_size, tower_image_size(teacher))
-
-
-def tower_image_size(model: nn.Module) -> int | None:
-    """The input size of a model's image tower (``model.visual.image_size``), None when it does not say."""
-    size = getattr(getattr(model, "visual", None), "image_size", None)
-    if isinstance(size, (tuple, list)):
-        size = size[0]
-    return int(size) if size else None
 
 
 def _check_same_size(cfg: RunConfig, name: str, student: int | None, teacher: int | None) -> None:
