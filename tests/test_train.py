@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import torch
 from helpers import MMT_ARD, REPO, as_argv, make_npz_dir, read_metrics, same_weights, small
 from safetensors.torch import load_file
 
+import mmtard
 from mmtard.cli import main
 from mmtard.distributed import DistEnv
 from mmtard.errors import ConfigError
@@ -30,6 +32,7 @@ from mmtard.methods import create_method, list_methods
 from mmtard.train import checkpoint as ckpt
 from mmtard.train import faults, load_config, metrics_log, save_config
 from mmtard.train import trainer as trainer_module
+from mmtard.train.rundir import RunDir
 from mmtard.train.trainer import train
 
 PRESET_FILES = sorted(p for p in (REPO / "configs" / "cpu").glob("*.yaml") if not p.name.startswith("_"))
@@ -352,6 +355,24 @@ def test_stop_crash_and_resume_is_bitwise_the_uninterrupted_run(
     assert_same_run(out, uninterrupted[finetune])
     # The student trained after the checkpoint (LoRA included), so equal final weights are not a given.
     assert not same_weights(out / "model.safetensors", checkpoints / CHECKPOINT_1 / "model.safetensors")
+    starts = json.loads((out / "provenance.json").read_text())
+    assert [s["step"] for s in starts] == [0, 2, 2]  # the first start, the crashed resume, the last resume
+    for start in starts:
+        assert (start["mmtard"], start["torch"], start["device"]) == (mmtard.__version__, torch.__version__, "cpu")
+        assert start["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+uncommitted changes)?", start["commit"])
+
+
+def test_a_fresh_start_begins_the_provenance_list_and_a_resume_extends_it(tmp_path, caplog):
+    run, env = RunDir(tmp_path), DistEnv(0, 1, 0, torch.device("cpu"))
+    run.provenance.write_text(json.dumps([{"step": 0, "commit": "an earlier run"}]))
+    trainer_module.record_start(run, 0, env)  # a new run in the folder: the old run's starts are not its own
+    assert [s["step"] for s in json.loads(run.provenance.read_text())] == [0]
+    trainer_module.record_start(run, 6, env)
+    assert [s["step"] for s in json.loads(run.provenance.read_text())] == [0, 6]
+    run.provenance.write_text("{not json")
+    trainer_module.record_start(run, 8, env)
+    assert [s["step"] for s in json.loads(run.provenance.read_text())] == [8]
+    assert "not a list of starts" in caplog.text
 
 
 KILL_SCRIPT = """
@@ -359,6 +380,7 @@ import os, signal, sys
 import torch
 from mmtard.train import checkpoint
 from mmtard.train import load_config
+from mmtard.train.rundir import RunDir
 from mmtard.train.trainer import train
 
 real_save, calls = torch.save, []
@@ -464,7 +486,6 @@ def test_each_teacher_forward_reaches_the_loss(role, data_dir, tmp_path, monkeyp
 
 
 def test_without_tensorboard_the_run_logs_a_warning_and_writes_json_logs_only(tmp_path, monkeypatch, caplog):
-    from mmtard.train.rundir import RunDir
 
     real_find_spec = metrics_log.importlib.util.find_spec
     monkeypatch.setattr(

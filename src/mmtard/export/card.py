@@ -10,7 +10,6 @@ model-card metadata (``library_name``, ``pipeline_tag``, ``tags``, ``datasets`` 
 from __future__ import annotations
 
 import logging
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,26 +90,6 @@ def read_results(path: str | Path) -> list[dict]:
     for record in records:
         check_record(record, path, "--results")
     return records
-
-
-def git_commit() -> str | None:
-    """``<sha>`` of the mmtard checkout (``<sha>+uncommitted changes`` when it is dirty), ``None`` outside git."""
-    package = Path(mmtard.__file__).resolve().parent
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=package, capture_output=True, text=True)
-        if top.returncode != 0 or not (Path(top.stdout.strip()) / "src" / "mmtard").is_dir():
-            return None
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, check=True)
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=package,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (FileNotFoundError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+uncommitted changes" if status.stdout.strip() else "")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

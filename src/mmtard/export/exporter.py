@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from mmtard.errors import ConfigError
-from mmtard.export.card import CARD_FILE, CardInput, git_commit, read_results, render_card
+from mmtard.export.card import CARD_FILE, CardInput, read_results, render_card
 from mmtard.export.hf import HF_FILES, check_hf_convertible, import_transformers, write_hf_folder
 from mmtard.export.openclip import OPEN_CLIP_FILES, check_open_clip_exportable, write_open_clip_folder
 from mmtard.export.source import preprocess_config, resolve_source
 from mmtard.fileio import atomic_write_text, reported_write_errors
 from mmtard.models import load_clip
 from mmtard.preflight import check_output_dir
+from mmtard.provenance import git_commit
 from mmtard.registry import Registry
 
 logger = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ checkpoints, CLI, experiments, reports, benchmarks) goes through it::
     run.latest          # runs/try/checkpoints/latest   one line naming the newest complete checkpoint
     run.model           # runs/try/model.safetensors    the final student (a plain open_clip checkpoint)
     run.final_eval      # runs/try/final_eval.json      the final held-out evaluation
+    run.provenance      # runs/try/provenance.json      each start's code and machine (mmtard.provenance)
     run.lock            # runs/try/.lock                the PID of the process training in this folder
 """
 
@@ -36,6 +37,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 MODEL_FILE = "model.safetensors"
 FINAL_EVAL_FILE = "final_eval.json"
+PROVENANCE_FILE = "provenance.json"
 LOCK_FILE = ".lock"
 
 
@@ -83,6 +85,10 @@ class RunDir:
     @property
     def final_eval(self) -> Path:
         return self.path / FINAL_EVAL_FILE
+
+    @property
+    def provenance(self) -> Path:
+        return self.path / PROVENANCE_FILE
 
     @property
     def lock(self) -> Path:

@@ -34,6 +34,7 @@ from mmtard.errors import NonFiniteError, TrainingInterrupted, WorkerTimeoutErro
 from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.fileio import atomic_write_text
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier, load_clip
+from mmtard.provenance import start_record
 from mmtard.train import checkpoint as ckpt
 from mmtard.train.batches import batches, check_batch_size
 from mmtard.train.build import (
@@ -91,7 +92,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
     built = agree(env, build_run, cfg, env, resume_from)
     lock = RunLock(run)
     try:
-        agree(env, start_writing, cfg, run, env, lock)
+        agree(env, start_writing, cfg, run, env, lock, built.state.step)
         with StopSignals() as stop:
             return train_loop(cfg, run, env, built, stop_after, progress, stop)
     except RuntimeError as exc:
@@ -147,11 +148,28 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
     return Run(state, student_bundle, teachers, student, params, autocast_dtype, train_set, eval_set, augment)
 
 
-def start_writing(cfg: RunConfig, run: RunDir, env: DistEnv, lock: RunLock) -> None:
-    """Rank 0 locks the run folder (creating it) and writes ``config.yaml``: the first writes of a run."""
+def start_writing(cfg: RunConfig, run: RunDir, env: DistEnv, lock: RunLock, step: int) -> None:
+    """Rank 0 locks the run folder (creating it), writes ``config.yaml`` and adds this start (from ``step``) to
+    ``provenance.json``: the first writes of a run."""
     if env.is_main:
         lock.acquire()
         write_run_config(cfg, run)
+        record_start(run, step, env)
+
+
+def record_start(run: RunDir, step: int, env: DistEnv) -> None:
+    """``provenance.json``: the starts of this run (a resume keeps the earlier ones; a fresh run starts the list)."""
+    starts = []
+    if step > 0 and run.provenance.is_file():
+        try:
+            starts = json.loads(run.provenance.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            starts = None
+        if not isinstance(starts, list):
+            logger.warning("%s is not a list of starts; it is started again with this one", run.provenance)
+            starts = []
+    starts.append(start_record(step, env.world_size, env.device))
+    atomic_write_text(run.provenance, json.dumps(starts, indent=2))
 
 
 def write_run_config(cfg: RunConfig, run: RunDir) -> None:
