@@ -172,6 +172,8 @@ def make_workspace(root: Path) -> None:
     run_folder(root, "run-final-not-json", good_config, '{"clean_acc": 5')
     run_folder(root, "run-final-no-acc", good_config, '{"robust": [], "samples": 4}')
     run_folder(root, "run-final-robust-text", good_config, '{"clean_acc": 5.0, "robust": [{"acc": "high"}]}')
+    run_folder(root, "run-provenance-a-dict", good_config)
+    (root / "run-provenance-a-dict" / "provenance.json").write_text('{"step": 0}')
     make_train_workspace(root)
     results = {"dataset": "cifar10", "clean_acc": 50.0, "robust": [{"attack": "pgd", "eps": "4/255"}]}
     (root / "results-no-acc.json").write_text(json.dumps(results))
@@ -273,6 +275,7 @@ EXPECTED_TEXT = {
     "export-run-final-eval-not-json": "'run-final-not-json/final_eval.json' is not JSON",
     "export-run-final-eval-no-acc": "'run-final-no-acc/final_eval.json' has clean_acc None",
     "export-run-final-eval-robust-text": "final_eval.json' has a robust entry without a numeric acc",
+    "export-run-provenance-a-dict": "'run-provenance-a-dict/provenance.json' is not a list of the run's starts",
     "export-results-no-acc": "'results-no-acc.json' has a robust entry without a numeric acc",
     "export-results-not-json": "'results-not-json.json' is not JSON",
     "train-trust-checkpoint-in-yaml": "give --trust-checkpoint on the mmtard train command line",
@@ -501,6 +504,7 @@ CASES = [
     ("export-run-final-eval-not-json", [*EXPORT, "run-final-not-json", "--out", "out"], "--pretrained"),
     ("export-run-final-eval-no-acc", [*EXPORT, "run-final-no-acc", "--out", "out"], "--pretrained"),
     ("export-run-final-eval-robust-text", [*EXPORT, "run-final-robust-text", "--out", "out"], "--pretrained"),
+    ("export-run-provenance-a-dict", [*EXPORT, "run-provenance-a-dict", "--out", "out"], "--pretrained"),
     ("export-results-no-acc", [*EXPORT, "none", "--results", "results-no-acc.json", "--out", "out"], "--results"),
     ("export-results-not-json", [*EXPORT, "none", "--results", "results-not-json.json", "--out", "out"], "--results"),
     (

@@ -371,6 +371,8 @@ def test_model_card_is_written_from_the_run_and_results(tiny_run, tiny_exports):
         assert f"SHA-256 `{sha256(folder / 'model.safetensors')}`" in body
         assert f"SHA-256 `{sha256(run / 'model.safetensors')}`" in body
         assert f"open_clip {open_clip.__version__}" in body
+        (start,) = json.loads((run / "provenance.json").read_text())  # the run's one start names its code
+        assert f"- Training started at step 0, {start['started']}: mmtard {start['mmtard']}, commit " in body
 
 
 def test_card_flags_results_of_other_weights_and_gives_llava_shapes(tiny_run, tmp_path, transformers):

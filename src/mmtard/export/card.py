@@ -430,6 +430,13 @@ def provenance_section(card: CardInput, source_digest: str | None) -> list[str]:
     ]
     if card.source.run is not None:
         lines.append(f"- Run folder: `{card.source.run.path}`.")
+    for start in card.source.run_starts or []:
+        lines.append(
+            f"- Training {'started' if start.get('step') == 0 else 'resumed'} at step {start.get('step')}, "
+            f"{start.get('started')}: mmtard {start.get('mmtard')}, commit {start.get('commit') or 'not available'}, "
+            f"torch {start.get('torch')}, open_clip {start.get('open_clip')}, {start.get('world_size')} process(es) "
+            f"on {start.get('gpu') or start.get('device')}."
+        )
     source_file = card.source.weights_file
     if source_file is not None:
         lines.append(f"- Source weights: `{source_file}`, SHA-256 `{source_digest}`.")

@@ -32,6 +32,7 @@ class ExportSource:
         base_tag: the open_clip pretrained tag the weights started from, when known (the run's
             ``student.pretrained``, or ``--pretrained`` itself).
         vision_weights: the image-tower file loaded over ``weights`` (``--vision-weights``), if any.
+        run_starts: the run's ``provenance.json``: one record per start of its training (``None`` when absent).
     """
 
     arch: str
@@ -41,6 +42,7 @@ class ExportSource:
     final_eval: dict | None = None
     base_tag: str | None = None
     vision_weights: str | None = None
+    run_starts: list[dict] | None = None
 
     @property
     def weights_file(self) -> Path | None:
@@ -93,6 +95,7 @@ def resolve_source(arch: str, pretrained: str | Path) -> ExportSource:
         run_config=config,
         final_eval=final_eval,
         base_tag=_tag_of(arch, student.get("pretrained")),
+        run_starts=read_run_starts(run.provenance) if run.provenance.exists() else None,
     )
 
 
@@ -136,6 +139,19 @@ def read_final_eval(path: Path) -> dict:
     record = read_json(path, "--pretrained")
     check_record(record, path, "--pretrained")
     return record
+
+
+def read_run_starts(path: Path) -> list[dict]:
+    """A run folder's ``provenance.json`` (:func:`mmtard.train.trainer.record_start`): a list of objects.
+
+    Raises:
+        ConfigError: naming ``--pretrained`` and the file.
+    """
+    require_regular_file(path, "--pretrained", "the run's provenance.json")
+    starts = read_json(path, "--pretrained")
+    if not isinstance(starts, list) or not all(isinstance(start, dict) for start in starts):
+        raise ConfigError(f"--pretrained: '{path}' is not a list of the run's starts (objects)")
+    return starts
 
 
 def preprocess_config(bundle: CLIPBundle, base_tag: str | None) -> dict:
