@@ -89,7 +89,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-samples", type=int, default=500, help="test images per split for PGD-10 and aa")
     p.add_argument("--eval-every", type=int, default=ZOO_SCALE.eval_every, help="held-out PGD period in training")
     p.add_argument("--no-aa", action="store_true", help="PGD-10 only")
-    p.add_argument("--no-zoo-models", action="store_true", help="do not evaluate the zoo's own four models")
+    p.add_argument(
+        "--zoo-models",
+        nargs="+",
+        default=list(GIVEN_STAGES),
+        choices=GIVEN_STAGES,
+        help="which of the zoo's own models to evaluate (default: all four)",
+    )
+    p.add_argument("--no-zoo-models", action="store_true", help="do not evaluate the zoo's own models")
     p.add_argument("--jobs", type=int, default=1, help="students trained (and evaluated) at once, one thread each")
     p.add_argument("--report-only", action="store_true", help="train nothing: the tables of the students on disk")
     p.add_argument("--docs", default=None, help="also write zoo-headline.json, pareto.png, lambda_r.png here")
@@ -400,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if more and not args.report_only:
         run_protocol(out, scale, (), (), more, zoo=args.zoo, progress=False, rows_for=())
     # The zoo's models are evaluated after the students (the teachers cost the most), not for the calibration.
-    given = [] if args.calibrate or args.no_zoo_models else list(GIVEN_STAGES)
+    given = [] if args.calibrate or args.no_zoo_models else args.zoo_models
 
     def report(*_):
         rows = [row for job in jobs if (row := finished(out, job)) is not None]

@@ -229,3 +229,6 @@ def test_the_benchmark_runs_end_to_end_in_worker_processes(tmp_path, monkeypatch
         [*common, "--recipe", "smoke", "--cells", "ard", "--ablation", "--no-zoo-models", "--out", str(tmp_path / "o2")]
     )
     assert "| teacher-robust | given |" not in (tmp_path / "o2" / "benchmark.md").read_text()
+    module.main([*common, "--recipe", "smoke", "--cells", "ard", "--ablation", "--zoo-models", "foundation-student"])
+    report = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "| foundation-student | given |" in report and "| teacher-robust | given |" not in report
