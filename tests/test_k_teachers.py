@@ -5,8 +5,11 @@ The fixture ``tests/data/two_teacher_reference.json`` holds float64 trajectories
 student's weights after 4 SGD steps). The float32 trajectories of the code before teachers became named were saved
 first (commit "tests: two-teacher trajectories saved from the current code") and matched bitwise on that CPU; on
 another CPU float32 kernels differ in the last bits and sign-gradient PGD amplifies that (up to 2e-4 relative on a
-near-zero KL), so the comparison runs in float64, where another CPU stays far below the 1e-6 relative tolerance and a
-change of a formula does not. Regenerate it only for an intended change of the two-teacher numbers:
+near-zero KL), so the comparison runs in float64. Even there another CPU differs (the fixture was written on an AMD
+EPYC; on an Intel Xeon: up to 2.2e-6 relative on a loss, 1.5e-8 absolute on a metric near 7e-4, 3.3e-7 of a weight
+tensor's largest entry, x' bitwise), so a number is compared within 3e-5 relative (1e-7 absolute near 0) and a
+weight tensor within 3e-5 of its largest entry; a change of a formula (a balance's beta 5 -> 5.01) moves them by
+1.2e-3 or more. Regenerate it only for an intended change of the two-teacher numbers:
 ``python tests/test_k_teachers.py --write-fixture``.
 """
 
@@ -74,18 +77,24 @@ def parameter_values(model: nn.Module) -> dict[str, list[float]]:
     return {name: value.detach().flatten().tolist() for name, value in sorted(model.state_dict().items())}
 
 
-def assert_close(got, saved, path: str = "", rel: float = 1e-6) -> None:
-    """``got`` equals ``saved`` in structure, and each number within ``rel`` relative (1e-12 absolute near 0)."""
+def assert_close(got, saved, path: str = "", rel: float = 3e-5) -> None:
+    """``got`` equals ``saved`` in structure; each number within ``rel`` relative (1e-7 absolute near 0), each list
+    of floats (a weight tensor) within ``rel`` of its largest magnitude."""
     if isinstance(saved, dict):
         assert isinstance(got, dict) and set(got) == set(saved), f"{path}: keys {sorted(got)} != {sorted(saved)}"
         for key in saved:
             assert_close(got[key], saved[key], f"{path}/{key}", rel)
+    elif isinstance(saved, list) and saved and all(isinstance(v, float) for v in saved):
+        assert isinstance(got, list) and len(got) == len(saved), f"{path}: length differs"
+        worst = max(abs(a - b) for a, b in zip(got, saved))
+        scale = max(abs(v) for v in saved)
+        assert worst <= rel * scale + 1e-7, f"{path}: differs by {worst!r} from saved (largest entry {scale!r})"
     elif isinstance(saved, list):
         assert isinstance(got, list) and len(got) == len(saved), f"{path}: length differs"
         for i, (a, b) in enumerate(zip(got, saved)):
             assert_close(a, b, f"{path}[{i}]", rel)
     elif isinstance(saved, float) or (isinstance(saved, int) and not isinstance(saved, bool)):
-        assert math.isclose(got, saved, rel_tol=rel, abs_tol=1e-12), f"{path}: {got!r} != saved {saved!r}"
+        assert math.isclose(got, saved, rel_tol=rel, abs_tol=1e-7), f"{path}: {got!r} != saved {saved!r}"
     else:
         assert got == saved, f"{path}: {got!r} != saved {saved!r}"
 
@@ -130,12 +139,12 @@ def all_trajectories() -> dict:
     return {name: trajectory(preset, overrides) for name, (preset, overrides) in TRAJECTORIES.items()}
 
 
-# ---------------------------------------------------------------- two teachers: as before, within 1e-6
+# ---------------------------------------------------------------- two teachers: as before, within 3e-5
 
 
 @pytest.mark.parametrize("name", sorted(TRAJECTORIES))
 def test_two_teacher_presets_match_the_saved_trajectory(name):
-    """Losses, lambdas, every metric, x' and the student's weights within 1e-6 relative of the saved float64 run."""
+    """Losses, lambdas, every metric, x' and the student's weights within 3e-5 relative of the saved float64 run."""
     fixture = json.loads(FIXTURE.read_text())
     preset, overrides = TRAJECTORIES[name]
     assert_close(trajectory(preset, overrides), fixture["trajectories"][name], name)
