@@ -219,12 +219,18 @@ def by_model(rows: Sequence[dict]) -> dict[str, list[dict]]:
 
 
 def accuracy_cells(group: list[dict], split: str) -> list[str]:
-    """Clean (every image), PGD-10 at each radius and aa at 4/255: mean ± std over the group's seeds."""
+    """Clean (every image), PGD-10 at each radius and aa at 4/255: mean ± std over the group's seeds (aa over the
+    seeds it ran on, named when they are fewer)."""
     clean = [r.get("clean_all", r)[split]["clean_acc"] for r in group]
     cells = [mean_std(clean)]
     cells += [mean_std([robust_accuracy(r[split], "pgd", e) for r in group]) for e in EPS]
-    aa = [robust_accuracy(r["aa"][split], "aa", TARGET_EPS) for r in group if "aa" in r]
-    return cells + [mean_std(aa) if aa else "-"]
+    with_aa = [r for r in group if "aa" in r]
+    if not with_aa:
+        return cells + ["-"]
+    aa = mean_std([robust_accuracy(r["aa"][split], "aa", TARGET_EPS) for r in with_aa])
+    if len(with_aa) < len(group):
+        aa += f" (seed {', '.join(str(r['seed']) for r in with_aa)})"
+    return cells + [aa]
 
 
 def accuracy_table(rows: Sequence[dict], split: str, samples: int) -> str:
@@ -252,7 +258,8 @@ MEASURES = {"clean": "clean", "pgd4": "PGD-10 4/255", "aa4": "aa 4/255"}
 
 
 def differences(rows: Sequence[dict], baseline: str) -> dict[str, dict]:
-    """model -> {split/measure: Difference} against ``baseline`` on the seeds both have (paired bootstrap)."""
+    """model -> {split/measure: Difference} against ``baseline`` on the seeds both have (paired bootstrap); aa on
+    those of them it ran on in both."""
     groups = by_model([r for r in rows if r.get("cell")])
     if baseline not in groups:
         return {}
@@ -265,10 +272,11 @@ def differences(rows: Sequence[dict], baseline: str) -> dict[str, dict]:
         result[name] = {}
         for split in SPLITS:
             for measure in MEASURES:
-                if measure == "aa4" and not all("aa" in r and "aa" in b for r, b in pairs):
+                measured = [(r, b) for r, b in pairs if measure != "aa4" or ("aa" in r and "aa" in b)]
+                if not measured:
                     continue
-                model_outcomes = [outcomes(r, split, measure) for r, _ in pairs]
-                base_outcomes = [outcomes(b, split, measure) for _, b in pairs]
+                model_outcomes = [outcomes(r, split, measure) for r, _ in measured]
+                base_outcomes = [outcomes(b, split, measure) for _, b in measured]
                 result[name][f"{split}/{measure}"] = paired_bootstrap(model_outcomes, base_outcomes)
     return result
 
@@ -278,8 +286,14 @@ def differences_table(diffs: dict[str, dict], baseline: str) -> str:
     header = " | ".join(f"{k.split('/')[0]} {MEASURES[k.split('/')[1]]}" for k in keys)
     lines = [f"| model − {baseline} | seeds | {header} |", "|---|---|" + "---|" * len(keys)]
     for name, cells in diffs.items():
-        seeds = next(iter(cells.values())).seeds
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells[k].text() if k in cells else "-" for k in keys) + " |")
+        seeds = max(d.seeds for d in cells.values())
+        texts = [
+            "-"
+            if k not in cells
+            else cells[k].text() + ("" if cells[k].seeds == seeds else f" ({cells[k].seeds} of them)")
+            for k in keys
+        ]
+        lines.append(f"| {name} | {seeds} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
 

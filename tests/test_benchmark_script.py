@@ -94,6 +94,24 @@ def test_headline_records_carry_cell_preset_and_the_paired_difference_to_ard(ben
     assert ard["preset"] == "ard" and ard["steps_to_ard_final"] == [200, 180] and ard["vs_ard"] == {}
 
 
+def test_aa_on_fewer_seeds_is_compared_on_those_and_the_tables_say_which(bench):
+    """aa on seed 0 only (of 2): its mean and its paired difference come from seed 0 and the tables name it."""
+    rows = [student("ard", s, "1100", "1000") for s in (0, 1)] + [student("mmt-ard", s, "1111", "1100") for s in (0, 1)]
+    for row in rows:
+        if row["seed"] == 1:
+            del row["aa"]
+    diffs = bench.differences(rows, "student-ard-lr1e-3")["student-mmt-ard-lr1e-3"]
+    assert diffs["seen/aa4"].seeds == 1 and diffs["seen/clean"].seeds == 2
+    assert diffs["seen/aa4"].mean == pytest.approx(25.0)
+    table = bench.differences_table({"student-mmt-ard-lr1e-3": diffs}, "student-ard-lr1e-3")
+    assert "| student-mmt-ard-lr1e-3 | 2 | +50.0" in table and "(1 of them)" in table
+    accuracy = bench.accuracy_table(rows, "seen", 4)
+    assert (
+        "| student-mmt-ard-lr1e-3 | 0, 1 | 100.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 25.0 (seed 0) |"
+        in accuracy
+    )
+
+
 def test_calibration_table_states_each_target_beside_the_result(bench):
     def calibrated(cell, unseen_clean, pgd4):
         row = student(cell, 0)
