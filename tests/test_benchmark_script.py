@@ -250,3 +250,20 @@ def test_the_benchmark_runs_end_to_end_in_worker_processes(tmp_path, monkeypatch
     module.main([*common, "--recipe", "smoke", "--cells", "ard", "--ablation", "--zoo-models", "foundation-student"])
     report = (tmp_path / "out" / "benchmark.md").read_text()
     assert "| foundation-student | given |" in report and "| teacher-robust | given |" not in report
+
+
+def test_pareto_points_put_clean_accuracy_on_every_image_beside_the_robust_one():
+    """The plot's x is the tables' clean accuracy (``clean_all``, every test image), its y the attack's accuracy;
+    a model without that attack is left out."""
+    from mmtard.experiments.report import pareto_points
+
+    rows = [student("ard", s, clean) for s, clean in ((0, "1100"), (1, "1110"))]
+    aa_rows = [dict(r, seen=r["aa"]["seen"], unseen=r["aa"]["unseen"]) for r in rows]
+    ((name, seeds, clean, clean_std, robust, robust_std),) = pareto_points(aa_rows, "unseen", "aa", "4/255")
+    assert (name, seeds) == ("student-ard-lr1e-3", 2)
+    assert clean == pytest.approx(62.5) and clean_std == pytest.approx(17.6777, abs=1e-3)  # 50 and 75, not 75
+    assert (robust, robust_std) == (25.0, 0.0)
+    assert pareto_points(rows, "seen", "aa", "4/255") == []  # PGD rows: no aa point
+    given = {"stage": "teacher-clean", "role": "teacher", "seen": record(80.0, 40.0)}
+    ((_, _, clean, *_),) = pareto_points([given], "seen", "pgd", "4/255")
+    assert clean == 80.0  # no clean_all: the robust evaluation's own clean accuracy

@@ -131,27 +131,39 @@ def plot_training_curves(out: Path, rows: Sequence[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def pareto_points(rows: Sequence[dict], split: str, attack: str = "aa", eps: str = "4/255") -> list[tuple]:
+    """One ``(name, seeds, clean mean, clean std, robust mean, robust std)`` per model that has ``attack`` at
+    ``eps`` on ``split``. Clean accuracy is on every test image of the split where the row has it (``clean_all``,
+    as the tables report it), else on the robust evaluation's images."""
+    points = []
+    for name, group in group_by_model(rows).items():
+        robust = [robust_accuracy(row[split], attack, eps) for row in group]
+        if None in robust:
+            continue
+        clean = [row.get("clean_all", row)[split]["clean_acc"] for row in group]
+        points.append((name, len(group), statistics.mean(clean), std(clean), statistics.mean(robust), std(robust)))
+    return points
+
+
 def plot_pareto(rows: Sequence[dict], path: Path, attack: str = "aa", eps: str = "4/255") -> None:
-    """Clean against robust accuracy (``attack`` at ``eps``), one point per model: the mean over its seeds with
-    standard-deviation error bars; seen and unseen classes side by side. Rows without that attack are skipped."""
+    """Clean against robust accuracy (``attack`` at ``eps``), one point per model (:func:`pareto_points`): the mean
+    over its seeds with standard-deviation error bars; seen and unseen classes side by side."""
     plt = pyplot()
+    groups = group_by_model(rows)
     fig, axes = plt.subplots(1, 2, figsize=(15, 5))
     for ax, split, title in zip(axes, ("seen", "unseen"), ("seen classes (in-distribution)", "unseen (zero-shot)")):
-        for name, group in group_by_model(rows).items():
-            robust = [robust_accuracy(row[split], attack, eps) for row in group]
-            if None in robust:
-                continue
-            clean = [row[split]["clean_acc"] for row in group]
-            marker = "s" if group[0]["role"] in ("foundation", "teacher") else "o"
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 models without a repeated colour
+        for name, seeds, clean, clean_std, robust, robust_std in pareto_points(rows, split, attack, eps):
+            given = groups[name][0]["role"] in ("foundation", "teacher")
             ax.errorbar(
-                statistics.mean(clean),
-                statistics.mean(robust),
-                xerr=std(clean),
-                yerr=std(robust),
-                marker=marker,
+                clean,
+                robust,
+                xerr=clean_std,
+                yerr=robust_std,
+                marker="s" if given else "o",
                 capsize=3,
                 linestyle="none",
-                label=f"{name} ({len(group)} seed{'s' if len(group) > 1 else ''})",
+                label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})",
             )
         ax.set_title(title)
         ax.set_xlabel("clean accuracy (%)")
