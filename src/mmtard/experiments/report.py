@@ -186,7 +186,8 @@ def plot_lambda_trajectories(out: Path, rows: Sequence[dict], path: Path) -> Non
     ax.set_xlabel("step")
     ax.set_ylabel("lambda_R")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:  # no student logs lambda_R (e.g. baselines only): an empty plot, without an empty legend
+        ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
