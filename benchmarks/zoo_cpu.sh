@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What BENCHMARKS.md section 2 ran on this project's 2-core machine (issue 16, calibrated recipe lr2e-3): about
-# 5 hours on 2 cores, two students at a time with one thread each (on 2026-12-03 it ran in two sessions, the
+# 4 h 40 min on 2 cores, two students at a time with one thread each (on 2026-12-03 it ran in two sessions, the
 # times are in README "Benchmarks"). Each invocation reuses what the earlier ones finished, so stop and rerun at
 # will; on the finished run folder the whole script only rewrites the tables and plots. Needs the rebuilt zoo:
 #
@@ -9,7 +9,7 @@
 #
 # 1. The students, PGD-10 only: the baselines and mmt-ard's three candidates on 3 seeds, the ablation on seed 0,
 #    and the zoo's four models (its foundations and teachers, never trained; PGD-10 only).
-# 2. aa at 4/255 on every student (10 to 12.5 minutes of one core each): ard and the candidates first.
+# 2. aa at 4/255 on every student (7 to 12.5 minutes of one core each): ard and the candidates first.
 # 3. The calibration table (runs/bench-zoo/calibration.md), the tables (runs/bench-zoo/benchmark.md),
 #    docs/benchmarks/zoo-headline.json and the plots.
 set -euo pipefail
