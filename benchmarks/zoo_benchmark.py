@@ -57,6 +57,7 @@ from mmtard.experiments.cells import (  # noqa: E402
 )
 from mmtard.experiments.protocol import GIVEN_STAGES, evaluate_stage  # noqa: E402
 from mmtard.experiments.report import (  # noqa: E402
+    clean_accuracy,
     mean_std,
     plot_lambda_trajectories,
     plot_pareto,
@@ -221,7 +222,7 @@ def by_model(rows: Sequence[dict]) -> dict[str, list[dict]]:
 def accuracy_cells(group: list[dict], split: str) -> list[str]:
     """Clean (every image), PGD-10 at each radius and aa at 4/255: mean ± std over the group's seeds (aa over the
     seeds it ran on, named when they are fewer)."""
-    clean = [r.get("clean_all", r)[split]["clean_acc"] for r in group]
+    clean = [clean_accuracy(r, split) for r in group]
     cells = [mean_std(clean)]
     cells += [mean_std([robust_accuracy(r[split], "pgd", e) for r in group]) for e in EPS]
     with_aa = [r for r in group if "aa" in r]

@@ -41,6 +41,12 @@ def robust_accuracy(record: dict, attack: str, eps: str) -> float | None:
     return next((e["acc"] for e in record["robust"] if e["attack"] == attack and e["eps"] == eps), None)
 
 
+def clean_accuracy(row: dict, split: str) -> float:
+    """``row``'s clean accuracy on ``split``: on every test image of the split where the row has it (``clean_all``,
+    as the tables report it), else on the robust evaluation's images."""
+    return row.get("clean_all", row)[split]["clean_acc"]
+
+
 def std(values: list[float]) -> float:
     """The sample standard deviation; 0 for one value."""
     return statistics.stdev(values) if len(values) > 1 else 0.0
@@ -133,14 +139,13 @@ def plot_training_curves(out: Path, rows: Sequence[dict], path: Path) -> None:
 
 def pareto_points(rows: Sequence[dict], split: str, attack: str = "aa", eps: str = "4/255") -> list[tuple]:
     """One ``(name, seeds, clean mean, clean std, robust mean, robust std)`` per model that has ``attack`` at
-    ``eps`` on ``split``. Clean accuracy is on every test image of the split where the row has it (``clean_all``,
-    as the tables report it), else on the robust evaluation's images."""
+    ``eps`` on ``split``, clean accuracy as :func:`clean_accuracy` gives it."""
     points = []
     for name, group in group_by_model(rows).items():
         robust = [robust_accuracy(row[split], attack, eps) for row in group]
         if None in robust:
             continue
-        clean = [row.get("clean_all", row)[split]["clean_acc"] for row in group]
+        clean = [clean_accuracy(row, split) for row in group]
         points.append((name, len(group), statistics.mean(clean), std(clean), statistics.mean(robust), std(robust)))
     return points
 
