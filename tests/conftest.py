@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,6 +23,23 @@ def cifar_dir() -> Path:
     if not (CIFAR_DIR / "test.npz").is_file():
         pytest.skip(f"CIFAR-10 data not found at {CIFAR_DIR} (expected ../shared/data/cifar10 beside the repo)")
     return CIFAR_DIR
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_module_tmp_folders(request, tmp_path_factory):
+    """Remove the folders a test module's fixtures made with tmp_path_factory once the module is done.
+
+    pytest's retention policy "failed" (pyproject.toml) removes a passing test's own tmp_path, but not the
+    folders of module-scoped fixtures, which hold the large checkpoints. They are kept when a test of the
+    module failed, as pytest keeps a failing test's tmp_path.
+    """
+    basetemp = tmp_path_factory.getbasetemp()
+    before = set(basetemp.iterdir())
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed_before:
+        for path in set(basetemp.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
