@@ -89,9 +89,11 @@ def free_port() -> int:
 
 def run_torchrun(root: Path, launcher: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
     """Run the script ``launcher`` (written to ``root/launch.py``) under ``torchrun`` with two CPU processes and
-    ``args``, from the repository, offline and with one thread per process; the completed process."""
+    ``args``, from the repository, offline and with one thread per process; the completed process. Its temp files
+    (torchrun's ``torchelastic_*`` folders) go under ``root``, so they are removed with the test's folder."""
     (root / "launch.py").write_text(launcher)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    (root / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(root / "tmp")}
     command = [
         sys.executable,
         "-m",
