@@ -162,7 +162,7 @@ def test_torchrun_module_cli_shards_and_equals_one_process(tmp_path, npz_dir):
     writes and prints, and ``results.json`` equals one process's but for the wall time."""
     args = ["--data-dir", str(npz_dir), "--samples", "12", "--batch-size", "5", "--attack", "pgd", "--steps", "1"]
     args += ["--eps", "8/255", "--device", "cpu", "--seed", "0"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun's temp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -315,7 +315,7 @@ def test_a_stalled_torchrun_worker_ends_the_run_after_the_configured_timeout(dat
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", *argv, *as_argv(MMT_ARD, sets)],
         cwd=REPO,
-        env=ENV,
+        env={**ENV, "TMPDIR": str(tmp_path)},  # torchrun's temp folders go with the test's folder
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
