@@ -55,7 +55,7 @@ from mmtard.experiments.cells import (  # noqa: E402
     Job,
     make_jobs,
 )
-from mmtard.experiments.protocol import GIVEN_STAGES, evaluate_stage  # noqa: E402
+from mmtard.experiments.protocol import DISTILL_IMAGES, GIVEN_STAGES, evaluate_stage  # noqa: E402
 from mmtard.experiments.report import (  # noqa: E402
     clean_accuracy,
     mean_std,
@@ -77,7 +77,15 @@ CALIBRATION_TARGETS = {"tecoa": (60.0, 35.0), "ard": (66.0, 30.0)}
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default="runs/zoo", help="the rebuilt zoo (python ../shared/zoo/rebuild.py --out DIR)")
-    p.add_argument("--out", default="runs/bench-zoo")
+    p.add_argument("--out", default=None, help="default runs/bench-xfer (transfer) or runs/bench-zoo (train)")
+    p.add_argument(
+        "--distill-images",
+        default="transfer",
+        choices=sorted(DISTILL_IMAGES),
+        help="transfer (default): students distil on half of the seen classes' test images, which no zoo model "
+        "trained on, and are evaluated on the other half; train: on train.npz, which the teachers memorised "
+        "(issue 16's tables)",
+    )
     p.add_argument("--data-dir", default="../shared/data/cifar10")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--recipe", default=CALIBRATED, choices=sorted(RECIPES), help="the students' training recipe")
@@ -103,6 +111,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docs", default=None, help="also write zoo-headline.json, pareto.png, lambda_r.png here")
     args = p.parse_args(argv)
     args.cells = list(CELLS) if args.cells == ["all"] else args.cells
+    if args.out is None:
+        args.out = "runs/bench-xfer" if args.distill_images == "transfer" else "runs/bench-zoo"
     for flag, names, known in (
         ("--cells", args.cells, CELLS),
         ("--ablation", args.ablation, CELLS),
@@ -408,6 +418,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch_size=args.batch_size,
         eval_samples=args.eval_samples,
         eval_every=args.eval_every,
+        **DISTILL_IMAGES[args.distill_images],
     )
     seeds = args.seeds
     if args.calibrate:

@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-bench() { "$PYTHON" benchmarks/zoo_benchmark.py --zoo runs/zoo --out runs/bench-zoo "$@"; }
+bench() { "$PYTHON" benchmarks/zoo_benchmark.py --zoo runs/zoo --out runs/bench-zoo --distill-images train "$@"; }
 CANDIDATES=(mmt-ard_diwref mmt-ard_fixed91 mmt-ard_fixed)
 BASELINES=(tecoa mmt-ard-adv reference)
 ABLATION=(mmt-ard mmt-ard_rho9 mmt-ard_gap)

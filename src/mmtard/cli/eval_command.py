@@ -62,6 +62,13 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", default="all", help="all | seen | unseen | comma-separated class names")
     p.add_argument("--samples", type=whole_number(1), default=None, help="fixed class-balanced subset of N images")
     p.add_argument(
+        "--part",
+        default=None,
+        metavar="K/N",
+        help="only the K-th of N disjoint class-balanced parts of the split (e.g. 2/2: the half a student distilled "
+        "on part 1/2 never saw), before --classes and --samples",
+    )
+    p.add_argument(
         "--attack", nargs="+", default=None, help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)"
     )
     p.add_argument(
@@ -125,6 +132,7 @@ EVAL_FLAGS = {
     "pretrained": "--pretrained",
     "precision": "--precision",
     "subset": "--subset",
+    "part": "--part",
     "vision_weights": "--vision-weights",
     "vision_weights_alpha": "--vision-weights-alpha",
 }
@@ -216,6 +224,7 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
         journal_dir=os.path.join(args.out, "journal"),  # an interrupted run, rerun as it was, continues
         precision=args.precision,
         subset=subset,
+        part=args.part,
     )
     if suite is not None:
         chosen = select_datasets(suite, args.dataset, "--dataset")

@@ -10,6 +10,8 @@ from mmtard.data.registry import (
     create_dataset,
     get_dataset_spec,
     list_datasets,
+    parse_part,
+    part_positions,
     register_dataset,
     resolve_classes,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "create_dataset",
     "get_dataset_spec",
     "list_datasets",
+    "parse_part",
+    "part_positions",
     "register_dataset",
     "resolve_classes",
     "step_generator",

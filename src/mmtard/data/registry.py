@@ -246,6 +246,7 @@ def create_dataset(
     seed: int = 0,
     indices: Sequence[int] | None = None,
     source_size: int | None = None,
+    part: str | None = None,
 ) -> ImageDataset:
     """Load a registered dataset as ``[0, 1]`` images of side ``image_size``.
 
@@ -264,6 +265,9 @@ def create_dataset(
             together with ``samples``.
         source_size: with ``indices``, the split's image count they were taken from; another count means
             other data (another copy or version of the dataset), and is refused.
+        part: ``"k/n"``: only the k-th of n disjoint, class-balanced parts of the split (:func:`part_positions`),
+            taken before the class and sample selection: ``"1/2"`` and ``"2/2"`` split a test set into a
+            transfer set to distil on and images to evaluate on. Not together with ``indices``.
 
     A ``samples`` larger than the images available (after the class selection) takes them all, with a
     warning.
@@ -274,11 +278,17 @@ def create_dataset(
     spec = check_dataset_source(name, data_dir, split, download)
     if indices is not None and samples is not None:
         raise ConfigError("samples: give samples or a subset's indices, not both")
+    if indices is not None and part is not None:
+        raise ConfigError("part: give a part or a subset's indices, not both (the indices fix the images)")
+    parsed_part = parse_part(part) if part is not None else None
     raw = spec.load(data_dir, split, download=download)
     total = len(raw.labels)
     positions = torch.arange(total)
     if indices is not None:
         positions = _check_indices(indices, total, source_size, name, split)
+        raw = _select(raw, positions)
+    if parsed_part is not None:
+        positions = part_positions(raw.labels, *parsed_part)
         raw = _select(raw, positions)
     names = list(classnames) if classnames is not None else (spec.classnames() if spec.classnames else raw.classnames)
     if names is None:
@@ -314,6 +324,29 @@ def create_dataset(
                 len(raw.labels),
             )
     return ImageDataset(raw, names, spec.templates(), image_size, name, positions.tolist(), total)
+
+
+def parse_part(part: str) -> tuple[int, int]:
+    """``"k/n"`` as ``(k, n)``: the k-th of n parts, ``1 <= k <= n``, ``n >= 2``.
+
+    Raises:
+        ConfigError: ``part: ...`` naming what was expected.
+    """
+    k, slash, n = str(part).partition("/")
+    if not (slash and k.strip().isdigit() and n.strip().isdigit() and 1 <= int(k) <= int(n) and int(n) >= 2):
+        raise ConfigError(f"part: expected k/n with whole numbers 1 <= k <= n and n >= 2 (e.g. 1/2), got '{part}'")
+    return int(k), int(n)
+
+
+def part_positions(labels: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """The positions of the k-th of n disjoint parts of a split: within each class, in split order, every n-th
+    image starting at the k-th. The parts are class-balanced (class counts differ by at most one between parts),
+    cover the split, and depend only on the labels' order, so every run and machine gets the same images."""
+    rank = torch.empty_like(labels)
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        rank[members] = torch.arange(len(members))
+    return torch.nonzero(rank % n == k - 1).flatten()
 
 
 def _check_indices(indices: Sequence[int], total: int, source_size: int | None, name: str, split: str) -> torch.Tensor:

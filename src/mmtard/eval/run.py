@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from mmtard.attacks import Attack, create_attack
-from mmtard.data import ImageDataset, check_dataset_source, create_dataset
+from mmtard.data import ImageDataset, check_dataset_source, create_dataset, parse_part
 from mmtard.distributed import Shard
 from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
@@ -35,6 +35,8 @@ class EvalRequest:
     forwards and attacks; its robust numbers are checked against fp32 on the first batch (see
     :mod:`mmtard.eval.zeroshot`). ``subset`` (dataset name -> a record's ``subset``, see
     :mod:`mmtard.eval.subset`) evaluates exactly those images of each dataset, instead of ``samples``.
+    ``part`` (``"k/n"``) evaluates only the k-th of n disjoint, class-balanced parts of the split
+    (:func:`mmtard.data.part_positions`), e.g. the half of a test set a student was not distilled on.
     """
 
     datasets: Sequence[str]
@@ -57,6 +59,7 @@ class EvalRequest:
     journal_dir: str | None = None
     precision: str = "fp32"
     subset: Mapping[str, dict] | None = None
+    part: str | None = None
 
 
 def build_attacks(request: EvalRequest) -> list[Attack]:
@@ -91,6 +94,8 @@ def check_eval_request(request: EvalRequest) -> list[Attack]:
     if request.samples is not None:
         _check_int(request.samples, "samples", minimum=1)
     _check_int(request.seed, "seed", minimum=None)
+    if request.part is not None:
+        parse_part(request.part)
     check_logit_scale(request.logit_scale)
     check_precision(request.precision)
     if not request.attacks:
@@ -109,6 +114,8 @@ def _check_subset(request: EvalRequest) -> None:
         return
     if request.samples is not None:
         raise ConfigError("samples: give samples or a subset, not both (a subset fixes the images)")
+    if request.part is not None:
+        raise ConfigError("part: give a part or a subset, not both (a subset fixes the images)")
     for name in request.datasets:
         entry = request.subset.get(name)
         if entry is None:
@@ -176,6 +183,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
             classnames=request.classnames,
             download=request.download,
             seed=request.seed,
+            part=request.part,
             **_subset_arguments(request, name),
         )
         classifier = build_zero_shot_classifier(bundle, dataset.classnames, dataset.templates, request.logit_scale)
@@ -202,6 +210,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
             "pretrained": bundle.pretrained,
             **_vision_fields(bundle),
             "split": request.split,
+            **({"part": request.part} if request.part is not None else {}),
             "data_dir": None if data_dir is None else str(data_dir),
             "classes": request.classes if isinstance(request.classes, str) else list(request.classes),
             "classnames": dataset.classnames,

@@ -54,12 +54,20 @@ CALIBRATED = "lr2e-3"
 @dataclass(frozen=True)
 class Cell:
     """One kind of student: ``preset`` with ``settings`` (method overrides) and ``more_teachers`` (name -> kind,
-    each trained once from the teacher foundation with the preset of its name)."""
+    each trained once from the teacher foundation with the preset of its name).
+
+    ``teacher_stages`` points a teacher at any stage of the protocol (``{"clean": "foundation-student"}``: the
+    student's own foundation in the clean teacher's place), ``teacher_kinds`` gives the kind of a teacher it adds
+    (``{"robust_clean": "clean"}``). ``control`` marks a cell that is a control of the benchmark, not a candidate
+    (``self-anchor``)."""
 
     name: str
     preset: str
     settings: Mapping[str, object] = field(default_factory=dict)
     more_teachers: Mapping[str, str] = field(default_factory=dict)
+    teacher_stages: Mapping[str, str] = field(default_factory=dict)
+    teacher_kinds: Mapping[str, str] = field(default_factory=dict)
+    control: str | None = None
 
     def config(self) -> MethodConfig:
         """The method config (raises ConfigError for settings the preset refuses)."""
@@ -68,10 +76,21 @@ class Cell:
     def variant(self, recipe: Recipe) -> dict:
         """The protocol variant (``mmtard.experiments.run_protocol``) of this cell trained with ``recipe``."""
         variant = {"method": self.preset, **self.settings, "train": recipe.train()}
-        return variant | ({"more_teachers": dict(self.more_teachers)} if self.more_teachers else {})
+        for key in ("more_teachers", "teacher_stages", "teacher_kinds"):
+            if getattr(self, key):
+                variant[key] = dict(getattr(self, key))
+        return variant
 
 
 ARD_INNER = {"inner": "kl-robust-teacher"}  # ARD's adversarial examples: KL(P_R(x) || P_S(x + delta))
+DIWREF = {"diw": "reference"}
+FIXED91 = {"balance": "fixed", "lambda_robust": 0.9, "lambda_clean": 0.1}
+#: issue 25's teacher swaps: the student's foundation as the clean teacher (a plain anchor: does the clean teacher
+#: teach anything?), the teacher foundation as the clean teacher (more headroom), the robust teacher's weights as a
+#: third teacher of kind clean (its clean-image knowledge, as RSLAD and AdaAD use it; every part of mmt-ard stays)
+SELF_ANCHOR = {"teacher_stages": {"clean": "foundation-student"}, "control": "self-anchor"}
+FOUNDATION_CLEAN = {"teacher_stages": {"clean": "foundation-teacher"}}
+ROBUST_AS_CLEAN = {"teacher_stages": {"robust_clean": "teacher-robust"}, "teacher_kinds": {"robust_clean": "clean"}}
 CELLS: dict[str, Cell] = {
     cell.name: cell
     for cell in (
@@ -84,8 +103,13 @@ CELLS: dict[str, Cell] = {
         Cell("mmt-ard_rho9", "mmt-ard", {"rho": 9.0}),
         Cell("mmt-ard_gap", "mmt-ard", {"balance": "gap"}),
         Cell("mmt-ard_fixed", "mmt-ard", {"balance": "fixed"}),  # 1 / 1
-        Cell("mmt-ard_fixed91", "mmt-ard", {"balance": "fixed", "lambda_robust": 0.9, "lambda_clean": 0.1}),
-        Cell("mmt-ard_diwref", "mmt-ard", {"diw": "reference"}),
+        Cell("mmt-ard_fixed91", "mmt-ard", FIXED91),
+        Cell("mmt-ard_diwref", "mmt-ard", DIWREF),
+        # issue 25: the clean teacher swapped (controls and hypotheses 1, 3 and 4 of its step 4)
+        Cell("mmt-ard_diwref_selfanchor", "mmt-ard", DIWREF, **SELF_ANCHOR),
+        Cell("mmt-ard_fixed91_selfanchor", "mmt-ard", FIXED91, **SELF_ANCHOR),
+        Cell("mmt-ard_diwref_ftclean", "mmt-ard", DIWREF, **FOUNDATION_CLEAN),
+        Cell("mmt-ard_diwref_rclean", "mmt-ard", DIWREF, **ROBUST_AS_CLEAN),
         Cell("mmt-ard_rho9_ardinner", "mmt-ard", {"rho": 9.0, **ARD_INNER}),
         Cell("mmt-ard_gap_ardinner", "mmt-ard", {"balance": "gap", **ARD_INNER}),
         Cell("mmt-ard_fixed_ardinner", "mmt-ard", {"balance": "fixed", **ARD_INNER}),

@@ -56,6 +56,16 @@ class ProtocolScale:
     eval_steps: int | None = 10
     eval_every: int = 0  # for students with teachers: held-out PGD curves (training efficiency)
     device: str = "auto"
+    # The students' distillation images and the seen-class images they are evaluated on (spec section 5): the
+    # training split (``train``, None, None), or a transfer set no zoo model trained on: one half of the test
+    # split (``test``, ``1/2``), the other half evaluated (``2/2``). Unseen classes are evaluated on the whole split.
+    student_split: str = "train"
+    student_part: str | None = None
+    seen_eval_part: str | None = None
+
+    def eval_part(self, split: str) -> str | None:
+        """The part of the test split evaluated for ``split`` (``seen`` or ``unseen``)."""
+        return self.seen_eval_part if split == "seen" else None
 
 
 DEMO_SCALE = ProtocolScale(
@@ -79,6 +89,13 @@ ZOO_SCALE = ProtocolScale(
     eval_samples=200,
     eval_every=20,
 )
+#: Where the zoo benchmark's students distil (issue 25): ``train``, the images every zoo model trained on (the
+#: clean teacher has memorised them: its distribution there is the label), or ``transfer``, half of the test
+#: split that no zoo model saw, with the other half evaluated (P0 and P1 of the protocol check).
+DISTILL_IMAGES = {
+    "train": {},
+    "transfer": {"student_split": "test", "student_part": "1/2", "seen_eval_part": "2/2"},
+}
 
 
 @dataclass
@@ -103,6 +120,9 @@ class StageSpec:
     eval_every: int = 0  # held-out PGD evaluation period during training (0: none)
     weight_decay: float = 1e-4
     attack_steps: int | None = None  # PGD steps inside training; None: the scale's train_attack_steps
+    split: str = "train"  # the training images: split, and part of it (``k/n``), and the held-out images' part
+    part: str | None = None
+    eval_part: str | None = None
 
 
 def given_models(zoo: str | Path) -> dict[str, Path]:
@@ -133,7 +153,9 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapp
     if "clean" in plan_teachers(probe):  # a deterministic pipeline: the clean teacher's logits are cached
         overrides.setdefault("cache_clean_teacher", True)
     teachers = {
-        name: TeacherConfig(arch=scale.teacher_arch, pretrained=str(models[source]), kind=stage.teacher_kinds.get(name))
+        name: TeacherConfig(
+            arch=stage_arch(scale, source), pretrained=str(models[source]), kind=stage.teacher_kinds.get(name)
+        )
         for name, source in stage.teachers.items()
     }
     return RunConfig(
@@ -145,6 +167,9 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapp
         data=DataConfig(
             dataset=scale.dataset,
             dir=scale.data_dir,
+            split=stage.split,
+            part=stage.part,
+            eval_part=stage.eval_part,
             classes=stage.classes,
             samples=scale.train_samples,
             eval_classes=stage.classes,
@@ -167,6 +192,12 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapp
     ).validate()
 
 
+def stage_arch(scale: ProtocolScale, stage: str) -> str:
+    """The architecture of a stage's model: the student's for its foundation and the students, else the
+    teachers'."""
+    return scale.student_arch if stage == "foundation-student" or stage.startswith("student-") else scale.teacher_arch
+
+
 def run_stage(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapping[str, Path], progress: bool) -> Path:
     """Train one stage unless its model file exists; resume it if it was interrupted. Returns the model file."""
     run = RunDir(out / stage.name)
@@ -181,16 +212,31 @@ def run_stage(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapping
     return run.model
 
 
-def evaluate_stage(scale: ProtocolScale, arch: str, model_file: Path, stage_dir: Path, progress: bool) -> dict:
+def evaluate_stage(
+    scale: ProtocolScale,
+    arch: str,
+    model_file: Path,
+    stage_dir: Path,
+    progress: bool,
+    interpolate: tuple[Path, float] | None = None,
+) -> dict:
     """Seen (in-distribution) and unseen (zero-shot) accuracy, clean and under each attack and eps.
 
-    The result is cached in ``stage_dir`` under a name that carries the attacks, sample count and radii.
+    The result is cached in ``stage_dir`` under a name that carries the attacks, sample count, radii and the
+    seen images' part. ``interpolate``: ``(base, alpha)`` evaluates ``alpha * model + (1 - alpha) * base`` in the
+    image tower's weight space (WiSE-FT; ``load_clip(vision_weights_alpha=...)``) instead of the model itself.
     """
     radii = "-".join(str(round(e * 255, 3)) for e in scale.eval_eps)
-    cache = stage_dir / f"protocol_eval_{'-'.join(scale.eval_attacks)}_{scale.eval_samples}_eps{radii}.json"
+    part = f"_seen{scale.seen_eval_part.replace('/', 'of')}" if scale.seen_eval_part else ""
+    cache = stage_dir / f"protocol_eval_{'-'.join(scale.eval_attacks)}_{scale.eval_samples}_eps{radii}{part}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    bundle = load_clip(arch, str(model_file), device=scale.device if scale.device != "auto" else _auto_device())
+    device = scale.device if scale.device != "auto" else _auto_device()
+    if interpolate is None:
+        bundle = load_clip(arch, str(model_file), device=device)
+    else:
+        base, alpha = interpolate
+        bundle = load_clip(arch, str(base), device=device, vision_weights=model_file, vision_weights_alpha=alpha)
     results = {}
     journal = stage_dir / "eval_journal"  # an interrupted evaluation continues from its last batch
     for split in ("seen", "unseen"):
@@ -199,6 +245,7 @@ def evaluate_stage(scale: ProtocolScale, arch: str, model_file: Path, stage_dir:
             data_dirs=[scale.data_dir],
             classes=split,
             samples=scale.eval_samples,
+            part=scale.eval_part(split),
             attacks=scale.eval_attacks,
             eps=scale.eval_eps,
             steps=scale.eval_steps,
@@ -237,6 +284,9 @@ def protocol_stages(
     ``more_teachers`` (``{"fare": "robust"}``)
     adds a teacher of that kind, stage ``teacher-<method>``, trained from the teacher foundation with that preset
     like the two standard teachers (once, before the first student; with ``seeds=()`` only those teachers).
+    A variant's ``teacher_stages`` (``{"clean": "foundation-student"}``) points a teacher at any stage (the student's
+    own foundation as a plain anchor; the robust teacher as a third teacher), and ``teacher_kinds`` gives the kind
+    of a teacher it adds (``{"robust_clean": "clean"}``).
     """
     fs, ft = "foundation-student", "foundation-teacher"
     foundation = dict(method="clean-ft", pretrained="none", classes="all", steps=scale.foundation_steps)
@@ -261,10 +311,12 @@ def protocol_stages(
         overrides = dict(spec)
         method = overrides.pop("method")
         more = overrides.pop("more_teachers", {})
+        at_stage, extra_kinds = overrides.pop("teacher_stages", {}), overrides.pop("teacher_kinds", {})
         recipe = {"steps": scale.student_steps, "lr": scale.finetune_lr, **overrides.pop("train", {})}
         teachers = {role: f"teacher-{role}" for role in plan_teachers(method_config(method, **overrides))}
-        kinds = ({role: role for role in teachers} | dict(more)) if more else {}
+        kinds = ({role: role for role in teachers} | dict(more) | dict(extra_kinds)) if more or extra_kinds else {}
         teachers.update({preset: f"teacher-{preset}" for preset in more})
+        teachers.update(at_stage)
         for seed in seeds:
             stage = StageSpec(
                 name=f"student-{name}-seed{seed}",
@@ -277,6 +329,9 @@ def protocol_stages(
                 method_overrides=overrides,
                 seed=seed,
                 eval_every=scale.eval_every if has_teachers(method, overrides) else 0,
+                split=scale.student_split,
+                part=scale.student_part,
+                eval_part=scale.seen_eval_part,
                 **recipe,
             )
             stages.append((name, stage))

@@ -79,7 +79,13 @@ def build_datasets(cfg: RunConfig, image_size: int, seed: int) -> tuple[ImageDat
     common = dict(image_size=image_size, seed=seed)
     with preflight.renamed_fields(data_fields("")):
         train_set = create_dataset(
-            data.dataset, data.dir, split=data.split, classes=data.classes, samples=data.samples, **common
+            data.dataset,
+            data.dir,
+            split=data.split,
+            classes=data.classes,
+            samples=data.samples,
+            part=data.part,
+            **common,
         )
     with preflight.renamed_fields(data_fields("eval_")):
         eval_set = create_dataset(
@@ -88,6 +94,7 @@ def build_datasets(cfg: RunConfig, image_size: int, seed: int) -> tuple[ImageDat
             split=data.eval_split,
             classes=data.eval_classes,
             samples=data.eval_samples,
+            part=data.eval_part,
             **common,
         )
     return train_set, eval_set
@@ -102,6 +109,7 @@ def data_fields(prefix: str) -> dict[str, str]:
         "split": f"data.{prefix}split",
         "classes": f"data.{prefix}classes",
         "samples": f"data.{prefix}samples",
+        "part": f"data.{prefix}part",
     }
 
 

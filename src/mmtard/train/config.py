@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from mmtard.data import parse_part
 from mmtard.errors import ConfigError
 from mmtard.methods import Method, MethodConfig, create_method, method_class
 from mmtard.methods.teachers import implied_kinds
@@ -76,6 +77,11 @@ class DataConfig:
     seed (a resumed run augments as the uninterrupted one); held-out images are never augmented. It
     cannot be combined with ``method.cache_clean_teacher``, whose cached logits belong to one image per
     dataset index.
+
+    ``part`` / ``eval_part``: ``"k/n"`` keeps only the k-th of n disjoint, class-balanced parts of the split
+    (:func:`mmtard.data.part_positions`), before the class and sample selection. Distilling on ``split: test,
+    part: 1/2`` and evaluating on ``eval_split: test, eval_part: 2/2`` gives a transfer set the teachers never
+    trained on, disjoint from the held-out images (spec section 5).
     """
 
     dataset: str = "cifar10"
@@ -89,6 +95,8 @@ class DataConfig:
     eval_classes: str = "seen"
     eval_samples: int | None = 200
     augment: bool = False
+    part: str | None = None
+    eval_part: str | None = None
 
 
 @dataclass
@@ -198,6 +206,12 @@ class RunConfig:
             raise ConfigError("output_dir: expected a folder for the run, got an empty path")
         _check_device_name(self.device)
         _check_dataset(self.data.dataset)
+        for name, part in (("data.part", self.data.part), ("data.eval_part", self.data.eval_part)):
+            if part is not None:
+                try:
+                    parse_part(part)
+                except ConfigError as exc:
+                    raise exc.renamed(name) from None
         _check_eval_attacks(self)
         _check_augment(self)
         return self

@@ -194,6 +194,7 @@ def open_logit_caches(cfg: RunConfig, built: Run, env: DistEnv) -> None:
         "classnames": list(train_set.classnames),
         "templates": list(train_set.templates),
         "samples": data.samples,
+        "part": data.part,
         "seed": cfg.train.seed,
         "image_size": train_set.image_size,
     }
