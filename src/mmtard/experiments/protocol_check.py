@@ -195,8 +195,8 @@ def _p2(given_rows: Sequence[dict]) -> Precondition:
     return Precondition(
         name,
         met,
-        f"clean: teacher-clean {clean('teacher-clean'):.1f} against foundation-student {clean('foundation-student'):.1f};"
-        f" PGD-10 4/255: teacher-robust {pgd('teacher-robust'):.1f} against {pgd('foundation-student'):.1f}.",
+        f"clean: teacher-clean {clean('teacher-clean'):.1f} against foundation-student "
+        f"{clean('foundation-student'):.1f}; PGD-10 4/255: teacher-robust {pgd('teacher-robust'):.1f} against {pgd('foundation-student'):.1f}.",
     )
 
 
