@@ -196,7 +196,8 @@ def _p2(given_rows: Sequence[dict]) -> Precondition:
         name,
         met,
         f"clean: teacher-clean {clean('teacher-clean'):.1f} against foundation-student "
-        f"{clean('foundation-student'):.1f}; PGD-10 4/255: teacher-robust {pgd('teacher-robust'):.1f} against {pgd('foundation-student'):.1f}.",
+        f"{clean('foundation-student'):.1f}; PGD-10 4/255: teacher-robust {pgd('teacher-robust'):.1f} against "
+        f"{pgd('foundation-student'):.1f}.",
     )
 
 
