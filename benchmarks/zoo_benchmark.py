@@ -52,10 +52,13 @@ from mmtard.experiments.cells import (  # noqa: E402
     CALIBRATION,
     CELLS,
     RECIPES,
+    Frontier,
     Job,
     make_jobs,
 )
-from mmtard.experiments.protocol import DISTILL_IMAGES, GIVEN_STAGES, evaluate_stage  # noqa: E402
+from mmtard.experiments.per_image import write_per_image  # noqa: E402
+from mmtard.experiments.protocol import DISTILL_IMAGES, GIVEN_STAGES, evaluate_stage, given_models  # noqa: E402
+from mmtard.experiments.protocol_check import check_table, measure_teachers, preconditions  # noqa: E402
 from mmtard.experiments.report import (  # noqa: E402
     clean_accuracy,
     mean_std,
@@ -68,6 +71,7 @@ from mmtard.fileio import atomic_write_text  # noqa: E402
 from mmtard.train import RunDir  # noqa: E402
 
 SPLITS = ("seen", "unseen")
+PROTOCOL_CHECK_SAMPLES = 512  # class-balanced seen-class images per image set in the protocol check
 EPS = ("1/255", "2/255", "4/255")
 TARGET_EPS = "4/255"
 #: issue 16's targets for the calibrated recipe: preset -> (highest unseen clean, lowest seen PGD-10 4/255)
@@ -108,6 +112,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-zoo-models", action="store_true", help="do not evaluate the zoo's own models")
     p.add_argument("--jobs", type=int, default=1, help="students trained (and evaluated) at once, one thread each")
     p.add_argument("--report-only", action="store_true", help="train nothing: the tables of the students on disk")
+    p.add_argument(
+        "--frontier",
+        nargs="*",
+        default=["ard", "tecoa"],
+        help="cells whose finished students get the interpolation control (with the student foundation)",
+    )
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="the frontier's weights")
     p.add_argument("--docs", default=None, help="also write zoo-headline.json, pareto.png, lambda_r.png here")
     args = p.parse_args(argv)
     args.cells = list(CELLS) if args.cells == ["all"] else args.cells
@@ -116,6 +127,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag, names, known in (
         ("--cells", args.cells, CELLS),
         ("--ablation", args.ablation, CELLS),
+        ("--frontier", args.frontier, CELLS),
         ("--calibrate", args.calibrate or [], RECIPES),
     ):
         unknown = sorted(set(names) - set(known))
@@ -127,20 +139,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- one student
 
 
-def evaluate_job(out: Path, scale: ProtocolScale, row: dict, aa: bool, model: Path | None = None) -> dict:
+def evaluate_job(
+    out: Path, scale: ProtocolScale, row: dict, aa: bool, model: Path | None = None, interpolate=None
+) -> dict:
     """``row`` (PGD-10 on ``scale.eval_samples`` images per split) with ``clean_all`` (clean accuracy on every test
     image of each split) and, with ``aa``, the aa record at 4/255 on the same images as PGD-10, its checks comparing
     aa with PGD-10 there. Every evaluation is cached in the row's folder; ``model``: the run folder holding
-    ``model.safetensors``, when it is not ``<out>/<stage>`` (the zoo's models)."""
+    ``model.safetensors``, when it is not ``<out>/<stage>`` (the zoo's models); ``interpolate``: ``(base, alpha)``,
+    the model interpolated with ``base`` (:func:`mmtard.experiments.protocol.evaluate_stage`)."""
     stage_dir = out / row["stage"]
     model = RunDir(model or stage_dir).model
     every_image = replace(scale, eval_attacks=("none",), eval_samples=None)
-    clean = evaluate_stage(every_image, row["arch"], model, stage_dir, False)
+    clean = evaluate_stage(every_image, row["arch"], model, stage_dir, False, interpolate)
     row = dict(row, clean_all={split: clean[split] for split in SPLITS})
     if not aa:
         return row
     aa_scale = replace(scale, eval_attacks=("aa",), eval_eps=(4 / 255,), eval_steps=None)
-    attacked = evaluate_stage(aa_scale, row["arch"], model, stage_dir, False)
+    attacked = evaluate_stage(aa_scale, row["arch"], model, stage_dir, False, interpolate)
     for split in SPLITS:
         record, pgd = attacked[split], row[split]
         if record["outcomes"]["clean"] != pgd["outcomes"]["clean"]:
@@ -171,9 +186,37 @@ def run_given(out: str, scale: ProtocolScale, zoo: str, stage: str, threads: int
     return evaluate_job(Path(out), scale, row, aa=False, model=Path(zoo) / stage)
 
 
-def stage_of(task: Job | str) -> str:
-    """A task is a student's job or the name of a zoo model to evaluate."""
-    return task.stage if isinstance(task, Job) else task
+def run_frontier(out: str, scale: ProtocolScale, zoo: str, point: Frontier, threads: int | None, aa: bool) -> dict:
+    """Evaluate one interpolated student as :func:`evaluate_job` evaluates a student (PGD-10, clean on every image;
+    aa when asked)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    out, job = Path(out), point.job
+    student = RunDir(out / job.stage).model
+    interpolate = (RunDir(Path(zoo) / "foundation-student").model, point.alpha)
+    row = {
+        "stage": point.stage,
+        "role": "control",
+        "control": "interpolation",
+        "alpha": point.alpha,
+        "method": job.cell.preset,
+        "cell": job.cell.name,
+        "preset": job.cell.preset,
+        "recipe": job.recipe.name,
+        "seed": job.seed,
+        "arch": scale.student_arch,
+        "train_seconds": None,
+        "steps": 0,
+    }
+    row |= evaluate_stage(scale, scale.student_arch, student, out / point.stage, False, interpolate)
+    return evaluate_job(out, scale, row, aa, model=out / job.stage, interpolate=interpolate)
+
+
+def stage_of(task: Job | Frontier | str) -> str:
+    """A task is a student's job, a frontier point or the name of a zoo model to evaluate."""
+    return task if isinstance(task, str) else task.stage
 
 
 def finished(out: Path, task: Job | str) -> dict | None:
@@ -190,7 +233,7 @@ def run_tasks(out: Path, scale: ProtocolScale, zoo: str, tasks: list, workers: i
     ]
 
     def call(task, threads):
-        function = run_job if isinstance(task, Job) else run_given
+        function = {Job: run_job, Frontier: run_frontier}.get(type(task), run_given)
         return function, str(out), scale, zoo, task, threads, aa
 
     def done(task, row: dict) -> None:
@@ -348,10 +391,14 @@ def checks_summary(rows: Sequence[dict]) -> str:
     return "Gradient-masking check warnings:\n\n" + "\n".join(f"- {w}" for w in warnings)
 
 
-def headline_records(rows: Sequence[dict], diffs: dict[str, dict], steps_to_baseline: dict[str, list]) -> list[dict]:
-    """``zoo-headline.json``: one record per (cell, split) of the students, accuracies in percent."""
+def headline_records(
+    rows: Sequence[dict], diffs: dict[str, dict], steps_to_baseline: dict[str, list], baseline: str
+) -> list[dict]:
+    """``zoo-headline.json``: one record per (cell, split) of the students and per (control, split), accuracies in
+    percent; a control is marked by ``control`` (``interpolation`` with its ``alpha``, or ``self-anchor``)."""
     records = []
     for name, group in by_model([r for r in rows if r.get("cell")]).items():
+        control = group[0].get("control") or CELLS[group[0]["cell"]].control
         for split in SPLITS:
             clean = [r["clean_all"][split]["clean_acc"] for r in group]
             aa = [robust_accuracy(r["aa"][split], "aa", TARGET_EPS) for r in group if "aa" in r]
@@ -369,13 +416,18 @@ def headline_records(rows: Sequence[dict], diffs: dict[str, dict], steps_to_base
                 "aa4_std": (round(statistics.stdev(aa), 2) if len(aa) > 1 else 0.0) if aa else None,
                 "aa4_seeds": [r["seed"] for r in group if "aa" in r],
                 "robust_samples": group[0][split]["samples"],
-                "steps_to_ard_final": steps_to_baseline.get(name),
+                "steps_to_baseline_final": steps_to_baseline.get(name),
+                "baseline": baseline,
             }
+            if control:
+                record["control"] = control
+            if control == "interpolation":
+                record["alpha"] = group[0]["alpha"]
             for eps in EPS:
                 record[f"pgd{eps.split('/')[0]}_mean"] = round(
                     statistics.mean(robust_accuracy(r[split], "pgd", eps) for r in group), 2
                 )
-            record["vs_ard"] = {
+            record["vs_baseline"] = {
                 key.split("/")[1]: d.to_dict() for key, d in diffs.get(name, {}).items() if key.startswith(split)
             }
             records.append(record)
@@ -434,20 +486,71 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_protocol(out, scale, (), (), more, zoo=args.zoo, progress=False, rows_for=())
     # The zoo's models are evaluated after the students (the teachers cost the most), not for the calibration.
     given = [] if args.calibrate or args.no_zoo_models else args.zoo_models
+    # The controls: each finished student of a --frontier cell, interpolated with the student foundation.
+    frontier = (
+        [] if args.calibrate else [Frontier(j, a) for j in jobs if j.cell.name in args.frontier for a in args.alphas]
+    )
+    check = None if args.calibrate else protocol_check(out, scale, args)
 
     def report(*_):
-        rows = [row for job in jobs if (row := finished(out, job)) is not None]
+        rows = [row for task in [*jobs, *frontier] if (row := finished(out, task)) is not None]
         given_rows = [row for stage in given if (row := finished(out, stage)) is not None]
-        write_report(out, args, command, scale, given_rows, rows, jobs, started)
+        write_report(out, args, command, scale, given_rows, rows, jobs, started, check)
 
-    tasks = [*jobs, *given]
+    tasks = [*jobs, *given, *(f for f in frontier if finished(out, f.job) is not None)]
     failures = [] if args.report_only else run_tasks(out, scale, args.zoo, tasks, args.jobs, aa, report)
     report()
     if failures:
         print("Failed: " + "; ".join(failures), flush=True)
 
 
-def write_report(out, args, command, scale, given, rows, jobs, started) -> None:
+def protocol_check(out: Path, scale: ProtocolScale, args: argparse.Namespace) -> list[dict]:
+    """The protocol check's records (:func:`mmtard.experiments.protocol_check.measure_teachers`), measured once on
+    the zoo's models and kept in ``<out>/protocol-check.json``."""
+    path = out / "protocol-check.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    records = measure_teachers(scale, given_models(args.zoo), samples=PROTOCOL_CHECK_SAMPLES)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(records, indent=1))
+    return records
+
+
+def check_section(scale: ProtocolScale, args, check: list[dict], given: Sequence[dict], rows: Sequence[dict]) -> str:
+    """The protocol check's table and its preconditions for this run's distillation images."""
+    import numpy as np
+    import torch
+
+    labels = torch.from_numpy(np.load(Path(args.data_dir) / "test.npz")["y"])
+    found = preconditions(scale, args.distill_images, check, given, rows, test_labels=labels)
+    return (
+        f"## Protocol check (distillation images: {args.distill_images})\n\n"
+        f"Every zoo model on {PROTOCOL_CHECK_SAMPLES} class-balanced seen-class images of each set, logit scale 100, "
+        "the method's temperature 1: `distill` are the images the students distil on, `held-out` the seen-class "
+        "images they are evaluated on, for both ways of choosing them.\n\n"
+        + check_table(check)
+        + "\n\nPreconditions of this run:\n\n"
+        + "\n".join(p.line() for p in found)
+    )
+
+
+def stronger_baseline(rows: Sequence[dict], recipe: str) -> str:
+    """Of ``ard`` and ``ard_rslad`` (the authors' single-teacher script), the model with the higher mean robust
+    accuracy at 4/255 over both splits: aa where every seed of both has it, else PGD-10."""
+    groups = by_model([r for r in rows if r.get("cell") and not r.get("control")])
+    names = [n for n in (f"student-ard-{recipe}", f"student-ard_rslad-{recipe}") if n in groups]
+    if not names:
+        return f"student-ard-{recipe}"
+    attack = "aa" if all("aa" in r for n in names for r in groups[n]) else "pgd"
+
+    def robust(name: str) -> float:
+        records = [r["aa"] if attack == "aa" else r for r in groups[name]]
+        return statistics.mean(robust_accuracy(rec[s], attack, TARGET_EPS) for rec in records for s in SPLITS)
+
+    return max(names, key=robust)
+
+
+def write_report(out, args, command, scale, given, rows, jobs, started, check=None) -> None:
     for row in rows:
         row.setdefault("batch_size", args.batch_size)
     missing = [job.stage for job in jobs if job.stage not in {r["stage"] for r in rows}]
@@ -456,20 +559,25 @@ def write_report(out, args, command, scale, given, rows, jobs, started) -> None:
         f"Machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cores). Students: batch "
         f"{args.batch_size}, PGD at 4/255 inside training, the recipe in each model's name "
         f"({', '.join(f'{r.name}: {r.steps} steps at lr {r.lr:g}, PGD-{r.attack_steps}' for r in RECIPES.values())}). "
-        f"Clean accuracy on every test image of the split; PGD-10 (1 restart) and aa on the same {args.eval_samples} "
-        f"class-balanced images per split for every model.",
+        f"Distillation images: {args.distill_images} ({distill_text(scale)}). Clean accuracy on every evaluated "
+        f"image of the split; PGD-10 (1 restart) and aa on the same {args.eval_samples} class-balanced images per "
+        "split for every model.",
     ]
     sections = list(header)
+    if check is not None:
+        sections.append(check_section(scale, args, check, given, rows))
     if args.calibrate:
         sections.append("## Calibration (issue 16's targets)\n\n" + calibration_table(rows))
     for split in SPLITS:
         title = "Seen classes (in-distribution)" if split == "seen" else "Unseen classes (zero-shot)"
         sections.append(f"## {title}\n\n" + accuracy_table([*given, *rows], split, args.eval_samples))
-    baseline = f"student-ard-{args.recipe}"
+    baseline = f"student-ard-{args.recipe}" if args.calibrate else stronger_baseline(rows, args.recipe)
     diffs = {} if args.calibrate else differences(rows, baseline)
     if diffs:
         sections.append(
             f"## Differences against `{baseline}` in points, 95% paired bootstrap interval over images and seeds\n\n"
+            "The baseline is the stronger of `ard` and `ard_rslad` (higher mean robust accuracy at 4/255 over both "
+            "splits). `interp<alpha>` rows are the controls: the student interpolated with the student foundation.\n\n"
             + differences_table(diffs, baseline)
         )
     eff_table, steps_to_baseline = efficiency(out, rows, baseline)
@@ -485,22 +593,46 @@ def write_report(out, args, command, scale, given, rows, jobs, started) -> None:
     print(text, flush=True)
     if args.calibrate or not rows:
         return
-    headline = headline_records(rows, diffs, steps_to_baseline)
+    headline = headline_records(rows, diffs, steps_to_baseline, baseline)
     atomic_write_text(out / "zoo-headline.json", json.dumps(headline, indent=2))
-    first_seed = [r for r in rows if r["seed"] == args.seeds[0]]
+    first_seed = [r for r in rows if r["seed"] == args.seeds[0] and not r.get("control")]
     plot_lambda_trajectories(out, first_seed, out / "lambda_r.png")
-    # PGD-10 for every model (the zoo's own four included); aa for the models it was run on.
-    plot_pareto([*given, *rows], out / "pareto_pgd.png", attack="pgd", eps=TARGET_EPS)
+    # PGD-10 for every model (the zoo's own four included); aa for the models it was run on. The frontiers: each
+    # interpolated cell's points from the student foundation (alpha 0) to the student itself (alpha 1).
+    lines = frontier_lines(rows, args.recipe)
+    plot_pareto([*given, *rows], out / "pareto_pgd.png", attack="pgd", eps=TARGET_EPS, lines=lines)
     aa_rows = [dict(r, seen=r["aa"]["seen"], unseen=r["aa"]["unseen"]) for r in rows if "aa" in r]
     if aa_rows:
-        plot_pareto(aa_rows, out / "pareto.png", attack="aa", eps=TARGET_EPS)
+        plot_pareto(aa_rows, out / "pareto.png", attack="aa", eps=TARGET_EPS, lines=lines)
+    write_per_image(out / "per-image.json.gz", [*given, *rows], describe=f"{command}; {distill_text(scale)}")
     if args.docs:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
         atomic_write_text(docs / "zoo-headline.json", json.dumps(headline, indent=2))
-        for plot in ("pareto.png", "pareto_pgd.png", "lambda_r.png"):
-            if (out / plot).is_file():
-                (docs / plot).write_bytes((out / plot).read_bytes())
+        if check is not None:
+            atomic_write_text(docs / "protocol-check.json", json.dumps(check, indent=1))
+        for name in ("pareto.png", "pareto_pgd.png", "lambda_r.png", "per-image.json.gz"):
+            if (out / name).is_file():
+                (docs / name).write_bytes((out / name).read_bytes())
+
+
+def distill_text(scale: ProtocolScale) -> str:
+    """Where the students distil and which seen-class images are evaluated, in words."""
+    part = f", part {scale.student_part}" if scale.student_part else ""
+    held_out = f"part {scale.seen_eval_part} of 'test'" if scale.seen_eval_part else "all of 'test'"
+    return f"split '{scale.student_split}'{part} of the seen classes; seen classes evaluated on {held_out}"
+
+
+def frontier_lines(rows: Sequence[dict], recipe: str) -> list[list[str]]:
+    """Per interpolated cell, the model names from the student foundation to the student, by alpha."""
+    controls = [r for r in rows if r.get("control") == "interpolation"]
+    lines = []
+    for cell in dict.fromkeys(r["cell"] for r in controls):
+        alphas = sorted({r["alpha"] for r in controls if r["cell"] == cell})
+        lines.append(
+            ["foundation-student", *(f"interp{a:g}-{cell}-{recipe}" for a in alphas), f"student-{cell}-{recipe}"]
+        )
+    return lines
 
 
 if __name__ == "__main__":

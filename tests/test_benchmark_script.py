@@ -84,14 +84,39 @@ def test_headline_records_carry_cell_preset_and_the_paired_difference_to_ard(ben
     assert set(diffs) == {"student-mmt-ard-lr1e-3"}
     clean = diffs["student-mmt-ard-lr1e-3"]["unseen/clean"]
     assert clean.mean == pytest.approx(50.0) and clean.seeds == 2 and clean.images == 4  # 4/4 against 2/4
-    records = bench.headline_records(rows, diffs, {"student-ard-lr1e-3": [200, 180]})
+    records = bench.headline_records(rows, diffs, {"student-ard-lr1e-3": [200, 180]}, "student-ard-lr1e-3")
     assert len(records) == 4  # one per (cell, split)
     mmt = next(r for r in records if r["cell"] == "mmt-ard" and r["split"] == "unseen")
     assert (mmt["preset"], mmt["recipe"], mmt["seeds"]) == ("mmt-ard", "lr1e-3", [0, 1])
     assert mmt["clean_mean"] == 100.0 and mmt["clean_samples"] == 4 and mmt["aa4_mean"] == 25.0
-    assert mmt["vs_ard"]["aa4"]["mean"] == pytest.approx(25.0)  # 2/4 against 1/4 robust images
+    assert mmt["vs_baseline"]["aa4"]["mean"] == pytest.approx(25.0)  # 2/4 against 1/4 robust images
+    assert mmt["baseline"] == "student-ard-lr1e-3" and "control" not in mmt
     ard = next(r for r in records if r["cell"] == "ard" and r["split"] == "seen")
-    assert ard["preset"] == "ard" and ard["steps_to_ard_final"] == [200, 180] and ard["vs_ard"] == {}
+    assert ard["preset"] == "ard" and ard["steps_to_baseline_final"] == [200, 180] and ard["vs_baseline"] == {}
+
+
+def test_controls_are_marked_in_the_headline_records(bench):
+    anchor = student("mmt-ard_diwref_selfanchor", 0)
+    frontier = dict(student("ard", 0), stage="interp0.5-ard-lr1e-3-seed0", control="interpolation", alpha=0.5)
+    records = bench.headline_records([student("ard", 0), anchor, frontier], {}, {}, "student-ard-lr1e-3")
+    by_model = {(r["model"], r["split"]): r for r in records}
+    assert by_model[("student-mmt-ard_diwref_selfanchor-lr1e-3", "seen")]["control"] == "self-anchor"
+    interp = by_model[("interp0.5-ard-lr1e-3", "unseen")]
+    assert (interp["control"], interp["alpha"], interp["cell"]) == ("interpolation", 0.5, "ard")
+    assert "control" not in by_model[("student-ard-lr1e-3", "seen")]
+    lines = bench.frontier_lines([frontier, dict(frontier, alpha=0.25)], "lr1e-3")
+    assert lines == [["foundation-student", "interp0.25-ard-lr1e-3", "interp0.5-ard-lr1e-3", "student-ard-lr1e-3"]]
+
+
+def test_the_baseline_is_the_more_robust_of_ard_and_ard_rslad(bench):
+    ard = [student("ard", s) for s in (0, 1)]
+    rslad = [student("ard_rslad", s) for s in (0, 1)]
+    for row in rslad:
+        row["aa"] = {split: record(75.0, 0, aa4=50.0) for split in ("seen", "unseen")}  # ard's aa is 25
+    assert bench.stronger_baseline([*ard, *rslad], "lr1e-3") == "student-ard_rslad-lr1e-3"
+    del rslad[1]["aa"]  # aa not on every seed of both: PGD-10 decides (a tie keeps ard, the first)
+    assert bench.stronger_baseline([*ard, *rslad], "lr1e-3") == "student-ard-lr1e-3"
+    assert bench.stronger_baseline(ard, "lr1e-3") == "student-ard-lr1e-3"
 
 
 def test_aa_on_fewer_seeds_is_compared_on_those_and_the_tables_say_which(bench):
@@ -232,13 +257,24 @@ def test_the_benchmark_runs_end_to_end_in_worker_processes(tmp_path, monkeypatch
     report = (tmp_path / "out" / "benchmark.md").read_text()
     assert "| student-mmt-ard-smoke |" in report and "| teacher-robust | given |" in report
     assert "Differences against `student-ard-smoke`" in report and "Not in these tables yet" not in report
+    assert "## Protocol check (distillation images: transfer)" in report and "- P1 (the clean teacher" in report
+    check = json.loads((tmp_path / "out" / "protocol-check.json").read_text())
+    assert {(r["distill_images"], r["images"]) for r in check} == {
+        (d, i) for d in ("train", "transfer") for i in ("distill", "held-out")
+    }
+    from mmtard.experiments.per_image import read_per_image
+
+    per_image = read_per_image(tmp_path / "out" / "per-image.json.gz")
+    # seen classes: the held-out half of their 20 test images, never the half the students distilled on
+    assert per_image["images"]["seen"]["clean"] == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+    assert {m["stage"] for m in per_image["models"]} >= {"student-ard-smoke-seed0", "teacher-robust"}
     records = json.loads((tmp_path / "out" / "zoo-headline.json").read_text())
     assert {(r["cell"], r["preset"], r["split"]) for r in records} == {
         (cell, cell, split) for cell in ("ard", "mmt-ard") for split in ("seen", "unseen")
     }
     mmt = next(r for r in records if r["cell"] == "mmt-ard" and r["split"] == "seen")
-    assert mmt["clean_samples"] == 20 and mmt["robust_samples"] == 10 and mmt["aa4_mean"] is not None
-    assert set(mmt["vs_ard"]) == {"clean", "pgd4", "aa4"} and len(mmt["vs_ard"]["aa4"]["ci95"]) == 2
+    assert mmt["clean_samples"] == 10 and mmt["robust_samples"] == 10 and mmt["aa4_mean"] is not None
+    assert set(mmt["vs_baseline"]) == {"clean", "pgd4", "aa4"} and len(mmt["vs_baseline"]["aa4"]["ci95"]) == 2
     assert all(
         (tmp_path / "out" / plot).stat().st_size > 0 for plot in ("pareto.png", "pareto_pgd.png", "lambda_r.png")
     )
@@ -250,6 +286,8 @@ def test_the_benchmark_runs_end_to_end_in_worker_processes(tmp_path, monkeypatch
     module.main([*common, "--recipe", "smoke", "--cells", "ard", "--ablation", "--zoo-models", "foundation-student"])
     report = (tmp_path / "out" / "benchmark.md").read_text()
     assert "| foundation-student | given |" in report and "| teacher-robust | given |" not in report
+    # the frontier control: the finished ard student, interpolated with the foundation at each alpha
+    assert all(f"| interp{a}-ard-smoke | 0 |" in report for a in ("0.25", "0.5", "0.75"))
 
 
 def test_pareto_points_put_clean_accuracy_on_every_image_beside_the_robust_one():

@@ -150,6 +150,20 @@ class Job:
         return {self.variant_name: self.cell.variant(self.recipe)}
 
 
+@dataclass(frozen=True)
+class Frontier:
+    """A control (issue 25): the student of ``job`` interpolated with the student foundation in the image tower's
+    weight space, ``alpha * student + (1 - alpha) * foundation`` (WiSE-FT): the clean-versus-robust trade-off that
+    costs nothing. A method adds something only where it lies above this line."""
+
+    job: Job
+    alpha: float
+
+    @property
+    def stage(self) -> str:
+        return f"interp{self.alpha:g}-{self.job.variant_name}-seed{self.job.seed}"
+
+
 def make_jobs(cells: Sequence[str], recipes: Sequence[str], seeds: Sequence[int]) -> list[Job]:
     """One job per cell, recipe and seed, in that order (cell-major).
 

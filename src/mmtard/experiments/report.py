@@ -150,15 +150,24 @@ def pareto_points(rows: Sequence[dict], split: str, attack: str = "aa", eps: str
     return points
 
 
-def plot_pareto(rows: Sequence[dict], path: Path, attack: str = "aa", eps: str = "4/255") -> None:
+def plot_pareto(
+    rows: Sequence[dict], path: Path, attack: str = "aa", eps: str = "4/255", lines: Sequence[Sequence[str]] = ()
+) -> None:
     """Clean against robust accuracy (``attack`` at ``eps``), one point per model (:func:`pareto_points`): the mean
-    over its seeds with standard-deviation error bars; seen and unseen classes side by side."""
+    over its seeds with standard-deviation error bars; seen and unseen classes side by side. ``lines``: model names
+    joined by a dashed grey line in that order (an interpolation frontier), over the models that have the point."""
     plt = pyplot()
     groups = group_by_model(rows)
     fig, axes = plt.subplots(1, 2, figsize=(15, 5))
     for ax, split, title in zip(axes, ("seen", "unseen"), ("seen classes (in-distribution)", "unseen (zero-shot)")):
         ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 models without a repeated colour
-        for name, seeds, clean, clean_std, robust, robust_std in pareto_points(rows, split, attack, eps):
+        points = pareto_points(rows, split, attack, eps)
+        at = {point[0]: (point[2], point[4]) for point in points}
+        for line in lines:
+            xy = [at[name] for name in line if name in at]
+            if len(xy) > 1:
+                ax.plot(*zip(*xy), linestyle="--", color="grey", linewidth=1, zorder=0)
+        for name, seeds, clean, clean_std, robust, robust_std in points:
             given = groups[name][0]["role"] in ("foundation", "teacher")
             ax.errorbar(
                 clean,
