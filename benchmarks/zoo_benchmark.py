@@ -115,8 +115,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--frontier",
         nargs="*",
-        default=["ard", "tecoa"],
-        help="cells whose finished students get the interpolation control (with the student foundation)",
+        default=["ard", "ard_rslad", "tecoa"],
+        help="cells whose finished students get the interpolation control (with the student foundation; PGD-10 at "
+        "4/255 only)",
     )
     p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="the frontier's weights")
     p.add_argument("--docs", default=None, help="also write zoo-headline.json, pareto.png, lambda_r.png here")
@@ -210,7 +211,8 @@ def run_frontier(out: str, scale: ProtocolScale, zoo: str, point: Frontier, thre
         "train_seconds": None,
         "steps": 0,
     }
-    row |= evaluate_stage(scale, scale.student_arch, student, out / point.stage, False, interpolate)
+    target = replace(scale, eval_eps=(4 / 255,))  # the frontier is drawn at the tables' target radius
+    row |= evaluate_stage(target, scale.student_arch, student, out / point.stage, False, interpolate)
     return evaluate_job(out, scale, row, aa, model=out / job.stage, interpolate=interpolate)
 
 
@@ -277,7 +279,9 @@ def accuracy_cells(group: list[dict], split: str) -> list[str]:
     seeds it ran on, named when they are fewer)."""
     clean = [clean_accuracy(r, split) for r in group]
     cells = [mean_std(clean)]
-    cells += [mean_std([robust_accuracy(r[split], "pgd", e) for r in group]) for e in EPS]
+    for eps in EPS:  # a control is attacked at 4/255 only
+        values = [robust_accuracy(r[split], "pgd", eps) for r in group]
+        cells.append("-" if None in values else mean_std(values))
     with_aa = [r for r in group if "aa" in r]
     if not with_aa:
         return cells + ["-"]
@@ -424,9 +428,8 @@ def headline_records(
             if control == "interpolation":
                 record["alpha"] = group[0]["alpha"]
             for eps in EPS:
-                record[f"pgd{eps.split('/')[0]}_mean"] = round(
-                    statistics.mean(robust_accuracy(r[split], "pgd", eps) for r in group), 2
-                )
+                values = [robust_accuracy(r[split], "pgd", eps) for r in group]
+                record[f"pgd{eps.split('/')[0]}_mean"] = None if None in values else round(statistics.mean(values), 2)
             record["vs_baseline"] = {
                 key.split("/")[1]: d.to_dict() for key, d in diffs.get(name, {}).items() if key.startswith(split)
             }
