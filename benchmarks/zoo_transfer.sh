@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# BENCHMARKS.md section 2 (issue 25): the students distil on a transfer set (half of the seen classes' test images,
+# which no zoo model trained on) and are evaluated on the other half; the protocol check, the controls and the
+# pre-registered grid, in the order of its priority. Each invocation reuses what the earlier ones finished, so stop
+# and rerun at will; on a finished run folder the whole script only rewrites the tables, records and plots. Needs the
+# rebuilt zoo:
+#
+#   .venv/bin/python ../shared/zoo/rebuild.py --out runs/zoo
+#   bash benchmarks/zoo_transfer.sh            # PYTHON=... to use another interpreter; STAGES=... to stop early
+#
+# 1. Seed 0 of ard, ard_rslad (the authors' single-teacher script), mmt-ard_diwref and its self-anchor control.
+# 2. The zoo's models that precondition P2 compares (PGD-10), and the interpolation frontier of the finished
+#    baselines (ard, ard_rslad, tecoa; alpha 0.25, 0.5, 0.75 with the student foundation, PGD-10 4/255).
+# 3. Seeds 1 and 2 of the four cells of step 1, then their frontiers.
+# 4. The seed-0 ablation: mmt-ard's defaults, fixed 0.9/0.1 and 1/1, the foundation-teacher or the robust teacher's
+#    weights as (another) clean teacher, tecoa.
+# 5. The tables, docs/benchmarks/zoo-headline.json, protocol-check.json, per-image.json.gz and the plots.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+STAGES=${STAGES:-1 2 3 4 5}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+bench() { "$PYTHON" benchmarks/zoo_benchmark.py --zoo runs/zoo --out runs/bench-xfer --distill-images transfer "$@"; }
+KEY=(ard ard_rslad mmt-ard_diwref mmt-ard_diwref_selfanchor)
+ABLATION=(mmt-ard mmt-ard_fixed91 mmt-ard_diwref_rclean mmt-ard_diwref_ftclean mmt-ard_fixed tecoa)
+ZOO=(teacher-clean teacher-robust foundation-student)
+for stage in $STAGES; do
+  case $stage in
+    1) bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells "${KEY[@]}" --ablation ;;
+    2) bench --no-aa --jobs 2 --seeds 0 --cells "${KEY[@]}" --ablation --zoo-models "${ZOO[@]}" ;;
+    3) bench --no-aa --no-zoo-models --jobs 2 --seeds 0 1 2 --cells "${KEY[@]}" --ablation
+       bench --no-aa --no-zoo-models --jobs 2 --seeds 0 1 2 --cells "${KEY[@]}" --ablation ;;  # their frontiers
+    4) bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation "${ABLATION[@]}"
+       bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation "${ABLATION[@]}" ;;  # tecoa's frontier
+    5) bench --no-aa --seeds 0 1 2 --cells "${KEY[@]}" --ablation "${ABLATION[@]}" --zoo-models "${ZOO[@]}" \
+         --report-only --docs docs/benchmarks ;;
+  esac
+done
