@@ -11,7 +11,7 @@
 #    and the zoo's four models (its foundations and teachers, never trained; PGD-10 only).
 # 2. aa at 4/255 on every student (7 to 12.5 minutes of one core each): ard and the candidates first.
 # 3. The calibration table (runs/bench-zoo/calibration.md), the tables (runs/bench-zoo/benchmark.md),
-#    docs/benchmarks/zoo-headline.json and the plots.
+#    docs/benchmarks/issue16/zoo-headline.json and the plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -28,4 +28,4 @@ bench --no-zoo-models --jobs 2 --seeds 0 1 2 --cells ard "${CANDIDATES[@]}" --ab
 bench --no-zoo-models --jobs 2 --seeds 0 1 2 --cells "${BASELINES[@]}" --ablation "${ABLATION[@]}"
 bench --calibrate lr2e-3 --seeds 0 1 2 --report-only  # runs/bench-zoo/calibration.md
 bench --seeds 0 1 2 --cells ard "${CANDIDATES[@]}" "${BASELINES[@]}" --ablation "${ABLATION[@]}" \
-    --report-only --docs docs/benchmarks
+    --report-only --docs docs/benchmarks/issue16
