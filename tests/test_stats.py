@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmtard.experiments.stats import outcome_matrix, paired_bootstrap
+from mmtard.experiments.stats import frontier_margin, outcome_matrix, paired_bootstrap
 
 
 def test_identical_models_differ_by_zero_with_a_zero_interval():
@@ -38,3 +38,28 @@ def test_outcomes_of_different_lengths_are_refused():
         outcome_matrix(["101", "10"])
     with pytest.raises(ValueError, match="same seeds and images"):
         paired_bootstrap(["10", "11"], ["10"])
+
+
+def test_frontier_margin_by_hand():
+    """Frontier points (robust 20 %, clean 80 %) and (40 %, 60 %): at the candidate's robust 30 % the line is at clean
+    70 %, so a candidate with clean 75 % lies 5 points above it; beyond the ends the line is flat."""
+    def model(clean_correct, robust_correct, seeds=2):
+        return (
+            ["1" * clean_correct + "0" * (10 - clean_correct)] * seeds,
+            ["1" * robust_correct + "0" * (10 - robust_correct)] * seeds,
+        )
+
+    frontier = [model(8, 2, seeds=1), model(6, 4, seeds=3)]
+    above = frontier_margin(
+        (["1" * 15 + "0" * 5] * 2, ["1" * 3 + "0" * 7] * 2),
+        [
+            (["1" * 16 + "0" * 4], ["1" * 2 + "0" * 8]),
+            (["1" * 12 + "0" * 8] * 3, ["1" * 4 + "0" * 6] * 3),
+        ],
+    )
+    assert above.mean == pytest.approx(5.0) and above.low <= 5.0 <= above.high and above.images == 20
+    # more robust than the whole frontier: compared with its most robust point (clean 60 %)
+    beyond = frontier_margin(model(7, 9), frontier)
+    assert beyond.mean == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="same clean images"):
+        frontier_margin((["1" * 5], ["1"]), frontier)

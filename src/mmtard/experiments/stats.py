@@ -62,3 +62,49 @@ def paired_bootstrap(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return Difference(100 * float(diff.mean()), 100 * float(low), 100 * float(high), seeds, images)
+
+
+def frontier_margin(
+    candidate: tuple[Sequence[str], Sequence[str]],
+    frontier: Sequence[tuple[Sequence[str], Sequence[str]]],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Difference:
+    """How far ``candidate`` lies above a clean-versus-robust ``frontier``, in points of clean accuracy at the
+    candidate's own robust accuracy, with a bootstrap interval.
+
+    Each model is ``(clean outcomes per seed, robust outcomes per seed)``, every model on the same clean images and
+    the same robust images (two sets, e.g. every test image and the attacked subset). The frontier is the piecewise
+    linear line through its models' ``(robust, clean)`` accuracies, ordered by robust accuracy; beyond its ends it is
+    flat (a candidate more robust than every frontier point is compared with the most robust point's clean
+    accuracy). Each resample draws the clean images and the robust images with replacement (the same draws for every
+    model) and each model's seeds with replacement (its own draw); the interval is the percentile interval at
+    ``level``. ``seeds`` is the candidate's, ``images`` its clean images.
+    """
+    rng = np.random.default_rng(seed)
+    models = [candidate, *frontier]
+    clean = [outcome_matrix(c) for c, _ in models]
+    robust = [outcome_matrix(r) for _, r in models]
+    if len({m.shape[1] for m in clean}) != 1 or len({m.shape[1] for m in robust}) != 1:
+        raise ValueError("outcomes: every model must cover the same clean images and the same robust images")
+    clean_draws = rng.integers(0, clean[0].shape[1], size=(resamples, clean[0].shape[1]))
+    robust_draws = rng.integers(0, robust[0].shape[1], size=(resamples, robust[0].shape[1]))
+
+    def resampled(matrix: np.ndarray, image_draws: np.ndarray) -> np.ndarray:
+        per_seed = np.stack([matrix[:, draw].mean(axis=1) for draw in image_draws])  # (resamples, seeds)
+        seed_draws = rng.integers(0, matrix.shape[0], size=(resamples, matrix.shape[0]))
+        return np.take_along_axis(per_seed, seed_draws, axis=1).mean(axis=1)
+
+    def margin(clean_acc: Sequence[float], robust_acc: Sequence[float]) -> float:
+        order = np.argsort(robust_acc[1:], kind="stable")
+        xs, ys = np.asarray(robust_acc[1:])[order], np.asarray(clean_acc[1:])[order]
+        return clean_acc[0] - float(np.interp(robust_acc[0], xs, ys))
+
+    point = margin([m.mean() for m in clean], [m.mean() for m in robust])
+    clean_rs = [resampled(m, clean_draws) for m in clean]
+    robust_rs = [resampled(m, robust_draws) for m in robust]
+    margins = [margin([c[i] for c in clean_rs], [r[i] for r in robust_rs]) for i in range(resamples)]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(margins, [tail, 100 - tail])
+    return Difference(100 * point, 100 * float(low), 100 * float(high), clean[0].shape[0], clean[0].shape[1])
