@@ -43,6 +43,7 @@ def test_outcomes_of_different_lengths_are_refused():
 def test_frontier_margin_by_hand():
     """Frontier points (robust 20 %, clean 80 %) and (40 %, 60 %): at the candidate's robust 30 % the line is at clean
     70 %, so a candidate with clean 75 % lies 5 points above it; beyond the ends the line is flat."""
+
     def model(clean_correct, robust_correct, seeds=2):
         return (
             ["1" * clean_correct + "0" * (10 - clean_correct)] * seeds,
