@@ -305,3 +305,31 @@ def test_pareto_points_put_clean_accuracy_on_every_image_beside_the_robust_one()
     given = {"stage": "teacher-clean", "role": "teacher", "seen": record(80.0, 40.0)}
     ((_, _, clean, *_),) = pareto_points([given], "seen", "pgd", "4/255")
     assert clean == 80.0  # no clean_all: the robust evaluation's own clean accuracy
+
+
+def test_margin_above_the_baselines_interpolation_frontier(bench):
+    """Foundation (clean 100 %, PGD 0 %), ard interpolated at 0.5 (75 %, 25 %), ard (50 %, 50 %): at a candidate's
+    PGD 50 % the frontier is at clean 50 %, so a candidate with clean 75 % lies 25 points above it."""
+
+    def model(stage, cell, clean, pgd, **fields):
+        row = student(cell, 0, clean) if cell else {"stage": stage, "role": "foundation"}
+        all_images = {"clean_acc": 0.0, "samples": 4, "outcomes": {"clean": clean}}
+        split_record = record(0.0, 0.0, pgd_outcomes=pgd)
+        return (
+            row
+            | {"stage": stage, "clean_all": {"seen": all_images, "unseen": all_images}}
+            | {"seen": split_record, "unseen": split_record, **fields}
+        )
+
+    rows = [
+        model("student-ard-lr1e-3-seed0", "ard", "1100", "1100"),
+        model("interp0.5-ard-lr1e-3-seed0", "ard", "1110", "1000", control="interpolation", alpha=0.5),
+        model("student-mmt-ard-lr1e-3-seed0", "mmt-ard", "1110", "1100"),
+    ]
+    given = [model("foundation-student", None, "1111", "0000")]
+    margins = bench.frontier_margins(rows, given, "student-ard-lr1e-3")
+    assert set(margins) == {"student-mmt-ard-lr1e-3"}
+    assert margins["student-mmt-ard-lr1e-3"]["unseen"].mean == pytest.approx(25.0)
+    table = bench.frontier_table(margins, "student-ard-lr1e-3")
+    assert "| student-mmt-ard-lr1e-3 | 1 | +25.0 [" in table
+    assert bench.frontier_margins(rows, [], "student-ard-lr1e-3") == {}  # no foundation: no frontier
