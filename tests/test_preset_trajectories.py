@@ -88,8 +88,9 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def method_with_teachers(preset: str, student: ZeroShotClassifier, **overrides):
-    """``preset``'s method (PGD-2 at 8/255, ``overrides`` of its config) and a step function ``(x, y, index) -> MethodOutput`` that reads the
-    fake teachers ``clean`` (seed 1) and ``robust`` (seed 2) and ``original``, a frozen copy of ``student``."""
+    """``preset``'s method (PGD-2 at 8/255, ``overrides`` of its config) and a step function
+    ``(x, y, index) -> MethodOutput`` that reads the fake teachers ``clean`` (seed 1) and ``robust`` (seed 2) and
+    ``original``, a frozen copy of ``student``."""
     method = create_method(method_config(preset, eps=EPS, steps=2, **overrides))
     available = {"clean": fake_classifier(1, 7), "robust": fake_classifier(2, 5), ORIGINAL: copy.deepcopy(student)}
     teachers = {name: available[name] for name in method.teacher_roles}
