@@ -27,7 +27,7 @@ from torch import nn
 
 from mmtard.attacks.functional import pgd
 from mmtard.errors import ConfigError
-from mmtard.methods import create_balance, create_method, method_config, standard_teacher_kinds
+from mmtard.methods import create_balance, create_method, method_class, method_config, plan_teachers
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 FIXTURE = Path(__file__).parent / "data" / "two_teacher_reference.json"
@@ -157,26 +157,27 @@ def test_the_saved_trajectory_comparison_catches_a_change_of_a_formula():
         assert_close(trajectory("mmt-ard", {"clean_input": "clean", "beta": 5.01}), fixture["trajectories"]["mmt-ard"])
 
 
+def default_kinds(preset: str) -> dict[str, str]:
+    """The teachers (name -> kind) the preset's plan has when none are given."""
+    return dict(plan_teachers(method_class(preset), method_config(preset)).kinds)
+
+
 @pytest.mark.parametrize("preset", ["mmt-ard", "ard"])
 def test_the_standard_teachers_given_explicitly_are_bitwise_the_default(preset):
-    kinds = standard_teacher_kinds(preset)
+    kinds = default_kinds(preset)
     explicit = trajectory(preset, {}, lambda cfg: create_method(cfg, kinds))
     assert explicit == trajectory(preset, {})
     assert create_method(preset, kinds).teacher_roles == create_method(preset).teacher_roles == tuple(kinds)
 
 
-def test_standard_teacher_kinds_of_each_preset():
-    assert (
-        standard_teacher_kinds("mmt-ard")
-        == standard_teacher_kinds("reference")
-        == {"clean": "clean", "robust": "robust"}
-    )
-    assert standard_teacher_kinds("ard") == {"robust": "robust"}
+def test_the_default_teachers_of_each_preset():
+    assert default_kinds("mmt-ard") == default_kinds("reference") == {"clean": "clean", "robust": "robust"}
+    assert default_kinds("ard") == {"robust": "robust"}
     for preset in ("tecoa", "fare", "pmg-aft", "clean-ft"):
-        assert standard_teacher_kinds(preset) == {}
+        assert default_kinds(preset) == {}
         assert create_method(preset, {}).teacher_roles == create_method(preset).teacher_roles
     with pytest.raises(ConfigError, match="unknown method"):
-        standard_teacher_kinds("trades")
+        default_kinds("trades")
 
 
 # ---------------------------------------------------------------- the K-term balance by hand

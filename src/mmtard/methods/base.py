@@ -35,7 +35,7 @@ from mmtard.fileio import weights_stamp
 from mmtard.methods.config import MethodConfig
 from mmtard.methods.inner import INNER_OBJECTIVES, InnerContext, LossFn
 from mmtard.methods.logit_cache import LogitCache
-from mmtard.methods.teachers import ORIGINAL, choose_inner_teachers, resolve_teacher_kinds, select_teachers
+from mmtard.methods.teachers import ORIGINAL, TeacherPlan, plan_teachers
 from mmtard.models import CLIPBundle, build_zero_shot_classifier, load_clip
 from mmtard.models.zeroshot import ZeroShotClassifier
 
@@ -164,15 +164,15 @@ class Method:
     """One training step's loss. Subclasses set ``inner_objectives`` and their teachers, implement ``step``.
 
     A distilling subclass sets ``standard_teachers`` (name -> kind, its teachers when none are given) and
-    ``accepted_kinds``; one that reads the frozen copy of the starting student sets ``reads_original``. An
-    instance's ``teacher_kinds`` maps each of its teachers to its kind, in order, and ``teacher_roles`` names
-    every frozen model its step reads: the teachers, then ``original`` when it reads it. Static questions (which
-    teachers a preset takes) are class methods: :meth:`select_teachers`, :meth:`plan_teachers`.
+    ``accepted_kinds``; one that reads the frozen copy of the starting student sets ``reads_original``. These
+    class attributes are what :func:`mmtard.methods.teachers.plan_teachers` reads; an instance keeps the resulting
+    :class:`TeacherPlan` (``plan``) and answers every teacher question from it.
 
     Args:
         cfg: the method's config (validated here).
-        teacher_kinds: teacher name -> kind (``clean`` or ``robust``); None for the method's standard teachers.
-            A method without distillation teachers takes None or an empty mapping.
+        teachers: the method's :class:`TeacherPlan`, or teacher name -> kind (``clean`` or ``robust``), exactly the
+            teachers it distils from; None for the method's standard teachers. A method without distillation
+            teachers takes None or an empty mapping.
 
     Raises:
         ConfigError: an invalid config, an inner objective this method cannot compute, or teachers it cannot
@@ -191,36 +191,29 @@ class Method:
         are those of the global batch, and every process computes the same weights."""
         return all_reduce_mean(value)
 
-    @classmethod
-    def select_teachers(cls, method: str, configured: Mapping[str, str | None]) -> dict[str, str] | None:
-        """The configured teachers (name -> kind, or None for a kind implied by the name) this class distils from;
-        None for a class without distillation teachers (:func:`mmtard.methods.teachers.select_teachers`)."""
-        return select_teachers(method, configured, cls.standard_teachers, cls.accepted_kinds)
-
-    @classmethod
-    def plan_teachers(cls, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The teachers (name -> kind) an instance for ``cfg`` and ``teacher_kinds`` would have, checked against
-        the inner objective, without building one.
-
-        Raises:
-            ConfigError: as the constructor, for the inner objective and the teachers.
-        """
-        if cfg.inner not in cls.inner_objectives:
-            raise ConfigError(
-                f"inner: method '{cfg.name}' supports {', '.join(cls.inner_objectives)}; got {cfg.inner!r}"
-            )
-        kinds = resolve_teacher_kinds(cfg.name, teacher_kinds, cls.standard_teachers, cls.accepted_kinds)
-        choose_inner_teachers(cfg.inner, cfg.inner_teacher, kinds)
-        return kinds
-
-    def __init__(self, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None):
+    def __init__(self, cfg: MethodConfig, teachers: TeacherPlan | Mapping[str, str] | None = None):
         self.cfg = cfg.validate()
-        self.teacher_kinds = self.plan_teachers(cfg, teacher_kinds)
-        self.teacher_roles: tuple[str, ...] = (*self.teacher_kinds, *((ORIGINAL,) if self.reads_original else ()))
-        self.inner_teachers = choose_inner_teachers(cfg.inner, cfg.inner_teacher, self.teacher_kinds)
+        if not isinstance(teachers, TeacherPlan):
+            teachers = plan_teachers(type(self), self.cfg, teachers, exact=True)
+        self.plan = teachers
         self.caches: dict[str, LogitCache] = {}
         self.teachers: dict[str, ZeroShotClassifier] = {}  # filled by build_teachers
         self.teacher_sources: dict[str, dict] = {}  # teacher name -> its model's identity, for the logit caches
+
+    @property
+    def teacher_kinds(self) -> Mapping[str, str]:
+        """Teacher name -> kind, in order (:attr:`TeacherPlan.kinds`)."""
+        return self.plan.kinds
+
+    @property
+    def teacher_roles(self) -> tuple[str, ...]:
+        """Every frozen model the step reads (:attr:`TeacherPlan.roles`)."""
+        return self.plan.roles
+
+    @property
+    def inner_teachers(self) -> Mapping[str, str]:
+        """Kind -> the teacher the ``kl-*`` inner objective reads (:attr:`TeacherPlan.inner`)."""
+        return self.plan.inner
 
     def build_teachers(
         self,

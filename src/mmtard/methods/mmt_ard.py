@@ -38,7 +38,7 @@ from mmtard.methods.config import MethodConfig
 from mmtard.methods.logit_cache import LogitCache
 from mmtard.methods.losses import accuracy_shortfall, batch_accuracy, per_sample_kl
 from mmtard.methods.registry import register_method
-from mmtard.methods.teachers import fixed_weights, metric_suffix
+from mmtard.methods.teachers import TeacherPlan, fixed_weights, metric_suffix
 from mmtard.methods.weighting import WeightingSettings, importance_weights
 from mmtard.models.zeroshot import ZeroShotClassifier
 
@@ -67,16 +67,16 @@ class MMTARD(Method):
 
     Args:
         cfg: the method's config.
-        teacher_kinds: teacher name -> kind (``clean`` or ``robust``), at least one robust; None for the two
-            standard teachers ``{"clean": "clean", "robust": "robust"}``.
+        teachers: the :class:`TeacherPlan`, or teacher name -> kind (``clean`` or ``robust``), at least one robust;
+            None for the two standard teachers ``{"clean": "clean", "robust": "robust"}``.
     """
 
     standard_teachers = MappingProxyType({"clean": "clean", "robust": "robust"})
     accepted_kinds = ("clean", "robust")
     inner_objectives = ("kl-clean-teacher", "kl-robust-teacher", "ce")
 
-    def __init__(self, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None):
-        super().__init__(cfg, teacher_kinds)
+    def __init__(self, cfg: MethodConfig, teachers: TeacherPlan | Mapping[str, str] | None = None):
+        super().__init__(cfg, teachers)
         self.balance = create_balance(
             cfg.balance,
             self.teacher_roles,
@@ -249,7 +249,7 @@ class ARD(MMTARD):
     inner target, then on ``x'`` (which depends on that target, so the two cannot share a batch); once with
     ``robust_target: clean`` (RSLAD), whose target is the inner objective's.
 
-    Several robust teachers (``teacher_kinds`` of kind ``robust`` only) give one term each, weighted by the
+    Several robust teachers (teachers of kind ``robust`` only) give one term each, weighted by the
     balance (``fixed``: ``lambda_robust`` for the teacher named ``robust``, ``lambdas`` for the others); the inner
     objective reads ``inner_teacher`` (the first robust teacher by default).
     """

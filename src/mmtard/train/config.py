@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mmtard.errors import ConfigError
-from mmtard.methods import Method, MethodConfig, create_method, method_class
-from mmtard.methods.teachers import implied_kinds
+from mmtard.methods import MethodConfig, TeacherPlan, method_class, plan_teachers
 from mmtard.models.vision_weights import check_vision_alpha
 from mmtard.units import NORMS
 
@@ -154,9 +153,26 @@ class RunConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def teacher_plan(self) -> TeacherPlan:
+        """The teachers the method reads (:func:`mmtard.methods.teachers.plan_teachers` of the configured teachers:
+        those of the kinds the method takes, the others :attr:`TeacherPlan.unused`), checked; builds no method.
+
+        Raises:
+            ConfigError: naming ``teachers.<name>`` or ``teachers.<name>.kind`` for teachers the method refuses,
+                or the ``method.`` field of a bad method setting (``method.inner_teacher``, ``method.lambdas.<name>``).
+        """
+        configured = {name: spec.kind for name, spec in self.teachers.items()}
+        method = method_class(self.method.name)
+        try:
+            return plan_teachers(method, self.method, configured)
+        except ConfigError as exc:
+            if exc.field is not None and exc.field.startswith("teachers"):
+                raise
+            raise exc.within("method") from None
+
     def validate(self) -> RunConfig:
         """Check every field; raise a :class:`ConfigError` naming the first bad one. Returns ``self``."""
-        _check_teachers(self)
+        self.teacher_plan()
         for name, spec in [("student", self.student), *((f"teachers.{n}", t) for n, t in self.teachers.items())]:
             check_vision_alpha(spec.vision_weights_alpha, f"{name}.vision_weights_alpha")
         if self.eval.norm is not None:
@@ -217,60 +233,6 @@ def _in_range(name: str, value: float, low: float, high: float, expected: str) -
     """``low <= value < high`` (``value`` finite)."""
     if not (math.isfinite(value) and low <= value < high):
         raise ConfigError(f"{name}: expected {expected}, got {value}")
-
-
-def _check_teachers(cfg: RunConfig) -> None:
-    """Every teacher's kind, and the teachers the method distils from (:func:`build_method`)."""
-    build_method(cfg)
-
-
-def configured_teachers(cfg: RunConfig) -> dict[str, str | None]:
-    """Every configured teacher, name -> its ``kind`` as written (None when left out), in the config's order."""
-    return {name: getattr(spec, "kind", None) for name, spec in cfg.teachers.items()}
-
-
-def teacher_kinds(cfg: RunConfig) -> dict[str, str]:
-    """Every configured teacher, name -> kind (:func:`mmtard.methods.teachers.implied_kinds`: a teacher named
-    ``clean`` or ``robust`` takes that kind when it has none).
-
-    Raises:
-        ConfigError: ``teachers.<name>.kind: expected clean or robust``.
-    """
-    return implied_kinds(configured_teachers(cfg))
-
-
-def method_teachers(cfg: RunConfig) -> dict[str, str] | None:
-    """The teachers the method distils from, name -> kind (:meth:`mmtard.methods.Method.select_teachers`: the
-    configured teachers of the kinds it accepts, the method's own order for exactly its standard teachers); None
-    for a method without distillation teachers (``tecoa``, ``fare``, ``pmg-aft``, ``clean-ft``).
-
-    Raises:
-        ConfigError: a teacher's kind, or no teacher of a kind the method accepts.
-    """
-    return method_class(cfg.method.name).select_teachers(cfg.method.name, configured_teachers(cfg))
-
-
-def unused_teachers(cfg: RunConfig) -> list[str]:
-    """The configured teachers the method does not distil from (a kind it does not take, or a method without
-    teachers): they are not loaded."""
-    used = method_teachers(cfg) or {}
-    return [name for name in cfg.teachers if name not in used]
-
-
-def build_method(cfg: RunConfig) -> Method:
-    """The run's method with its teachers (:func:`method_teachers`).
-
-    Raises:
-        ConfigError: naming ``teachers.<name>`` or ``teachers.<name>.kind`` for teachers the method refuses,
-            or the ``method.`` field of a bad method setting.
-    """
-    kinds = method_teachers(cfg)
-    try:
-        return create_method(cfg.method, teacher_kinds=kinds)
-    except ConfigError as exc:
-        if exc.field is not None and exc.field.startswith("teachers"):
-            raise
-        raise exc.within("method") from None
 
 
 def _check_augment(cfg: RunConfig) -> None:

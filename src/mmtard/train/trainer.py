@@ -33,6 +33,7 @@ from mmtard.distributed import DistEnv, all_reduce_mean, barrier, init_distribut
 from mmtard.errors import NonFiniteError, TrainingInterrupted, WorkerTimeoutError
 from mmtard.eval.zeroshot import evaluate_classifier
 from mmtard.fileio import atomic_write_text
+from mmtard.methods import create_method
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier, load_clip
 from mmtard.provenance import start_record
 from mmtard.train import checkpoint as ckpt
@@ -47,7 +48,7 @@ from mmtard.train.build import (
     merged_student_state,
 )
 from mmtard.train.checks import check_built_image_sizes, check_run
-from mmtard.train.config import RunConfig, build_eval_attacks, build_method
+from mmtard.train.config import RunConfig, build_eval_attacks
 from mmtard.train.config_io import config_to_dict, load_config, save_config
 from mmtard.train.faults import (
     StopSignals,
@@ -125,7 +126,7 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
     if student_bundle.image_size != image_size:
         train_set, eval_set = build_datasets(cfg, student_bundle.image_size, cfg.train.seed)
         check_batch_size(cfg, len(train_set), env.world_size)
-    method = build_method(cfg)
+    method = create_method(cfg.method, cfg.teacher_plan())
     teachers = build_teachers(cfg, method, student_bundle, train_set, env.device)
     check_built_image_sizes(cfg, student_bundle.image_size, teachers)
     build_student(cfg, student_bundle)
