@@ -96,7 +96,8 @@ def method_with_teachers(preset: str, student: ZeroShotClassifier, **overrides):
     teachers = {name: available[name] for name in method.teacher_roles}
     for teacher in teachers.values():
         teacher.eval().requires_grad_(False)
-    return method, lambda x, y, index: method(student, teachers, x, y, index)
+    method.use_teachers(teachers)
+    return method, lambda x, y, index: method(student, x, y, index)
 
 
 def method_trajectory(preset: str, **overrides) -> dict:

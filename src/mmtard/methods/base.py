@@ -8,8 +8,10 @@ teachers, keyed by name (the rules of names and kinds: :mod:`mmtard.methods.teac
   ``create_method(cfg, teacher_kinds)``;
 - FARE and PMG-AFT read ``"original"``: a frozen copy of the student's starting model ``O``.
 
-The method owns its teachers (:meth:`Method.build_teachers` loads and freezes them), their clean-image logit
-caches and the caches' identity, and the cross-process mean of its batch statistics.
+The method owns its teachers (:meth:`Method.build_teachers` loads them, :meth:`Method.use_teachers` takes given ones;
+either freezes them once, into ``method.teachers``, an ``nn.ModuleDict``; :meth:`Method.compile_teachers` compiles
+them), their clean-image logit caches and the caches' identity, and the cross-process mean of its batch statistics.
+A step is ``method(student, x, y, index)``.
 
 It returns named loss terms (the trainer sums them and backpropagates) and diagnostics. It has no
 optimizer, DDP or logging code: a DistributedDataParallel student is unwrapped for the attack, and the
@@ -18,7 +20,6 @@ wrapper is called exactly for the training forwards whose outputs the loss uses.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -37,7 +38,6 @@ from mmtard.methods.inner import INNER_OBJECTIVES, InnerContext, LossFn
 from mmtard.methods.logit_cache import LogitCache
 from mmtard.methods.teachers import ORIGINAL, TeacherPlan, plan_teachers
 from mmtard.models import CLIPBundle, build_zero_shot_classifier, load_clip
-from mmtard.models.zeroshot import ZeroShotClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +197,9 @@ class Method:
             teachers = plan_teachers(type(self), self.cfg, teachers, exact=True)
         self.plan = teachers
         self.caches: dict[str, LogitCache] = {}
-        self.teachers: dict[str, ZeroShotClassifier] = {}  # filled by build_teachers
+        self.teachers = nn.ModuleDict()  # the frozen models of teacher_roles, by name: build_teachers / use_teachers
         self.teacher_sources: dict[str, dict] = {}  # teacher name -> its model's identity, for the logit caches
+        self._checked_student: nn.Module | None = None  # the student whose tower the teachers were checked against
 
     @property
     def teacher_kinds(self) -> Mapping[str, str]:
@@ -222,7 +223,7 @@ class Method:
         classnames: list[str],
         templates: list[str],
         device: torch.device | str | None = None,
-    ) -> dict[str, ZeroShotClassifier]:
+    ) -> nn.ModuleDict:
         """Load, freeze and keep (``self.teachers``) a zero-shot classifier of every model the step reads, by name.
 
         Args:
@@ -233,14 +234,12 @@ class Method:
             device: where the teachers are loaded.
 
         Returns:
-            ``self.teachers``: name -> frozen classifier (eval mode, no parameter gradients).
+            ``self.teachers``: name -> frozen classifier (eval mode, no parameter gradients), an ``nn.ModuleDict``.
         """
         teachers = {}
         for name in self.teacher_roles:
             if name == ORIGINAL:
-                bundle = copy.copy(student)
-                bundle.model = copy.deepcopy(student.model)
-                bundle._prototype_cache = dict(student._prototype_cache)
+                bundle = student.frozen_copy()
             else:
                 spec = sources[name]
                 vision_weights = getattr(spec, "vision_weights", None)
@@ -267,9 +266,36 @@ class Method:
                     }
             freeze(bundle.model)
             teachers[name] = build_zero_shot_classifier(bundle, classnames, templates, self.cfg.logit_scale)
-            freeze(teachers[name])
-        self.teachers = teachers
-        return teachers
+        return self.use_teachers(teachers).teachers
+
+    def use_teachers(self, teachers: Mapping[str, nn.Module]) -> Method:
+        """Make ``teachers`` (name -> model) this method's own, frozen (eval mode, no parameter gradients) once, here.
+
+        Args:
+            teachers: must hold every name of ``teacher_roles``; other names are ignored.
+
+        Returns:
+            The method itself, so ``method.use_teachers(teachers)(student, x, y)`` reads.
+
+        Raises:
+            ConfigError: a name of ``teacher_roles`` is missing.
+        """
+        missing = [role for role in self.teacher_roles if role not in teachers]
+        if missing:
+            raise ConfigError(
+                f"teachers: method '{self.cfg.name}' needs teachers {self.teacher_roles}; missing {tuple(missing)}"
+            )
+        self.teachers = nn.ModuleDict({role: teachers[role] for role in self.teacher_roles})
+        for teacher in self.teachers.values():
+            freeze(teacher)
+        self._checked_student = None
+        return self
+
+    def compile_teachers(self) -> None:
+        """``torch.compile`` every teacher in place (``nn.Module.compile``, ``dynamic=False``: a step's shapes are
+        fixed), as ``train.compile`` asks; parameters and state-dict names stay as they are."""
+        for teacher in self.teachers.values():
+            teacher.compile(dynamic=False)
 
     def open_logit_caches(
         self,
@@ -289,48 +315,43 @@ class Method:
         return self.cfg.attacking
 
     def __call__(
-        self,
-        student: nn.Module,
-        teachers: Mapping[str, ZeroShotClassifier],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        index: torch.Tensor | None = None,
+        self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
     ) -> MethodOutput:
-        """Compute one step's loss terms.
+        """Compute one step's loss terms with this method's frozen teachers (:meth:`build_teachers` or
+        :meth:`use_teachers`).
 
         Args:
             student: the student ``ZeroShotClassifier``, possibly wrapped in DistributedDataParallel, in
-                train mode.
-            teachers: frozen models by name; must hold every name of ``teacher_roles`` (others are
-                ignored). They are put in eval mode without parameter gradients.
+                train mode. The first call with a student checks that no teacher shares its image tower.
             x: ``(B, 3, H, W)`` images in ``[0, 1]``.
             y: ``(B,)`` labels in the student's (and teachers') label set.
             index: ``(B,)`` dataset indices, for the clean-teacher cache.
 
         Returns:
             The named loss terms, diagnostics and the adversarial images.
+
+        Raises:
+            ConfigError: a teacher is missing (none were given), or one shares its image tower with the student.
         """
-        missing = [role for role in self.teacher_roles if role not in teachers]
+        if unwrap(student) is not self._checked_student:
+            self._check_teachers_for(student)
+        return self.step(student, x, y, index)
+
+    def _check_teachers_for(self, student: nn.Module) -> None:
+        """Every teacher is there and none shares its image tower with ``student``; remembered for that student."""
+        missing = [role for role in self.teacher_roles if role not in self.teachers]
         if missing:
             raise ConfigError(
                 f"teachers: method '{self.cfg.name}' needs teachers {self.teacher_roles}; missing {tuple(missing)}"
             )
         for role in self.teacher_roles:
-            if unwrap(teachers[role]).visual is unwrap(student).visual:
+            if unwrap(self.teachers[role]).visual is unwrap(student).visual:
                 raise ConfigError(
                     f"teachers: the '{role}' model shares its image tower with the student; pass a frozen copy"
                 )
-            freeze(teachers[role])
-        return self.step(student, teachers, x, y, index)
+        self._checked_student = unwrap(student)
 
-    def step(
-        self,
-        student: nn.Module,
-        teachers: Mapping[str, ZeroShotClassifier],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        index: torch.Tensor | None,
-    ) -> MethodOutput:
+    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None) -> MethodOutput:
         raise NotImplementedError
 
     def attack(self, model: nn.Module, loss_fn: LossFn, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ unpickling (it could run code on load) is refused unless ``trust_checkpoint=True
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import os
 import pickle
@@ -87,6 +89,12 @@ class CLIPBundle:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def frozen_copy(self) -> CLIPBundle:
+        """A copy of this bundle whose model is a deep copy in eval mode without parameter gradients (FARE's and
+        PMG-AFT's frozen original model); the text prototypes computed so far are shared, as the text tower is."""
+        model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return dataclasses.replace(self, model=model, _prototype_cache=dict(self._prototype_cache))
 
 
 def tower_image_size(model: nn.Module) -> int | None:

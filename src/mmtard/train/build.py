@@ -105,10 +105,9 @@ def data_fields(prefix: str) -> dict[str, str]:
     }
 
 
-def build_teachers(
-    cfg: RunConfig, method: Method, student: CLIPBundle, dataset: ImageDataset, device
-) -> dict[str, ZeroShotClassifier]:
-    """The method's frozen teachers on the training label set (:meth:`Method.build_teachers`), by name."""
+def build_teachers(cfg: RunConfig, method: Method, student: CLIPBundle, dataset: ImageDataset, device) -> nn.ModuleDict:
+    """The method's frozen teachers on the training label set (:meth:`Method.build_teachers`), by name; the method
+    keeps them (``method.teachers``)."""
     return method.build_teachers(cfg.teachers, student, dataset.classnames, dataset.templates, device)
 
 
@@ -126,10 +125,11 @@ def build_optimizer(cfg: RunConfig, params: list[nn.Parameter]):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def compile_models(student: ZeroShotClassifier, teachers: dict[str, ZeroShotClassifier]) -> None:
+def compile_models(student: ZeroShotClassifier, method: Method) -> None:
     """``torch.compile`` the classifiers a training step calls (``train.compile``), in place
-    (``nn.Module.compile``): parameters, state-dict names and checkpoints stay as they are, and the held-out
-    evaluation, which builds its own classifier on the student's tower, runs eagerly. ``dynamic=False``:
-    the step's shapes are fixed (``drop_last``), so each gets its own static graph."""
-    for model in (student, *teachers.values()):
-        model.compile(dynamic=False)
+    (``nn.Module.compile``): the student, then the method's teachers (:meth:`Method.compile_teachers`).
+    Parameters, state-dict names and checkpoints stay as they are, and the held-out evaluation, which builds its
+    own classifier on the student's tower, runs eagerly. ``dynamic=False``: the step's shapes are fixed
+    (``drop_last``), so each gets its own static graph."""
+    student.compile(dynamic=False)
+    method.compile_teachers()
