@@ -70,9 +70,16 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
 
 
 def check_not_interrupted(run: RunDir) -> None:
-    """A run without ``--resume`` must not start over an interrupted one (a checkpoint, no final model): its
-    ``config.yaml``, logs and checkpoints would be replaced."""
-    if run.has_checkpoint() and not run.is_finished():
+    """A run without ``--resume`` must not start over an earlier one: an interrupted one (a checkpoint, no final
+    model) or a finished one (``model.safetensors``), whose ``config.yaml``, logs, checkpoints and model would be
+    replaced."""
+    if run.is_finished():
+        raise ConfigError(
+            f"output_dir: '{run.path}' holds a finished run ({MODEL_FILE}); a new run there would replace it: "
+            f"continue it with --resume latest (and more train.steps), or start a new run in another output_dir "
+            f"(--set output_dir=...) or after removing '{run.path}'"
+        )
+    if run.has_checkpoint():
         latest = run.latest.read_text(errors="replace").strip()
         raise ConfigError(
             f"output_dir: '{run.path}' holds an interrupted run (checkpoint {latest}, no {MODEL_FILE}); continue it "

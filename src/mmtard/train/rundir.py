@@ -190,8 +190,10 @@ class RunLock:
     def acquire(self) -> None:
         """Create the lock file (and the run folder); raise :class:`RunLockedError` if a live process holds it.
 
-        A write the system refuses (a full disk) raises its ``OSError`` naming the lock file, which is removed.
+        A write the system refuses (a full disk) raises its ``OSError`` naming the lock file, which is removed (and
+        the run folder, when this call created it).
         """
+        created = not self.run.path.exists()
         self.run.path.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -204,8 +206,10 @@ class RunLock:
             try:
                 with os.fdopen(fd, "w") as f:
                     f.write(f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid()) or '-'}\n")
-            except OSError as exc:  # a full disk: no lock file left behind, half written or empty
+            except OSError as exc:  # a full disk: no lock file (half written or empty) nor new folder left behind
                 self.run.lock.unlink(missing_ok=True)
+                if created:
+                    self.run.path.rmdir()
                 raise OSError(exc.errno, exc.strerror, str(self.run.lock)) from None
             self.held = True
             return
