@@ -6,21 +6,17 @@ Reading them from YAML and ``--set`` overrides is :mod:`mmtard.train.config_io`'
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mmtard.errors import ConfigError
 from mmtard.methods import MethodConfig, TeacherPlan, method_class, plan_teachers
 from mmtard.models.vision_weights import check_vision_alpha
 from mmtard.units import NORMS
+from mmtard.validate import MAX_TRAIN_SEED, check_choice, check_number, check_whole_number
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINETUNE_MODES = ("full", "lora")
 NONFINITE_POLICIES = ("stop", "skip")
-#: the largest ``train.seed``: the data order, the attacks' random starts and each process's generator take
-#: seeds derived from it (``seed * 1_000_003 + step``...), which must stay within torch's 64-bit seeds
-MAX_TRAIN_SEED = 2**32 - 1
 
 
 @dataclass
@@ -100,7 +96,7 @@ class OptimConfig:
     process waits for the others in a collective before the run ends with an error (a stalled or dead
     worker); raise it if a held-out evaluation, which rank 0 runs alone, takes longer.
 
-    ``seed``: a whole number from 0 to :data:`MAX_TRAIN_SEED` (2**32 - 1).
+    ``seed``: a whole number from 0 to :data:`mmtard.validate.MAX_TRAIN_SEED` (2**32 - 1).
 
     ``compile``: ``torch.compile`` the student's and the teachers' zero-shot classifiers (image tower,
     normalisation and prototypes) for the training steps; results equal eager ones within floating-point
@@ -176,10 +172,10 @@ class RunConfig:
         for name, spec in [("student", self.student), *((f"teachers.{n}", t) for n, t in self.teachers.items())]:
             check_vision_alpha(spec.vision_weights_alpha, f"{name}.vision_weights_alpha")
         if self.eval.norm is not None:
-            _choice("eval.norm", self.eval.norm, NORMS)
-        _choice("student.finetune", self.student.finetune, FINETUNE_MODES)
-        _choice("train.precision", self.train.precision, PRECISIONS)
-        _choice("train.on_nonfinite", self.train.on_nonfinite, NONFINITE_POLICIES)
+            check_choice("eval.norm", self.eval.norm, NORMS)
+        check_choice("student.finetune", self.student.finetune, FINETUNE_MODES)
+        check_choice("train.precision", self.train.precision, PRECISIONS)
+        check_choice("train.on_nonfinite", self.train.on_nonfinite, NONFINITE_POLICIES)
         for name, value, low in (
             ("train.steps", self.train.steps, 1),
             ("data.batch_size", self.data.batch_size, 1),
@@ -194,22 +190,47 @@ class RunConfig:
             ("eval.batch_size", self.eval.batch_size, 1),
             ("student.lora.rank", self.student.lora.rank, 1),
         ):
-            if value is not None and value < low:
-                raise ConfigError(f"{name}: expected a whole number >= {low}, got {value}")
-        if not 0 <= self.train.seed <= MAX_TRAIN_SEED:
-            raise ConfigError(f"train.seed: expected a whole number from 0 to {MAX_TRAIN_SEED}, got {self.train.seed}")
-        _positive("train.lr", self.train.lr, "a positive learning rate")
-        _positive("train.dist_timeout_s", self.train.dist_timeout_s, "a positive number of seconds")
-        _positive("student.lora.alpha", self.student.lora.alpha, "a positive scale")
+            if value is not None:
+                check_whole_number(name, value, low)
+        check_whole_number("train.seed", self.train.seed, 0, MAX_TRAIN_SEED)
+        check_number("train.lr", self.train.lr, low=0, low_open=True, expected="a positive learning rate")
+        check_number(
+            "train.dist_timeout_s",
+            self.train.dist_timeout_s,
+            low=0,
+            low_open=True,
+            expected="a positive number of seconds",
+        )
+        check_number("student.lora.alpha", self.student.lora.alpha, low=0, low_open=True, expected="a positive scale")
         if self.train.grad_clip is not None:
-            _positive("train.grad_clip", self.train.grad_clip, "a positive gradient norm (or null for none)")
-        _in_range("train.warmup", self.train.warmup, 0, 1, "a fraction of the steps in [0, 1)")
-        _in_range("train.weight_decay", self.train.weight_decay, 0, math.inf, "a number >= 0")
-        _in_range("student.lora.dropout", self.student.lora.dropout, 0, 1, "a probability in [0, 1)")
+            check_number(
+                "train.grad_clip",
+                self.train.grad_clip,
+                low=0,
+                low_open=True,
+                expected="a positive gradient norm (or null for none)",
+            )
+        check_number(
+            "train.warmup",
+            self.train.warmup,
+            low=0,
+            high=1,
+            high_open=True,
+            expected="a fraction of the steps in [0, 1)",
+        )
+        check_number("train.weight_decay", self.train.weight_decay, low=0, expected="a number >= 0")
+        check_number(
+            "student.lora.dropout",
+            self.student.lora.dropout,
+            low=0,
+            high=1,
+            high_open=True,
+            expected="a probability in [0, 1)",
+        )
         if len(self.train.betas) != 2:
             raise ConfigError(f"train.betas: expected two numbers [beta1, beta2], got {self.train.betas}")
         for i, beta in enumerate(self.train.betas):
-            _in_range(f"train.betas[{i}]", beta, 0, 1, "a number in [0, 1)")
+            check_number(f"train.betas[{i}]", beta, low=0, high=1, high_open=True, expected="a number in [0, 1)")
         if not self.output_dir.strip():
             raise ConfigError("output_dir: expected a folder for the run, got an empty path")
         _check_device_name(self.device)
@@ -217,22 +238,6 @@ class RunConfig:
         _check_eval_attacks(self)
         _check_augment(self)
         return self
-
-
-def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
-
-
-def _positive(name: str, value: float, expected: str) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name}: expected {expected}, got {value}")
-
-
-def _in_range(name: str, value: float, low: float, high: float, expected: str) -> None:
-    """``low <= value < high`` (``value`` finite)."""
-    if not (math.isfinite(value) and low <= value < high):
-        raise ConfigError(f"{name}: expected {expected}, got {value}")
 
 
 def _check_augment(cfg: RunConfig) -> None:
@@ -270,7 +275,7 @@ def _check_eval_attacks(cfg: RunConfig) -> None:
     """``eval.attack`` / ``eval.eps`` / ``eval.steps`` build the held-out attacks (as the trainer will)."""
     from mmtard.attacks import list_attacks
 
-    _choice("eval.attack", cfg.eval.attack, list_attacks())
+    check_choice("eval.attack", cfg.eval.attack, list_attacks())
     try:
         build_eval_attacks(cfg)
     except ConfigError as exc:
