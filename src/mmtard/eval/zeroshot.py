@@ -29,14 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmtard.attacks import Attack, check_robust_results, zero_gradient_fraction
-from mmtard.distributed import Shard, gather
+from mmtard.distributed import AUTOCAST_DTYPES, EVAL_PRECISIONS, Shard, gather
 from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal
 
 logger = logging.getLogger(__name__)
 
-#: evaluation precisions: fp32, or bf16 autocast on the model's device
-PRECISIONS = ("fp32", "bf16")
 #: the largest difference, in points, between a bf16 and an fp32 robust accuracy on the same images
 BF16_TOLERANCE_POINTS = 1.0
 
@@ -65,13 +63,13 @@ class PrecisionError(ConfigError):
 
 
 def check_precision(precision: str) -> str:
-    """``precision`` itself if it is one of :data:`PRECISIONS`.
+    """``precision`` itself if it is one of :data:`mmtard.distributed.EVAL_PRECISIONS`.
 
     Raises:
         ConfigError: ``"precision: expected fp32 or bf16, got ..."``.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: expected {' or '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in EVAL_PRECISIONS:
+        raise ConfigError(f"precision: expected {' or '.join(EVAL_PRECISIONS)}, got {precision!r}")
     return precision
 
 
@@ -79,7 +77,7 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
     """bf16 autocast on ``device`` for ``bf16``; nothing for ``fp32``."""
     if check_precision(precision) == "fp32":
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import nn
 
 from mmtard import preflight
 from mmtard.data import ImageDataset, create_dataset
+from mmtard.distributed import AUTOCAST_DTYPES
 from mmtard.errors import ConfigError
 from mmtard.methods import Method
 from mmtard.models import CLIPBundle, ZeroShotClassifier
@@ -30,7 +31,7 @@ def build_precision(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision != "fp32" and device.type != "cuda":
         raise ConfigError(f"train.precision: {precision} needs a CUDA device; use fp32 (or auto) on {device.type}")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return AUTOCAST_DTYPES[precision]
 
 
 def build_student(cfg: RunConfig, bundle: CLIPBundle) -> None:

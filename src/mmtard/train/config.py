@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmtard.distributed import TRAIN_PRECISIONS
 from mmtard.errors import ConfigError
 from mmtard.methods import MethodConfig, TeacherPlan, method_class, plan_teachers
 from mmtard.models.vision_weights import check_vision_alpha
 from mmtard.units import NORMS
 from mmtard.validate import MAX_TRAIN_SEED, check_choice, check_number, check_whole_number
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINETUNE_MODES = ("full", "lora")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -174,7 +174,7 @@ class RunConfig:
         if self.eval.norm is not None:
             check_choice("eval.norm", self.eval.norm, NORMS)
         check_choice("student.finetune", self.student.finetune, FINETUNE_MODES)
-        check_choice("train.precision", self.train.precision, PRECISIONS)
+        check_choice("train.precision", self.train.precision, TRAIN_PRECISIONS)
         check_choice("train.on_nonfinite", self.train.on_nonfinite, NONFINITE_POLICIES)
         for name, value, low in (
             ("train.steps", self.train.steps, 1),
