@@ -176,61 +176,8 @@ class RunConfig:
         check_choice("student.finetune", self.student.finetune, FINETUNE_MODES)
         check_choice("train.precision", self.train.precision, TRAIN_PRECISIONS)
         check_choice("train.on_nonfinite", self.train.on_nonfinite, NONFINITE_POLICIES)
-        for name, value, low in (
-            ("train.steps", self.train.steps, 1),
-            ("data.batch_size", self.data.batch_size, 1),
-            ("data.workers", self.data.workers, 0),
-            ("data.samples", self.data.samples, 1),
-            ("data.eval_samples", self.data.eval_samples, 1),
-            ("train.checkpoint_every", self.train.checkpoint_every, 0),
-            ("train.log_every", self.train.log_every, 1),
-            ("train.keep_checkpoints", self.train.keep_checkpoints, 1),
-            ("eval.every", self.eval.every, 0),
-            ("eval.steps", self.eval.steps, 1),
-            ("eval.batch_size", self.eval.batch_size, 1),
-            ("student.lora.rank", self.student.lora.rank, 1),
-        ):
-            if value is not None:
-                check_whole_number(name, value, low)
-        check_whole_number("train.seed", self.train.seed, 0, MAX_TRAIN_SEED)
-        check_number("train.lr", self.train.lr, low=0, low_open=True, expected="a positive learning rate")
-        check_number(
-            "train.dist_timeout_s",
-            self.train.dist_timeout_s,
-            low=0,
-            low_open=True,
-            expected="a positive number of seconds",
-        )
-        check_number("student.lora.alpha", self.student.lora.alpha, low=0, low_open=True, expected="a positive scale")
-        if self.train.grad_clip is not None:
-            check_number(
-                "train.grad_clip",
-                self.train.grad_clip,
-                low=0,
-                low_open=True,
-                expected="a positive gradient norm (or null for none)",
-            )
-        check_number(
-            "train.warmup",
-            self.train.warmup,
-            low=0,
-            high=1,
-            high_open=True,
-            expected="a fraction of the steps in [0, 1)",
-        )
-        check_number("train.weight_decay", self.train.weight_decay, low=0, expected="a number >= 0")
-        check_number(
-            "student.lora.dropout",
-            self.student.lora.dropout,
-            low=0,
-            high=1,
-            high_open=True,
-            expected="a probability in [0, 1)",
-        )
-        if len(self.train.betas) != 2:
-            raise ConfigError(f"train.betas: expected two numbers [beta1, beta2], got {self.train.betas}")
-        for i, beta in enumerate(self.train.betas):
-            check_number(f"train.betas[{i}]", beta, low=0, high=1, high_open=True, expected="a number in [0, 1)")
+        _check_counts(self)
+        _check_rates(self)
         if not self.output_dir.strip():
             raise ConfigError("output_dir: expected a folder for the run, got an empty path")
         _check_device_name(self.device)
@@ -238,6 +185,46 @@ class RunConfig:
         _check_eval_attacks(self)
         _check_augment(self)
         return self
+
+
+def _check_counts(cfg: RunConfig) -> None:
+    """The whole-number fields (steps, sizes, intervals) and the seed."""
+    for name, value, low in (
+        ("train.steps", cfg.train.steps, 1),
+        ("data.batch_size", cfg.data.batch_size, 1),
+        ("data.workers", cfg.data.workers, 0),
+        ("data.samples", cfg.data.samples, 1),
+        ("data.eval_samples", cfg.data.eval_samples, 1),
+        ("train.checkpoint_every", cfg.train.checkpoint_every, 0),
+        ("train.log_every", cfg.train.log_every, 1),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints, 1),
+        ("eval.every", cfg.eval.every, 0),
+        ("eval.steps", cfg.eval.steps, 1),
+        ("eval.batch_size", cfg.eval.batch_size, 1),
+        ("student.lora.rank", cfg.student.lora.rank, 1),
+    ):
+        if value is not None:
+            check_whole_number(name, value, low)
+    check_whole_number("train.seed", cfg.train.seed, 0, MAX_TRAIN_SEED)
+
+
+def _check_rates(cfg: RunConfig) -> None:
+    """The real-valued fields: rates, scales, fractions and the optimizer's betas."""
+    positive = {"low": 0, "low_open": True}
+    fraction = {"low": 0, "high": 1, "high_open": True}
+    check_number("train.lr", cfg.train.lr, **positive, expected="a positive learning rate")
+    check_number("train.dist_timeout_s", cfg.train.dist_timeout_s, **positive, expected="a positive number of seconds")
+    check_number("student.lora.alpha", cfg.student.lora.alpha, **positive, expected="a positive scale")
+    if cfg.train.grad_clip is not None:
+        expected = "a positive gradient norm (or null for none)"
+        check_number("train.grad_clip", cfg.train.grad_clip, **positive, expected=expected)
+    check_number("train.warmup", cfg.train.warmup, **fraction, expected="a fraction of the steps in [0, 1)")
+    check_number("train.weight_decay", cfg.train.weight_decay, low=0, expected="a number >= 0")
+    check_number("student.lora.dropout", cfg.student.lora.dropout, **fraction, expected="a probability in [0, 1)")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"train.betas: expected two numbers [beta1, beta2], got {cfg.train.betas}")
+    for i, beta in enumerate(cfg.train.betas):
+        check_number(f"train.betas[{i}]", beta, **fraction, expected="a number in [0, 1)")
 
 
 def _check_augment(cfg: RunConfig) -> None:
