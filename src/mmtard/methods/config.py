@@ -8,7 +8,7 @@ those defaults, registered with its method class (``register_method(name, **pres
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 
 from mmtard.attacks.base import NORMS
@@ -18,7 +18,7 @@ from mmtard.methods.balance import BALANCES
 from mmtard.methods.inner import INNER_OBJECTIVES
 from mmtard.methods.teachers import STANDARD_LAMBDA_FIELDS
 from mmtard.methods.weighting import DIW_MODES
-from mmtard.units import parse_eps
+from mmtard.units import RADIUS, parse_eps
 from mmtard.validate import check_choice, check_number
 
 ROBUST_TARGETS = ("adversarial", "clean")
@@ -91,8 +91,8 @@ class MethodConfig:
     clean_input: str = "clean"
     temperature: float = 1.0
     logit_scale: float | str = 100.0
-    eps: float = 4 / 255
-    alpha: float | None = None
+    eps: float = field(default=4 / 255, metadata=RADIUS)
+    alpha: float | None = field(default=None, metadata=RADIUS)
     steps: int = 10
     norm: str = "linf"
     cache_clean_teacher: bool = False

@@ -12,7 +12,7 @@ from mmtard.distributed import TRAIN_PRECISIONS
 from mmtard.errors import ConfigError
 from mmtard.methods import MethodConfig, TeacherPlan, method_class, plan_teachers
 from mmtard.models.vision_weights import check_vision_alpha
-from mmtard.units import NORMS
+from mmtard.units import NORMS, RADIUS
 from mmtard.validate import MAX_TRAIN_SEED, check_choice, check_number, check_whole_number
 
 FINETUNE_MODES = ("full", "lora")
@@ -128,7 +128,7 @@ class EvalConfig:
 
     every: int = 0
     attack: str = "pgd"
-    eps: list[float] = field(default_factory=lambda: [4 / 255])
+    eps: list[float] = field(default_factory=lambda: [4 / 255], metadata=RADIUS)
     steps: int = 10
     batch_size: int = 128
     final: bool = True
