@@ -408,6 +408,7 @@ def test_missing_named_teacher_is_an_error():
         ("mmt-ard", {"original": "robust"}, {}, r"teachers\.original: the name is reserved"),
         ("mmt-ard", {"robust": "robust", "R": "robust"}, {}, r"teachers\.R: its metrics"),
         ("mmt-ard", {"a.b": "robust"}, {}, r"teachers\.a\.b: expected a name"),
+        ("mmt-ard", {"train": "robust"}, {}, r"teachers\.train: the name is an attribute of the method's teacher"),
         ("tecoa", {"robust": "robust"}, {}, r"teachers\.robust\.kind: method 'tecoa' distils from no"),
         ("mmt-ard", THREE_KINDS, {"balance": "fixed", "lambdas": {"pmg": 1.0}}, r"lambdas\.pmg: no teacher"),
         ("mmt-ard", THREE_KINDS, {"inner_teacher": "tecoa"}, r"inner_teacher: expected the name of a clean teacher"),

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from mmtard.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -226,6 +228,11 @@ def _check_teacher(method: str, name: object, kind: object, accepted: tuple[str,
         raise ConfigError(
             f"teachers.{name}: expected a name of a letter then letters, digits, '_' or '-' (it names "
             "metrics, config fields and cache folders)"
+        )
+    if hasattr(nn.ModuleDict, name):
+        raise ConfigError(
+            f"teachers.{name}: the name is an attribute of the method's teacher mapping (torch's nn.ModuleDict, "
+            "which holds the teachers by name); give this teacher another name"
         )
     if name in RESERVED_TEACHER_NAMES:
         raise ConfigError(
