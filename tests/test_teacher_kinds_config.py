@@ -287,3 +287,21 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_anything_is_written(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmtard train: error: method.cache_dir:") and "is a file" in err[0]
     assert not out.exists()
+
+
+def test_config_validation_plans_the_teachers_without_building_a_method(monkeypatch):
+    """``RunConfig.validate`` asks :func:`mmtard.methods.plan_teachers` (a frozen plan), never a ``Method``."""
+    import dataclasses
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Method was built while validating a config")
+
+    monkeypatch.setattr(method_base.Method, "__init__", refuse)
+    cfg = load_config(MMT_ARD, ["teachers.fare.arch=tiny-vit-s", "teachers.fare.kind=robust"])
+    plan = cfg.teacher_plan()
+    assert dict(plan.kinds) == {"clean": "clean", "robust": "robust", "fare": "robust"}
+    assert plan.roles == ("clean", "robust", "fare") and plan.inner == {"clean": "clean"} and plan.unused == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.reads_original = True
+    with pytest.raises(TypeError):
+        plan.kinds["clip"] = "clean"
