@@ -5,7 +5,7 @@ teachers, keyed by name (the rules of names and kinds: :mod:`mmtard.methods.teac
 
 - distilling methods (``mmt-ard``, ``reference``, ``ard``) take named teachers of kind ``clean`` or ``robust``;
   by default the two standard teachers ``"clean"`` and ``"robust"``; any number with
-  ``create_method(cfg, teacher_kinds)``;
+  ``create_method(cfg, teachers)`` (a :class:`~mmtard.methods.teachers.TeacherPlan` or name -> kind);
 - FARE and PMG-AFT read ``"original"``: a frozen copy of the student's starting model ``O``.
 
 The method owns its teachers (:meth:`Method.build_teachers` loads them, :meth:`Method.use_teachers` takes given ones;
