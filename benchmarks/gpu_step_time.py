@@ -130,7 +130,7 @@ def build_cell(
     method = create_method(method_config(method_name, eps=EPS, steps=pgd_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     state = TrainState(0, student, optimizer, scheduler, scaler, method)
-    teachers = {role: models.teachers[role] for role in method.teacher_roles}
+    teachers = method.use_teachers(models.teachers).teachers
     size = models.student.image_size
     generator = torch.Generator(device=device).manual_seed(batch)
     x = torch.rand(batch, 3, size, size, device=device, generator=generator)
@@ -139,9 +139,7 @@ def build_cell(
         x = x.contiguous(memory_format=torch.channels_last)
 
     def run() -> object:
-        return train_step(
-            state, teachers, x, y, index=None, autocast_dtype=autocast_dtype, params=params, cfg=run_config
-        )
+        return train_step(state, (x, y, None), precision=autocast_dtype, optim=run_config.train)
 
     return Cell(method_name, batch, lever, state, teachers, run)
 

@@ -74,9 +74,9 @@ def test_compiled_steps_equal_eager_steps_within_tolerance(data_dir, tmp_path, m
     compiled_models = []
     real_compile_models = trainer_module.compile_models
 
-    def recording_compile_models(student, teachers):
-        real_compile_models(student, teachers)
-        compiled_models.extend([student, *teachers.values()])
+    def recording_compile_models(student, method):
+        real_compile_models(student, method)
+        compiled_models.extend([student, *method.teachers.values()])
 
     monkeypatch.setattr(trainer_module, "compile_models", recording_compile_models)
     train(load_config(MMT_ARD, tiny_run(data_dir, tmp_path / "eager")), progress=False)

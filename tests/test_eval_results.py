@@ -125,7 +125,7 @@ BAD_REQUESTS = {
     "logit_scale-text": ({"logit_scale": "abc"}, "logit_scale: expected a positive number or 'model'"),
     "logit_scale-nan": ({"logit_scale": math.nan}, "logit_scale: expected a positive number or 'model'"),
     "attack": ({"attacks": ["fgsm"], "eps": (4 / 255,)}, "attack: unknown attack 'fgsm'"),
-    "steps": ({"attacks": ["pgd"], "eps": (4 / 255,), "steps": 0}, "pgd: steps: expected a positive integer"),
+    "steps": ({"attacks": ["pgd"], "eps": (4 / 255,), "steps": 0}, "pgd: steps: expected a whole number >= 1, got 0"),
     "eps-missing": ({"attacks": ["pgd"], "eps": ()}, "eps: give at least one radius"),
     "split": ({"split": "../test"}, "split: expected a plain name"),
 }

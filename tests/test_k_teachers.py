@@ -27,7 +27,7 @@ from torch import nn
 
 from mmtard.attacks.functional import pgd
 from mmtard.errors import ConfigError
-from mmtard.methods import create_balance, create_method, method_config, standard_teacher_kinds
+from mmtard.methods import create_balance, create_method, method_class, method_config, plan_teachers
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 FIXTURE = Path(__file__).parent / "data" / "two_teacher_reference.json"
@@ -113,13 +113,13 @@ def _trajectory(preset: str, overrides: dict, method_factory=None) -> dict:
     cfg = method_config(preset, eps=EPS, steps=2, **overrides)
     method = create_method(cfg) if method_factory is None else method_factory(cfg)
     student = fake_classifier(0, 6)
-    teachers = {"clean": fake_classifier(1, 7), "robust": fake_classifier(2, 5)}
+    method.use_teachers({"clean": fake_classifier(1, 7), "robust": fake_classifier(2, 5)})
     optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
     torch.manual_seed(7)
     steps = []
     for step in range(TRAJECTORY_STEPS):
         x, y, index = batch(step)
-        out = method(student, teachers, x, y, index)
+        out = method(student, x, y, index)
         total = out.total()
         optimizer.zero_grad()
         total.backward()
@@ -157,26 +157,27 @@ def test_the_saved_trajectory_comparison_catches_a_change_of_a_formula():
         assert_close(trajectory("mmt-ard", {"clean_input": "clean", "beta": 5.01}), fixture["trajectories"]["mmt-ard"])
 
 
+def default_kinds(preset: str) -> dict[str, str]:
+    """The teachers (name -> kind) the preset's plan has when none are given."""
+    return dict(plan_teachers(method_class(preset), method_config(preset)).kinds)
+
+
 @pytest.mark.parametrize("preset", ["mmt-ard", "ard"])
 def test_the_standard_teachers_given_explicitly_are_bitwise_the_default(preset):
-    kinds = standard_teacher_kinds(preset)
+    kinds = default_kinds(preset)
     explicit = trajectory(preset, {}, lambda cfg: create_method(cfg, kinds))
     assert explicit == trajectory(preset, {})
     assert create_method(preset, kinds).teacher_roles == create_method(preset).teacher_roles == tuple(kinds)
 
 
-def test_standard_teacher_kinds_of_each_preset():
-    assert (
-        standard_teacher_kinds("mmt-ard")
-        == standard_teacher_kinds("reference")
-        == {"clean": "clean", "robust": "robust"}
-    )
-    assert standard_teacher_kinds("ard") == {"robust": "robust"}
+def test_the_default_teachers_of_each_preset():
+    assert default_kinds("mmt-ard") == default_kinds("reference") == {"clean": "clean", "robust": "robust"}
+    assert default_kinds("ard") == {"robust": "robust"}
     for preset in ("tecoa", "fare", "pmg-aft", "clean-ft"):
-        assert standard_teacher_kinds(preset) == {}
+        assert default_kinds(preset) == {}
         assert create_method(preset, {}).teacher_roles == create_method(preset).teacher_roles
     with pytest.raises(ConfigError, match="unknown method"):
-        standard_teacher_kinds("trades")
+        default_kinds("trades")
 
 
 # ---------------------------------------------------------------- the K-term balance by hand
@@ -301,7 +302,7 @@ def test_three_teacher_step_matches_a_hand_computation(rho):
     method = create_method(method_config("mmt-ard", eps=EPS, steps=2, rho=rho, clean_input="clean"), THREE_KINDS)
     assert method.teacher_roles == NAMES and method.teacher_kinds == THREE_KINDS
     torch.manual_seed(0)
-    out = method(student, teachers, x, y)
+    out = method.use_teachers(teachers)(student, x, y)
     assert {name: len(log) for name, log in logs.items()} == {"clip": 1, "tecoa": 1, "fare": 1}
 
     clean_target = logits_of(teachers["clip"], x)  # the inner objective: the first (only) clean teacher
@@ -339,7 +340,9 @@ def test_standard_names_beside_others_keep_their_short_metric_names():
     teachers = {"clean": fake_classifier(1, 7), "robust": fake_classifier(2, 5), "fare": fake_classifier(3, 9)}
     kinds = {"clean": "clean", "robust": "robust", "fare": "robust"}
     x, y, _ = batch(0)
-    out = create_method(method_config("mmt-ard", eps=EPS, steps=1), kinds)(fake_classifier(0, 6), teachers, x, y)
+    out = create_method(method_config("mmt-ard", eps=EPS, steps=1), kinds).use_teachers(teachers)(
+        fake_classifier(0, 6), x, y
+    )
     assert {"L_R", "L_C", "L_fare", "lambda_R", "lambda_C", "lambda_fare", "shortfall_R", "shortfall_fare"} <= set(
         out.metrics
     )
@@ -351,7 +354,7 @@ def test_inner_teacher_chooses_the_robust_teacher_the_attack_reads():
     x, y, _ = batch(1)
     cfg = method_config("mmt-ard", eps=EPS, steps=2, inner="kl-robust-teacher", inner_teacher="fare")
     torch.manual_seed(0)
-    out = create_method(cfg, THREE_KINDS)(student, teachers, x, y)
+    out = create_method(cfg, THREE_KINDS).use_teachers(teachers)(student, x, y)
     target = logits_of(teachers["fare"], x)
     torch.manual_seed(0)
     expected = pgd(lambda xa: hand_kl(target, student(xa)), x, eps=EPS, alpha=EPS / 4, steps=2)
@@ -365,7 +368,7 @@ def test_ard_with_two_robust_teachers_sums_its_fixed_terms():
     teachers = {"robust": fake_classifier(2, 5), "fare": fake_classifier(3, 9)}
     x, y, _ = batch(2)
     cfg = method_config("ard", eps=EPS, steps=1, lambda_robust=0.5, lambdas={"fare": 2.0})
-    out = create_method(cfg, {"robust": "robust", "fare": "robust"})(fake_classifier(0, 6), teachers, x, y)
+    out = create_method(cfg, {"robust": "robust", "fare": "robust"}).use_teachers(teachers)(fake_classifier(0, 6), x, y)
     expected = 0.5 * out.metrics["L_R"] + 2.0 * out.metrics["L_fare"]
     assert out.total().item() == pytest.approx(expected, rel=1e-6)
     assert "acc_clean" not in out.metrics  # no clean teacher: no clean student forward
@@ -375,7 +378,7 @@ def test_mmt_ard_with_robust_teachers_only_has_no_clean_forward():
     teachers = {"tecoa": fake_classifier(2, 5), "fare": fake_classifier(3, 9)}
     x, y, _ = batch(0)
     cfg = method_config("mmt-ard", eps=EPS, steps=1, inner="kl-robust-teacher")
-    out = create_method(cfg, {"tecoa": "robust", "fare": "robust"})(fake_classifier(0, 6), teachers, x, y)
+    out = create_method(cfg, {"tecoa": "robust", "fare": "robust"}).use_teachers(teachers)(fake_classifier(0, 6), x, y)
     assert set(out.losses) == {"tecoa", "fare"} and "acc_clean" not in out.metrics
 
 
@@ -383,7 +386,7 @@ def test_missing_named_teacher_is_an_error():
     x, y, _ = batch(0)
     method = create_method("mmt-ard", THREE_KINDS)
     with pytest.raises(ConfigError, match="fare"):
-        method(fake_classifier(0, 6), {"clip": fake_classifier(1, 7), "tecoa": fake_classifier(2, 5)}, x, y)
+        method.use_teachers({"clip": fake_classifier(1, 7), "tecoa": fake_classifier(2, 5)})
 
 
 # ---------------------------------------------------------------- refusals
@@ -405,6 +408,7 @@ def test_missing_named_teacher_is_an_error():
         ("mmt-ard", {"original": "robust"}, {}, r"teachers\.original: the name is reserved"),
         ("mmt-ard", {"robust": "robust", "R": "robust"}, {}, r"teachers\.R: its metrics"),
         ("mmt-ard", {"a.b": "robust"}, {}, r"teachers\.a\.b: expected a name"),
+        ("mmt-ard", {"train": "robust"}, {}, r"teachers\.train: the name is an attribute of the method's teacher"),
         ("tecoa", {"robust": "robust"}, {}, r"teachers\.robust\.kind: method 'tecoa' distils from no"),
         ("mmt-ard", THREE_KINDS, {"balance": "fixed", "lambdas": {"pmg": 1.0}}, r"lambdas\.pmg: no teacher"),
         ("mmt-ard", THREE_KINDS, {"inner_teacher": "tecoa"}, r"inner_teacher: expected the name of a clean teacher"),
@@ -457,7 +461,7 @@ def test_a_step_reads_its_metrics_with_one_host_copy(monkeypatch):
     method = create_method(method_config("mmt-ard", eps=EPS, steps=2, balance="gap", clean_input="clean"), THREE_KINDS)
     monkeypatch.setattr(torch.Tensor, "item", counted("item", original_item))
     monkeypatch.setattr(torch.Tensor, "tolist", counted("tolist", original_tolist))
-    out = method(student, teachers, x, y)
+    out = method.use_teachers(teachers)(student, x, y)
     monkeypatch.undo()
     assert calls == {"item": 0, "tolist": 1}
     assert len(out.metrics) == 3 * 4 + 2

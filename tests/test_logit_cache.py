@@ -195,7 +195,7 @@ def _step(method, teachers, keys: list[int]):
     x, index = _batch(images, keys)
     y = torch.tensor(keys) % CLASSES
     torch.manual_seed(0)
-    return method(_classifier(0, 6).train(), teachers, x, y, index)
+    return method.use_teachers(teachers)(_classifier(0, 6).train(), x, y, index)
 
 
 def test_method_cache_dir_keeps_each_teachers_clean_logits_in_its_own_fp16_folder(tmp_path):

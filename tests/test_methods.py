@@ -170,7 +170,7 @@ def run_method(preset: str, steps: int = ATTACK_STEPS, student=None, teachers=No
     x, y = make_batch()
     method = create_method(method_config(preset, eps=EPS, steps=steps, **overrides))
     torch.manual_seed(0)
-    return method(student, teachers, x, y), method, student, teachers, x, y
+    return method.use_teachers(teachers)(student, x, y), method, student, teachers, x, y
 
 
 # ---------------------------------------------------------------- losses per preset
@@ -372,8 +372,9 @@ def test_robust_teacher_cache_serves_the_clean_target():
     method = create_method(cfg)
     x, y = make_batch()
     index = torch.arange(B)
-    method(fake_classifier(0, 6), teachers, x, y, index)
-    method(fake_classifier(0, 6), teachers, x, y, index)
+    method.use_teachers(teachers)
+    method(fake_classifier(0, 6), x, y, index)
+    method(fake_classifier(0, 6), x, y, index)
     assert len(log) == 1
 
 
@@ -426,18 +427,18 @@ def test_clean_teacher_cache_skips_the_forward_and_gives_the_same_loss():
     index = torch.arange(10, 10 + B)
     state = method.state_dict()
     torch.manual_seed(0)
-    first = method(student, teachers, x, y, index)
+    first = method.use_teachers(teachers)(student, x, y, index)
     assert len(log) == 1
     method.load_state_dict(state)  # same balance state, so the same loss is expected
     torch.manual_seed(0)
-    second = method(student, teachers, x, y, index)
+    second = method(student, x, y, index)
     assert len(log) == 1
     assert abs(first.total().item() - second.total().item()) < TOL
     new_index = index.clone()
     new_index[0] = 99
-    method(student, teachers, x, y, new_index)
+    method(student, x, y, new_index)
     assert [size for size, _ in log] == [B, 1]  # only the unseen row is forwarded
-    method(student, teachers, x, y)  # no index: no cache
+    method(student, x, y)  # no index: no cache
     assert len(log) == 3
 
 
@@ -534,7 +535,7 @@ def test_a_robust_prior_needs_a_softmax_balance(balance):
 def test_missing_teacher_role_is_an_error():
     x, y = make_batch()
     with pytest.raises(ConfigError, match="robust"):
-        create_method("mmt-ard")(fake_classifier(0, 6), {"clean": fake_classifier(1, 7)}, x, y)
+        create_method("mmt-ard").use_teachers({"clean": fake_classifier(1, 7)})(fake_classifier(0, 6), x, y)
 
 
 # ---------------------------------------------------------------- resume
@@ -546,10 +547,10 @@ def test_state_dict_round_trip_gives_identical_lambdas(balance):
     cfg = method_config("mmt-ard", steps=0, balance=balance)
     first = create_method(cfg)
     for seed in range(3):
-        first(student, teachers, *make_batch(seed))
+        first.use_teachers(teachers)(student, *make_batch(seed))
     second = create_method(cfg)
     second.load_state_dict(copy.deepcopy(first.state_dict()))
-    a, b = first(student, teachers, *make_batch(5)), second(student, teachers, *make_batch(5))
+    a, b = first(student, *make_batch(5)), second.use_teachers(teachers)(student, *make_batch(5))
     assert a.metrics["lambda_R"] == b.metrics["lambda_R"]
     assert a.total().item() == b.total().item()
     assert first.state_dict() == second.state_dict()
@@ -571,7 +572,7 @@ def test_tiny_vit_student_with_larger_teacher():
     }
     assert student.prototypes.shape[1] != teachers["clean"].prototypes.shape[1]
     x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
-    out = create_method(method_config("mmt-ard", steps=1, clean_input="clean"))(student, teachers, x, y)
+    out = create_method(method_config("mmt-ard", steps=1, clean_input="clean")).use_teachers(teachers)(student, x, y)
     loss = out.total()
     assert torch.isfinite(loss)
     loss.backward()
@@ -610,7 +611,7 @@ def test_mmt_ard_has_a_loss_term_on_the_students_clean_output(preset, clean_outp
 
     handle = student.register_forward_hook(keep_clean_logits)
     try:
-        out = create_method(method_config(preset, eps=EPS, steps=1))(student, teachers, x, y)
+        out = create_method(method_config(preset, eps=EPS, steps=1)).use_teachers(teachers)(student, x, y)
     finally:
         handle.remove()
     out.total().backward()

@@ -76,12 +76,12 @@ def make_step(models, method_name: str, pgd_steps: int):
     optimizer, scheduler = build_optimizer(run_config, params)
     method = create_method(method_config(method_name, eps=4 / 255, steps=pgd_steps))
     state = TrainState(0, student, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), method)
-    teachers = {role: all_teachers[role] for role in method.teacher_roles}
+    teachers = method.use_teachers(all_teachers).teachers
     x = torch.rand(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 3])
 
     def run():
-        return train_step(state, teachers, x, y, index=None, autocast_dtype=None, params=params, cfg=run_config)
+        return train_step(state, (x, y, None), precision=None, optim=run_config.train)
 
     return run, method, teachers, student, x
 
@@ -246,10 +246,10 @@ def test_gpu_step_time_records_an_out_of_memory_batch_and_goes_on(tmp_path, monk
     bench = load_script("gpu_step_time")
     real_step = bench.train_step
 
-    def step(state, teachers, x, *args, **kwargs):
-        if x.shape[0] == 4:
+    def step(state, batch, **kwargs):
+        if batch[0].shape[0] == 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_step(state, teachers, x, *args, **kwargs)
+        return real_step(state, batch, **kwargs)
 
     monkeypatch.setattr(bench, "train_step", step)
     argv = ["--device", "cpu", "--student", "tiny-vit-s", "--teacher", "tiny-vit-s", "--methods", "tecoa"]

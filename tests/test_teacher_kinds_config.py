@@ -22,7 +22,7 @@ from mmtard.cli import main
 from mmtard.errors import ConfigError
 from mmtard.methods import base as method_base
 from mmtard.train import trainer as trainer_module
-from mmtard.train.config import TeacherConfig, method_teachers, teacher_kinds, unused_teachers
+from mmtard.train.config import TeacherConfig
 from mmtard.train.config_io import load_config, save_config
 from mmtard.train.trainer import train
 
@@ -105,8 +105,8 @@ def same_weights(a: Path, b: Path) -> bool:
 def test_three_named_teachers_load_with_their_kinds_in_order(tmp_path, teacher_files):
     cfg = load_config(three_teacher_yaml(tmp_path, teacher_files))
     assert all(isinstance(spec, TeacherConfig) for spec in cfg.teachers.values())
-    assert list(teacher_kinds(cfg).items()) == list(TEACHERS.items())
-    assert list(method_teachers(cfg).items()) == list(TEACHERS.items()) and unused_teachers(cfg) == []
+    plan = cfg.teacher_plan()
+    assert list(plan.kinds.items()) == list(TEACHERS.items()) and plan.unused == ()
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
 
@@ -114,10 +114,10 @@ def test_three_named_teachers_load_with_their_kinds_in_order(tmp_path, teacher_f
 def test_the_standard_names_need_no_kind_and_keep_the_methods_order():
     cfg = load_config(MMT_ARD)
     assert {name: spec.kind for name, spec in cfg.teachers.items()} == {"clean": None, "robust": None}
-    assert list(teacher_kinds(cfg).items()) == [("clean", "clean"), ("robust", "robust")]
+    assert list(cfg.teacher_plan().kinds.items()) == [("clean", "clean"), ("robust", "robust")]
     reordered = load_config(MMT_ARD, ["teachers.robust.kind=robust", "teachers.clean.kind=clean"])
     reordered.teachers = dict(reversed(list(reordered.teachers.items())))  # robust first, as a YAML may list them
-    assert list(method_teachers(reordered)) == ["clean", "robust"]
+    assert list(reordered.teacher_plan().kinds) == ["clean", "robust"]
 
 
 @pytest.mark.parametrize(
@@ -149,9 +149,11 @@ def test_a_distilling_method_without_its_teachers_is_refused(tmp_path):
 
 def test_teachers_of_kinds_the_method_does_not_take_are_left_out(tmp_path, teacher_files):
     ard = load_config(three_teacher_yaml(tmp_path, teacher_files, method="ard"))
-    assert method_teachers(ard) == {"tecoa": "robust", "fare": "robust"} and unused_teachers(ard) == ["clip"]
+    plan = ard.teacher_plan()
+    assert plan.kinds == {"tecoa": "robust", "fare": "robust"} and plan.unused == ("clip",)
     tecoa = load_config(MMT_ARD, ["method.name=tecoa", "method.cache_clean_teacher=false"])
-    assert method_teachers(tecoa) is None and unused_teachers(tecoa) == ["clean", "robust"]
+    plan = tecoa.teacher_plan()
+    assert plan.kinds == {} and plan.unused == ("clean", "robust")
 
 
 def test_fixed_weights_and_the_inner_teacher_by_name(tmp_path, teacher_files):
@@ -285,3 +287,21 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_anything_is_written(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmtard train: error: method.cache_dir:") and "is a file" in err[0]
     assert not out.exists()
+
+
+def test_config_validation_plans_the_teachers_without_building_a_method(monkeypatch):
+    """``RunConfig.validate`` asks :func:`mmtard.methods.plan_teachers` (a frozen plan), never a ``Method``."""
+    import dataclasses
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Method was built while validating a config")
+
+    monkeypatch.setattr(method_base.Method, "__init__", refuse)
+    cfg = load_config(MMT_ARD, ["teachers.fare.arch=tiny-vit-s", "teachers.fare.kind=robust"])
+    plan = cfg.teacher_plan()
+    assert dict(plan.kinds) == {"clean": "clean", "robust": "robust", "fare": "robust"}
+    assert plan.roles == ("clean", "robust", "fare") and plan.inner == {"clean": "clean"} and plan.unused == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.reads_original = True
+    with pytest.raises(TypeError):
+        plan.kinds["clip"] = "clean"

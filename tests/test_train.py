@@ -514,9 +514,10 @@ def recorded_batches(monkeypatch) -> list[tuple[int, torch.Tensor, torch.Tensor]
     seen = []
     real_train_step = trainer_module.train_step
 
-    def recording_train_step(state, teachers, x, y, index, *args, **kwargs):
+    def recording_train_step(state, batch, **kwargs):
+        x, _, index = batch
         seen.append((state.step, x.clone(), index.clone()))
-        return real_train_step(state, teachers, x, y, index, *args, **kwargs)
+        return real_train_step(state, batch, **kwargs)
 
     monkeypatch.setattr(trainer_module, "train_step", recording_train_step)
     return seen
@@ -622,7 +623,7 @@ def test_a_skipped_step_leaves_the_grad_scaler_ready_with_its_scale(monkeypatch)
     model = nn.Linear(3, 1)
     poisoned = [True]
 
-    def method(student, teachers, x, y, index):
+    def method(student, x, y, index):
         scale = float("nan") if poisoned[0] else 1.0
         return MethodOutput(losses={"loss": scale * student(x).pow(2).mean()})
 
@@ -633,11 +634,11 @@ def test_a_skipped_step_leaves_the_grad_scaler_ready_with_its_scale(monkeypatch)
     state = trainer_module.TrainState(0, model, optimizer, scheduler, scaler, method)
     x, y = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
     before = [p.detach().clone() for p in params]
-    _, _, skipped = trainer_module.train_step(state, {}, x, y, None, None, params, cfg)
+    _, _, skipped = trainer_module.train_step(state, (x, y, None), precision=None, optim=cfg.train)
     assert skipped and state.step == 1 and state.skipped_steps == 1 and scaler.get_scale() == 16.0
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     poisoned[0] = False
-    _, _, skipped = trainer_module.train_step(state, {}, x, y, None, None, params, cfg)
+    _, _, skipped = trainer_module.train_step(state, (x, y, None), precision=None, optim=cfg.train)
     assert not skipped and state.step == 2 and scaler.get_scale() == 16.0
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
 

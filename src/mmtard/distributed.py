@@ -27,6 +27,13 @@ import torch.distributed as dist
 
 from mmtard.errors import ConfigError
 
+#: the autocast dtype of each precision (None: fp32, no autocast), for training and evaluation alike
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``train.precision``: ``auto`` (bf16 on a CUDA device that supports it, else fp32) or one of AUTOCAST_DTYPES
+TRAIN_PRECISIONS = ("auto", *AUTOCAST_DTYPES)
+#: ``mmtard eval --precision``: fp32, or bf16 autocast checked against fp32 (fp16 is not offered)
+EVAL_PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class DistEnv:

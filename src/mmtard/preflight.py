@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 
-from mmtard.distributed import check_device  # noqa: F401 (the commands' device check, re-exported)
 from mmtard.errors import ConfigError
-
-RANDOM_WEIGHTS = ("none", "random", "")
+from mmtard.models.loading import CHECKPOINT_SUFFIXES, RANDOM_INIT
 
 
 def check_compile(device: torch.device, field: str = "train.compile") -> None:
@@ -83,10 +81,7 @@ def check_output_dir(path: str | Path, field: str) -> Path:
 def is_checkpoint_path(pretrained: str) -> bool:
     """Whether ``pretrained`` names a file (as :func:`mmtard.models.load_clip` decides), not a tag."""
     return (
-        Path(pretrained).exists()
-        or pretrained.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt"))
-        or "/" in pretrained
-        or "\\" in pretrained
+        Path(pretrained).exists() or pretrained.endswith(CHECKPOINT_SUFFIXES) or "/" in pretrained or "\\" in pretrained
     )
 
 
@@ -102,7 +97,7 @@ def check_model(
 
     with renamed_fields({"model": arch_field}):
         check_architecture(arch)
-    if arch.startswith(("hf-hub:", "local-dir:")) or str(pretrained).lower() in RANDOM_WEIGHTS:
+    if arch.startswith(("hf-hub:", "local-dir:")) or str(pretrained).lower() in RANDOM_INIT:
         return
     if is_checkpoint_path(str(pretrained)):
         check_checkpoint_file(pretrained, pretrained_field, trust_checkpoint=trust_checkpoint)

@@ -11,12 +11,21 @@ Every radius the user writes (``--eps``, ``method.eps``, ``method.alpha``, ``eva
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
 
 from mmtard.errors import ConfigError
 
 NORMS = ("linf", "l2")
+#: the metadata of a config dataclass field that holds a radius (or a PGD step) in pixel-range units: a config
+#: reader reads it with :func:`parse_eps` (``dataclasses.field(..., metadata=RADIUS)``)
+RADIUS = {"unit": "radius"}
+
+
+def is_radius(spec: dataclasses.Field) -> bool:
+    """Whether a dataclass field holds radii (its metadata is :data:`RADIUS`)."""
+    return spec.metadata.get("unit") == RADIUS["unit"]
 
 
 def parse_eps(value: str | float | int, field: str = "eps", norm: str = "linf") -> float:

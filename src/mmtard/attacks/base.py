@@ -23,6 +23,7 @@ from torch import nn
 
 from mmtard.errors import ConfigError
 from mmtard.units import NORMS, format_eps, parse_eps
+from mmtard.validate import check_whole_number
 
 __all__ = ["NORMS", "Attack", "check_norm", "frozen_parameters", "isolated_rng", "num_classes"]
 
@@ -121,8 +122,10 @@ class Attack:
                 f"{label}: steps and restarts are fixed by this attack's protocol; leave them unset "
                 f"(got steps={steps}, restarts={restarts})"
             )
-        self.steps = self.default_steps if steps is None else _positive_int(steps, f"{label}: steps")
-        self.restarts = self.default_restarts if restarts is None else _positive_int(restarts, f"{label}: restarts")
+        self.steps = self.default_steps if steps is None else check_whole_number(f"{label}: steps", steps, 1)
+        self.restarts = (
+            self.default_restarts if restarts is None else check_whole_number(f"{label}: restarts", restarts, 1)
+        )
         if alpha is not None and not self.uses_alpha:
             raise ConfigError(f"{label}: alpha is not used (this attack adapts its step size); leave it unset")
         if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
@@ -180,9 +183,3 @@ class Attack:
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k not in ("attack", "eps_value"))
         return f"{type(self).__name__}({settings})"
-
-
-def _positive_int(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{field}: expected a positive integer, got {value!r}")
-    return value

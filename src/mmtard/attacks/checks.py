@@ -88,54 +88,15 @@ def check_robust_results(
         ConfigError: an entry lacks a key, or two entries share attack and eps.
     """
     results = _index_results(robust)
-    warnings: list[str] = []
-
-    not_above_clean = True
-    for (attack, eps), acc in results.items():
-        if acc > clean_acc + TOLERANCE:
-            not_above_clean = False
-            warnings.append(
-                f"robust accuracy above clean accuracy for {attack} at {format_eps(eps)} "
-                f"({acc:.1f}% > {clean_acc:.1f}%): the attack is broken or the evaluations used different samples"
-            )
-
-    monotonic = True
-    by_attack: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for (attack, eps), acc in results.items():
-        by_attack[attack].append((eps, acc))
-    for attack, points in by_attack.items():
-        for (eps_a, acc_a), (eps_b, acc_b) in itertools.pairwise(sorted(points)):
-            if acc_b > acc_a + TOLERANCE:
-                monotonic = False
-                warnings.append(
-                    f"robust accuracy rises with eps for {attack}: {format_eps(eps_a)} -> {format_eps(eps_b)} "
-                    f"({acc_a:.1f}% -> {acc_b:.1f}%): possible gradient masking"
-                )
-
-    stronger_not_weaker: bool | None = None
-    by_eps: dict[float, dict[str, float]] = defaultdict(dict)
-    for (attack, eps), acc in results.items():
-        if attack in ATTACK_STRENGTH_ORDER:
-            by_eps[eps][attack] = acc
-    for eps in sorted(by_eps):
-        ranked = sorted(by_eps[eps].items(), key=lambda item: ATTACK_STRENGTH_ORDER.index(item[0]))
-        for (weaker, acc_weak), (stronger, acc_strong) in itertools.combinations(ranked, 2):
-            if stronger_not_weaker is None:  # at least one comparable pair
-                stronger_not_weaker = True
-            if acc_strong > acc_weak + TOLERANCE:
-                stronger_not_weaker = False
-                warnings.append(
-                    f"{stronger} is weaker than {weaker} at {format_eps(eps)} "
-                    f"({acc_strong:.1f}% > {acc_weak:.1f}% robust accuracy): possible gradient masking or a "
-                    "broken attack"
-                )
-
+    not_above_clean, above_clean_warnings = _robust_not_above_clean(results, clean_acc)
+    monotonic, monotonic_warnings = _monotonic_in_eps(results)
+    stronger_not_weaker, strength_warnings = _stronger_attack_not_weaker(results)
+    warnings = [*above_clean_warnings, *monotonic_warnings, *strength_warnings]
     if zero_grad_fraction is not None and zero_grad_fraction > zero_grad_warn:
         warnings.append(
             f"{zero_grad_fraction:.1%} of samples have an exactly zero input gradient (warning above "
             f"{zero_grad_warn:.1%}): gradient-based attacks cannot move them; possible gradient masking"
         )
-
     return {
         "robust_not_above_clean": not_above_clean,
         "monotonic_in_eps": monotonic,
@@ -143,6 +104,54 @@ def check_robust_results(
         "zero_gradient_fraction": zero_grad_fraction,
         "warnings": warnings,
     }
+
+
+def _robust_not_above_clean(results: dict[tuple[str, float], float], clean_acc: float) -> tuple[bool, list[str]]:
+    """No robust accuracy above the clean one (within :data:`TOLERANCE`), and a warning for each that is."""
+    warnings = [
+        f"robust accuracy above clean accuracy for {attack} at {format_eps(eps)} "
+        f"({acc:.1f}% > {clean_acc:.1f}%): the attack is broken or the evaluations used different samples"
+        for (attack, eps), acc in results.items()
+        if acc > clean_acc + TOLERANCE
+    ]
+    return not warnings, warnings
+
+
+def _monotonic_in_eps(results: dict[tuple[str, float], float]) -> tuple[bool, list[str]]:
+    """Per attack, accuracy never rises as eps grows (within :data:`TOLERANCE`); a warning for each rise."""
+    by_attack: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for (attack, eps), acc in results.items():
+        by_attack[attack].append((eps, acc))
+    warnings = []
+    for attack, points in by_attack.items():
+        for (eps_a, acc_a), (eps_b, acc_b) in itertools.pairwise(sorted(points)):
+            if acc_b > acc_a + TOLERANCE:
+                warnings.append(
+                    f"robust accuracy rises with eps for {attack}: {format_eps(eps_a)} -> {format_eps(eps_b)} "
+                    f"({acc_a:.1f}% -> {acc_b:.1f}%): possible gradient masking"
+                )
+    return not warnings, warnings
+
+
+def _stronger_attack_not_weaker(results: dict[tuple[str, float], float]) -> tuple[bool | None, list[str]]:
+    """At each eps, an attack later in :data:`ATTACK_STRENGTH_ORDER` finds no higher accuracy than an earlier one
+    (None when no eps has two such attacks); a warning for each pair where it does."""
+    by_eps: dict[float, dict[str, float]] = defaultdict(dict)
+    for (attack, eps), acc in results.items():
+        if attack in ATTACK_STRENGTH_ORDER:
+            by_eps[eps][attack] = acc
+    compared, warnings = False, []
+    for eps in sorted(by_eps):
+        ranked = sorted(by_eps[eps].items(), key=lambda item: ATTACK_STRENGTH_ORDER.index(item[0]))
+        for (weaker, acc_weak), (stronger, acc_strong) in itertools.combinations(ranked, 2):
+            compared = True
+            if acc_strong > acc_weak + TOLERANCE:
+                warnings.append(
+                    f"{stronger} is weaker than {weaker} at {format_eps(eps)} "
+                    f"({acc_strong:.1f}% > {acc_weak:.1f}% robust accuracy): possible gradient masking or a "
+                    "broken attack"
+                )
+    return (not warnings if compared else None), warnings
 
 
 def _index_results(robust: Sequence[dict[str, Any]]) -> dict[tuple[str, float], float]:

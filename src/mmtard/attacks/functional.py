@@ -52,6 +52,26 @@ def random_start(
     return (x + delta).clamp(0, 1) - x
 
 
+def ascend(
+    loss_fn: LossFn, x: torch.Tensor, delta: torch.Tensor, *, eps: float, alpha: float, steps: int, norm: str
+) -> torch.Tensor:
+    """``steps`` projected gradient-ascent steps of ``loss_fn`` from ``x + delta``: a signed step of ``alpha``
+    (``linf``) or one of length ``alpha`` along the gradient (``l2``), projected onto the eps-ball and ``[0, 1]``.
+    Returns the detached ``x_adv``."""
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = loss_fn(x + delta)
+        (grad,) = torch.autograd.grad(loss.sum(), delta)
+        with torch.no_grad():
+            if norm == "linf":
+                step = alpha * grad.sign()
+            else:
+                step = alpha * grad / _flat_norm(grad).clamp_min(1e-12)
+            delta = project(delta + step, eps, norm)
+            delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
 def pgd(
     loss_fn: LossFn,
     x: torch.Tensor,
@@ -95,18 +115,7 @@ def pgd(
     best_success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for _ in range(restarts):
         delta = random_start(x, eps, norm, generator) if random_init and eps > 0 else torch.zeros_like(x)
-        for _ in range(steps):
-            delta.requires_grad_(True)
-            loss = loss_fn(x + delta)
-            (grad,) = torch.autograd.grad(loss.sum(), delta)
-            with torch.no_grad():
-                if norm == "linf":
-                    step = alpha * grad.sign()
-                else:
-                    step = alpha * grad / _flat_norm(grad).clamp_min(1e-12)
-                delta = project(delta + step, eps, norm)
-                delta = (x + delta).clamp(0, 1) - x
-        x_adv = (x + delta).detach()
+        x_adv = ascend(loss_fn, x, delta, eps=eps, alpha=alpha, steps=steps, norm=norm)
         if restarts == 1 and success_fn is None:
             return x_adv  # nothing to choose between: skip the extra forward pass
         with torch.no_grad():

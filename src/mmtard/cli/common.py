@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mmtard.errors import ConfigError, NonFiniteError
+from mmtard.validate import whole_number_range
 
 logger = logging.getLogger("mmtard")
 
@@ -31,13 +32,9 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-#: the largest seed: torch's generators take 64-bit seeds, and seeds are offset per process, epoch and step
-MAX_SEED = 2**63 - 1
-
-
 def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: a whole number ``>= low`` (and ``<= high`` when given)."""
-    expected = f"a whole number >= {low}" if high is None else f"a whole number from {low} to {high}"
+    expected = whole_number_range(low, high)
 
     def parse(text: str) -> int:
         try:
@@ -116,14 +113,3 @@ def add_vision_weights_flags(p: argparse.ArgumentParser) -> None:
 
 #: The flags of the data layer's fields.
 EVAL_DATA_FLAGS = {"dataset": "--dataset", "data_dir": "--data-dir", "split": "--split"}
-
-
-def check_device_here(requested: str | None, field: str):
-    """:func:`mmtard.preflight.check_device`: the device exists on this machine (``mps`` only on Apple machines).
-
-    Raises:
-        ConfigError: naming ``field``.
-    """
-    from mmtard.preflight import check_device
-
-    return check_device(requested, field)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 from mmtard.cli.common import (
     EVAL_DATA_FLAGS,
-    MAX_SEED,
     add_vision_weights_flags,
-    check_device_here,
     leave_as_found,
     logit_scale_arg,
     whole_number,
 )
+from mmtard.distributed import check_device
 from mmtard.errors import ConfigError
+from mmtard.validate import MAX_SEED
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -200,7 +200,7 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
             raise ConfigError(f"--attack: unknown attack {name!r}; expected one of {', '.join(known)}")
     with renamed_fields(EVAL_FLAGS):
         check_precision(args.precision)
-    device = str(check_device_here(args.device, "--device"))
+    device = str(check_device(args.device, "--device"))
     check_output_dir(args.out, "--out")
     check_model(args.model, args.pretrained, "--model", "--pretrained", trust_checkpoint=args.trust_checkpoint)
     if args.vision_weights is not None:

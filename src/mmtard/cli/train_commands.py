@@ -12,9 +12,9 @@ from pathlib import Path
 from mmtard.cli.common import (
     EVAL_DATA_FLAGS,
     USER_ERRORS,
-    check_device_here,
     whole_number,
 )
+from mmtard.distributed import check_device
 from mmtard.errors import ConfigError
 
 logger = logging.getLogger("mmtard")
@@ -132,7 +132,7 @@ def check_demo_args(args: argparse.Namespace) -> None:
             "--download: the demo never downloads; digits ship with scikit-learn, and --dataset cifar10 reads "
             "--data-dir (torchvision's CIFAR-10 folder or an npz folder; mmtard eval --download fetches it)"
         )
-    check_device_here(args.device, "--device")
+    check_device(args.device, "--device")
     check_output_dir(args.out, "--out")
     check_data(args.dataset, args.data_dir, "test", EVAL_DATA_FLAGS)
     import_optional("matplotlib", "plots", "the demo's plots")  # needed at the end: say so before training

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mmtard.errors import ConfigError
+from mmtard.validate import MAX_SEED
 
 #: tries at a random box before the central fallback (torchvision's RandomResizedCrop)
 CROP_TRIES = 10
@@ -142,4 +143,4 @@ def resized_crop(images: torch.Tensor, boxes: CropBoxes) -> torch.Tensor:
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """A CPU generator for the augmentation of one training step of one process: the same ``(seed, step,
     rank)`` always gives the same boxes, so a resumed run augments as the uninterrupted one did."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) % (MAX_SEED + 1))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -29,14 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmtard.attacks import Attack, check_robust_results, zero_gradient_fraction
-from mmtard.distributed import Shard, gather
+from mmtard.distributed import AUTOCAST_DTYPES, EVAL_PRECISIONS, Shard, gather
 from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal
 
 logger = logging.getLogger(__name__)
 
-#: evaluation precisions: fp32, or bf16 autocast on the model's device
-PRECISIONS = ("fp32", "bf16")
 #: the largest difference, in points, between a bf16 and an fp32 robust accuracy on the same images
 BF16_TOLERANCE_POINTS = 1.0
 
@@ -65,13 +64,13 @@ class PrecisionError(ConfigError):
 
 
 def check_precision(precision: str) -> str:
-    """``precision`` itself if it is one of :data:`PRECISIONS`.
+    """``precision`` itself if it is one of :data:`mmtard.distributed.EVAL_PRECISIONS`.
 
     Raises:
         ConfigError: ``"precision: expected fp32 or bf16, got ..."``.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision: expected {' or '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in EVAL_PRECISIONS:
+        raise ConfigError(f"precision: expected {' or '.join(EVAL_PRECISIONS)}, got {precision!r}")
     return precision
 
 
@@ -79,7 +78,7 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
     """bf16 autocast on ``device`` for ``bf16``; nothing for ``fp32``."""
     if check_precision(precision) == "fp32":
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 @dataclass
@@ -161,43 +160,82 @@ def evaluate_classifier(
     shard = Shard() if shard is None else shard
     was_training = classifier.training
     classifier.eval()
-    device = next(classifier.parameters()).device
     start = time.perf_counter()
     batches = [
         list(range(b * batch_size, min((b + 1) * batch_size, len(dataset))))
         for b in range(math.ceil(len(dataset) / batch_size))
     ]
     name = dataset_name or getattr(dataset, "name", "dataset")
-    computed: dict[int, dict] = {}
-    precision_check = None
-    if precision != "fp32" and attacks and batches:
-        precision_check, first_counts = _compare_precisions(classifier, attacks, dataset, batches[0], precision, name)
-        if shard.owns(0):
-            computed[0] = first_counts
+    precision_check, computed = _check_first_batch(classifier, attacks, dataset, batches, precision, name, shard)
     own = list(shard.batches(len(batches)))
     loader = DataLoader(dataset, batch_sampler=[batches[b] for b in own], num_workers=num_workers)
-    counts_by_batch: dict[int, dict] = {}
-    earlier_seconds = 0.0
     bar = tqdm(zip(own, loader), total=len(own), desc=f"eval {name}", disable=not (progress and shard.is_main))
-    for index, batch in bar:
-        counts = journal.done.get(index) if journal is not None else None
-        if counts is not None and "clean_outcomes" not in counts:  # journaled before outcomes were kept
-            counts = None
-        if counts is None:
-            counts = computed.pop(index, None)
-            if counts is None:
-                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                ids = batch[2] if len(batch) > 2 else torch.tensor(batches[index])
-                with autocast(precision, device):
-                    counts = _evaluate_batch(classifier, attacks, x, y, ids)
-            if journal is not None:
-                journal.record(dict(counts, batch=index))
-        else:
-            earlier_seconds += counts["seconds"]
-        counts_by_batch[index] = counts
+    counts_by_batch, earlier_seconds = _evaluate_batches(
+        classifier, attacks, bar, batches, computed, journal, precision
+    )
     classifier.train(was_training)
     parts = gather((counts_by_batch, time.perf_counter() - start + earlier_seconds), shard)
     return _merge(parts, attacks, name, precision, precision_check, log_warnings=shard.is_main)
+
+
+def _check_first_batch(
+    classifier: nn.Module,
+    attacks: list[Attack],
+    dataset: Dataset,
+    batches: list[list[int]],
+    precision: str,
+    name: str,
+    shard: Shard,
+) -> tuple[dict | None, dict[int, dict]]:
+    """Below fp32 with attacks: the first batch in both precisions (:func:`_compare_precisions`). Returns the
+    comparison (None when not made) and the batch's counts by index when this process owns it, to be reused."""
+    if precision == "fp32" or not attacks or not batches:
+        return None, {}
+    precision_check, first_counts = _compare_precisions(classifier, attacks, dataset, batches[0], precision, name)
+    return precision_check, ({0: first_counts} if shard.owns(0) else {})
+
+
+def _evaluate_batches(
+    classifier: nn.Module,
+    attacks: list[Attack],
+    loaded: Iterable[tuple[int, list]],
+    batches: list[list[int]],
+    computed: dict[int, dict],
+    journal: EvalJournal | None,
+    precision: str,
+) -> tuple[dict[int, dict], float]:
+    """Each ``(index, batch)`` of ``loaded``'s counts, by index, and the seconds of those read from the journal.
+
+    A batch the journal holds (with its outcomes) is not run again; one in ``computed`` (the precision check's
+    first batch) is taken from there; any other is evaluated now. Those are recorded in the journal.
+    """
+    counts_by_batch: dict[int, dict] = {}
+    earlier_seconds = 0.0
+    for index, batch in loaded:
+        journaled = journal.done.get(index) if journal is not None else None
+        if journaled is not None and "clean_outcomes" in journaled:  # not one journaled before outcomes were kept
+            counts_by_batch[index] = journaled
+            earlier_seconds += journaled["seconds"]
+            continue
+        counts = computed.pop(index, None)
+        if counts is None:
+            counts = _evaluate_loaded_batch(classifier, attacks, batch, batches[index], precision)
+        if journal is not None:
+            journal.record(dict(counts, batch=index))
+        counts_by_batch[index] = counts
+    return counts_by_batch, earlier_seconds
+
+
+def _evaluate_loaded_batch(
+    classifier: nn.Module, attacks: list[Attack], batch: list, indices: list[int], precision: str
+) -> dict:
+    """One loaded batch's counts (:func:`_evaluate_batch`) on the classifier's device under ``precision``; the
+    images' ids are the batch's third item, else their dataset ``indices``."""
+    device = next(classifier.parameters()).device
+    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    ids = batch[2] if len(batch) > 2 else torch.tensor(indices)
+    with autocast(precision, device):
+        return _evaluate_batch(classifier, attacks, x, y, ids)
 
 
 def _merge(

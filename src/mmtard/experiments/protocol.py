@@ -20,7 +20,7 @@ from pathlib import Path
 from mmtard.errors import ConfigError
 from mmtard.eval.run import EvalRequest, evaluate_bundle
 from mmtard.fileio import atomic_write_text
-from mmtard.methods import method_config, plan_teachers
+from mmtard.methods import method_class, method_config, plan_teachers
 from mmtard.models import load_clip
 from mmtard.train import RunDir
 from mmtard.train.config import DataConfig, EvalConfig, OptimConfig, RunConfig, StudentConfig, TeacherConfig
@@ -150,7 +150,9 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapp
     if probe.attacking:
         attack_steps = scale.train_attack_steps if stage.attack_steps is None else stage.attack_steps
         overrides = {"eps": scale.train_eps, "steps": attack_steps, **overrides}
-    if "clean" in plan_teachers(probe):  # a deterministic pipeline: the clean teacher's logits are cached
+    configured = {name: stage.teacher_kinds.get(name) for name in stage.teachers}
+    if plan_teachers(method_class(stage.method), probe, configured).names_of_kind("clean"):
+        # a deterministic pipeline: the clean teachers' logits are cached
         overrides.setdefault("cache_clean_teacher", True)
     teachers = {
         name: TeacherConfig(
@@ -267,7 +269,7 @@ def _auto_device() -> str:
 
 def has_teachers(method: str, overrides: Mapping | None = None) -> bool:
     """Whether the method distils from a clean or robust teacher (its students get held-out curves)."""
-    return bool(plan_teachers(method_config(method, **(overrides or {}))))
+    return bool(plan_teachers(method_class(method), method_config(method, **(overrides or {}))).kinds)
 
 
 def protocol_stages(
@@ -313,7 +315,8 @@ def protocol_stages(
         more = overrides.pop("more_teachers", {})
         at_stage, extra_kinds = overrides.pop("teacher_stages", {}), overrides.pop("teacher_kinds", {})
         recipe = {"steps": scale.student_steps, "lr": scale.finetune_lr, **overrides.pop("train", {})}
-        teachers = {role: f"teacher-{role}" for role in plan_teachers(method_config(method, **overrides))}
+        plan = plan_teachers(method_class(method), method_config(method, **overrides))
+        teachers = {role: f"teacher-{role}" for role in plan.kinds}
         kinds = ({role: role for role in teachers} | dict(more) | dict(extra_kinds)) if more or extra_kinds else {}
         teachers.update({preset: f"teacher-{preset}" for preset in more})
         teachers.update(at_stage)

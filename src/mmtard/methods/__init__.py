@@ -6,8 +6,9 @@
   objectives (``INNER_OBJECTIVES``); ``losses``: pure tensor functions.
 
 Importing this package registers every method: ``mmt-ard``, ``reference``, ``ard``, ``tecoa``, ``fare``,
-``pmg-aft``, ``clean-ft``. ``create_method(cfg, teacher_kinds)`` gives the distilling methods any number of
-named ``clean``/``robust`` teachers.
+``pmg-aft``, ``clean-ft``. ``create_method(cfg, teachers)`` gives the distilling methods any number of
+named ``clean``/``robust`` teachers; ``plan_teachers(method_class(name), cfg, configured)`` says which, without
+building a method.
 """
 
 from mmtard.methods import clean_ft, fare, mmt_ard, pmg_aft, tecoa  # noqa: F401  (fill the registry)
@@ -22,12 +23,10 @@ from mmtard.methods.registry import (
     list_methods,
     method_class,
     method_config,
-    plan_teachers,
     presets,
     register_method,
-    standard_teacher_kinds,
 )
-from mmtard.methods.teachers import ORIGINAL, TEACHER_KINDS, TEACHER_ROLES, metric_suffix
+from mmtard.methods.teachers import ORIGINAL, TEACHER_KINDS, TEACHER_ROLES, TeacherPlan, metric_suffix, plan_teachers
 from mmtard.methods.weighting import DIW_MODES, importance_weights
 
 __all__ = [
@@ -42,6 +41,7 @@ __all__ = [
     "Method",
     "MethodConfig",
     "MethodOutput",
+    "TeacherPlan",
     "create_balance",
     "create_method",
     "freeze",
@@ -54,6 +54,5 @@ __all__ = [
     "plan_teachers",
     "presets",
     "register_method",
-    "standard_teacher_kinds",
     "unwrap",
 ]

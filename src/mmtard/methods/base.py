@@ -5,11 +5,13 @@ teachers, keyed by name (the rules of names and kinds: :mod:`mmtard.methods.teac
 
 - distilling methods (``mmt-ard``, ``reference``, ``ard``) take named teachers of kind ``clean`` or ``robust``;
   by default the two standard teachers ``"clean"`` and ``"robust"``; any number with
-  ``create_method(cfg, teacher_kinds)``;
+  ``create_method(cfg, teachers)`` (a :class:`~mmtard.methods.teachers.TeacherPlan` or name -> kind);
 - FARE and PMG-AFT read ``"original"``: a frozen copy of the student's starting model ``O``.
 
-The method owns its teachers (:meth:`Method.build_teachers` loads and freezes them), their clean-image logit
-caches and the caches' identity, and the cross-process mean of its batch statistics.
+The method owns its teachers (:meth:`Method.build_teachers` loads them, :meth:`Method.use_teachers` takes given ones;
+either freezes them once, into ``method.teachers``, an ``nn.ModuleDict``; :meth:`Method.compile_teachers` compiles
+them), their clean-image logit caches and the caches' identity, and the cross-process mean of its batch statistics.
+A step is ``method(student, x, y, index)``.
 
 It returns named loss terms (the trainer sums them and backpropagates) and diagnostics. It has no
 optimizer, DDP or logging code: a DistributedDataParallel student is unwrapped for the attack, and the
@@ -18,7 +20,6 @@ wrapper is called exactly for the training forwards whose outputs the loss uses.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -35,9 +36,8 @@ from mmtard.fileio import weights_stamp
 from mmtard.methods.config import MethodConfig
 from mmtard.methods.inner import INNER_OBJECTIVES, InnerContext, LossFn
 from mmtard.methods.logit_cache import LogitCache
-from mmtard.methods.teachers import ORIGINAL, choose_inner_teachers, resolve_teacher_kinds, select_teachers
+from mmtard.methods.teachers import ORIGINAL, TeacherPlan, plan_teachers
 from mmtard.models import CLIPBundle, build_zero_shot_classifier, load_clip
-from mmtard.models.zeroshot import ZeroShotClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -164,15 +164,15 @@ class Method:
     """One training step's loss. Subclasses set ``inner_objectives`` and their teachers, implement ``step``.
 
     A distilling subclass sets ``standard_teachers`` (name -> kind, its teachers when none are given) and
-    ``accepted_kinds``; one that reads the frozen copy of the starting student sets ``reads_original``. An
-    instance's ``teacher_kinds`` maps each of its teachers to its kind, in order, and ``teacher_roles`` names
-    every frozen model its step reads: the teachers, then ``original`` when it reads it. Static questions (which
-    teachers a preset takes) are class methods: :meth:`select_teachers`, :meth:`plan_teachers`.
+    ``accepted_kinds``; one that reads the frozen copy of the starting student sets ``reads_original``. These
+    class attributes are what :func:`mmtard.methods.teachers.plan_teachers` reads; an instance keeps the resulting
+    :class:`TeacherPlan` (``plan``) and answers every teacher question from it.
 
     Args:
         cfg: the method's config (validated here).
-        teacher_kinds: teacher name -> kind (``clean`` or ``robust``); None for the method's standard teachers.
-            A method without distillation teachers takes None or an empty mapping.
+        teachers: the method's :class:`TeacherPlan`, or teacher name -> kind (``clean`` or ``robust``), exactly the
+            teachers it distils from; None for the method's standard teachers. A method without distillation
+            teachers takes None or an empty mapping.
 
     Raises:
         ConfigError: an invalid config, an inner objective this method cannot compute, or teachers it cannot
@@ -191,36 +191,30 @@ class Method:
         are those of the global batch, and every process computes the same weights."""
         return all_reduce_mean(value)
 
-    @classmethod
-    def select_teachers(cls, method: str, configured: Mapping[str, str | None]) -> dict[str, str] | None:
-        """The configured teachers (name -> kind, or None for a kind implied by the name) this class distils from;
-        None for a class without distillation teachers (:func:`mmtard.methods.teachers.select_teachers`)."""
-        return select_teachers(method, configured, cls.standard_teachers, cls.accepted_kinds)
-
-    @classmethod
-    def plan_teachers(cls, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The teachers (name -> kind) an instance for ``cfg`` and ``teacher_kinds`` would have, checked against
-        the inner objective, without building one.
-
-        Raises:
-            ConfigError: as the constructor, for the inner objective and the teachers.
-        """
-        if cfg.inner not in cls.inner_objectives:
-            raise ConfigError(
-                f"inner: method '{cfg.name}' supports {', '.join(cls.inner_objectives)}; got {cfg.inner!r}"
-            )
-        kinds = resolve_teacher_kinds(cfg.name, teacher_kinds, cls.standard_teachers, cls.accepted_kinds)
-        choose_inner_teachers(cfg.inner, cfg.inner_teacher, kinds)
-        return kinds
-
-    def __init__(self, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None):
+    def __init__(self, cfg: MethodConfig, teachers: TeacherPlan | Mapping[str, str] | None = None):
         self.cfg = cfg.validate()
-        self.teacher_kinds = self.plan_teachers(cfg, teacher_kinds)
-        self.teacher_roles: tuple[str, ...] = (*self.teacher_kinds, *((ORIGINAL,) if self.reads_original else ()))
-        self.inner_teachers = choose_inner_teachers(cfg.inner, cfg.inner_teacher, self.teacher_kinds)
+        if not isinstance(teachers, TeacherPlan):
+            teachers = plan_teachers(type(self), self.cfg, teachers, exact=True)
+        self.plan = teachers
         self.caches: dict[str, LogitCache] = {}
-        self.teachers: dict[str, ZeroShotClassifier] = {}  # filled by build_teachers
+        self.teachers = nn.ModuleDict()  # the frozen models of teacher_roles, by name: build_teachers / use_teachers
         self.teacher_sources: dict[str, dict] = {}  # teacher name -> its model's identity, for the logit caches
+        self._checked_student: nn.Module | None = None  # the student whose tower the teachers were checked against
+
+    @property
+    def teacher_kinds(self) -> Mapping[str, str]:
+        """Teacher name -> kind, in order (:attr:`TeacherPlan.kinds`)."""
+        return self.plan.kinds
+
+    @property
+    def teacher_roles(self) -> tuple[str, ...]:
+        """Every frozen model the step reads (:attr:`TeacherPlan.roles`)."""
+        return self.plan.roles
+
+    @property
+    def inner_teachers(self) -> Mapping[str, str]:
+        """Kind -> the teacher the ``kl-*`` inner objective reads (:attr:`TeacherPlan.inner`)."""
+        return self.plan.inner
 
     def build_teachers(
         self,
@@ -229,7 +223,7 @@ class Method:
         classnames: list[str],
         templates: list[str],
         device: torch.device | str | None = None,
-    ) -> dict[str, ZeroShotClassifier]:
+    ) -> nn.ModuleDict:
         """Load, freeze and keep (``self.teachers``) a zero-shot classifier of every model the step reads, by name.
 
         Args:
@@ -240,14 +234,12 @@ class Method:
             device: where the teachers are loaded.
 
         Returns:
-            ``self.teachers``: name -> frozen classifier (eval mode, no parameter gradients).
+            ``self.teachers``: name -> frozen classifier (eval mode, no parameter gradients), an ``nn.ModuleDict``.
         """
         teachers = {}
         for name in self.teacher_roles:
             if name == ORIGINAL:
-                bundle = copy.copy(student)
-                bundle.model = copy.deepcopy(student.model)
-                bundle._prototype_cache = dict(student._prototype_cache)
+                bundle = student.frozen_copy()
             else:
                 spec = sources[name]
                 vision_weights = getattr(spec, "vision_weights", None)
@@ -274,9 +266,36 @@ class Method:
                     }
             freeze(bundle.model)
             teachers[name] = build_zero_shot_classifier(bundle, classnames, templates, self.cfg.logit_scale)
-            freeze(teachers[name])
-        self.teachers = teachers
-        return teachers
+        return self.use_teachers(teachers).teachers
+
+    def use_teachers(self, teachers: Mapping[str, nn.Module]) -> Method:
+        """Make ``teachers`` (name -> model) this method's own, frozen (eval mode, no parameter gradients) once, here.
+
+        Args:
+            teachers: must hold every name of ``teacher_roles``; other names are ignored.
+
+        Returns:
+            The method itself, so ``method.use_teachers(teachers)(student, x, y)`` reads.
+
+        Raises:
+            ConfigError: a name of ``teacher_roles`` is missing.
+        """
+        missing = [role for role in self.teacher_roles if role not in teachers]
+        if missing:
+            raise ConfigError(
+                f"teachers: method '{self.cfg.name}' needs teachers {self.teacher_roles}; missing {tuple(missing)}"
+            )
+        self.teachers = nn.ModuleDict({role: teachers[role] for role in self.teacher_roles})
+        for teacher in self.teachers.values():
+            freeze(teacher)
+        self._checked_student = None
+        return self
+
+    def compile_teachers(self) -> None:
+        """``torch.compile`` every teacher in place (``nn.Module.compile``, ``dynamic=False``: a step's shapes are
+        fixed), as ``train.compile`` asks; parameters and state-dict names stay as they are."""
+        for teacher in self.teachers.values():
+            teacher.compile(dynamic=False)
 
     def open_logit_caches(
         self,
@@ -296,48 +315,43 @@ class Method:
         return self.cfg.attacking
 
     def __call__(
-        self,
-        student: nn.Module,
-        teachers: Mapping[str, ZeroShotClassifier],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        index: torch.Tensor | None = None,
+        self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
     ) -> MethodOutput:
-        """Compute one step's loss terms.
+        """Compute one step's loss terms with this method's frozen teachers (:meth:`build_teachers` or
+        :meth:`use_teachers`).
 
         Args:
             student: the student ``ZeroShotClassifier``, possibly wrapped in DistributedDataParallel, in
-                train mode.
-            teachers: frozen models by name; must hold every name of ``teacher_roles`` (others are
-                ignored). They are put in eval mode without parameter gradients.
+                train mode. The first call with a student checks that no teacher shares its image tower.
             x: ``(B, 3, H, W)`` images in ``[0, 1]``.
             y: ``(B,)`` labels in the student's (and teachers') label set.
             index: ``(B,)`` dataset indices, for the clean-teacher cache.
 
         Returns:
             The named loss terms, diagnostics and the adversarial images.
+
+        Raises:
+            ConfigError: a teacher is missing (none were given), or one shares its image tower with the student.
         """
-        missing = [role for role in self.teacher_roles if role not in teachers]
+        if unwrap(student) is not self._checked_student:
+            self._check_teachers_for(student)
+        return self.step(student, x, y, index)
+
+    def _check_teachers_for(self, student: nn.Module) -> None:
+        """Every teacher is there and none shares its image tower with ``student``; remembered for that student."""
+        missing = [role for role in self.teacher_roles if role not in self.teachers]
         if missing:
             raise ConfigError(
                 f"teachers: method '{self.cfg.name}' needs teachers {self.teacher_roles}; missing {tuple(missing)}"
             )
         for role in self.teacher_roles:
-            if unwrap(teachers[role]).visual is unwrap(student).visual:
+            if unwrap(self.teachers[role]).visual is unwrap(student).visual:
                 raise ConfigError(
                     f"teachers: the '{role}' model shares its image tower with the student; pass a frozen copy"
                 )
-            freeze(teachers[role])
-        return self.step(student, teachers, x, y, index)
+        self._checked_student = unwrap(student)
 
-    def step(
-        self,
-        student: nn.Module,
-        teachers: Mapping[str, ZeroShotClassifier],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        index: torch.Tensor | None,
-    ) -> MethodOutput:
+    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None) -> MethodOutput:
         raise NotImplementedError
 
     def attack(self, model: nn.Module, loss_fn: LossFn, x: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmtard.methods.base import Method, MethodOutput, accuracy
 from mmtard.methods.registry import register_method
-from mmtard.models.zeroshot import ZeroShotClassifier
 
 
 @register_method("clean-ft", inner="none", diw="none", balance="fixed", steps=0)
@@ -19,14 +16,7 @@ class CleanFineTuning(Method):
 
     inner_objectives = ("none",)
 
-    def step(
-        self,
-        student: nn.Module,
-        teachers: Mapping[str, ZeroShotClassifier],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        index: torch.Tensor | None,
-    ) -> MethodOutput:
+    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None) -> MethodOutput:
         logits = student(x)
         ce = F.cross_entropy(logits, y)
         return MethodOutput(losses={"ce": ce}, metrics={"ce": ce.item(), "acc_clean": accuracy(logits, y)}, x_adv=x)

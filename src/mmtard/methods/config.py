@@ -7,47 +7,22 @@ those defaults, registered with its method class (``register_method(name, **pres
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from os import PathLike
 
 from mmtard.attacks.base import NORMS
+from mmtard.attacks.pgd import DEFAULT_ALPHA_FRACTION
 from mmtard.errors import ConfigError
 from mmtard.methods.balance import BALANCES
 from mmtard.methods.inner import INNER_OBJECTIVES
 from mmtard.methods.teachers import STANDARD_LAMBDA_FIELDS
 from mmtard.methods.weighting import DIW_MODES
-from mmtard.units import parse_eps
+from mmtard.units import RADIUS, parse_eps
+from mmtard.validate import check_choice, check_number
 
 ROBUST_TARGETS = ("adversarial", "clean")
 CLEAN_INPUTS = ("clean", "adversarial", "both")
-
-
-def _choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{field}: expected one of {', '.join(allowed)}; got {value!r}")
-
-
-def _number(
-    field: str,
-    value: object,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Check that ``value`` is a finite real number in the given interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{field}: expected a finite number, got {value!r}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ConfigError(f"{field}: expected a number in {interval}, got {value!r}")
 
 
 @dataclass
@@ -116,8 +91,8 @@ class MethodConfig:
     clean_input: str = "clean"
     temperature: float = 1.0
     logit_scale: float | str = 100.0
-    eps: float = 4 / 255
-    alpha: float | None = None
+    eps: float = field(default=4 / 255, metadata=RADIUS)
+    alpha: float | None = field(default=None, metadata=RADIUS)
     steps: int = 10
     norm: str = "linf"
     cache_clean_teacher: bool = False
@@ -140,31 +115,31 @@ class MethodConfig:
     @property
     def step_size(self) -> float:
         """The PGD step size: ``alpha``, or ``eps / 4`` when ``alpha`` is ``None``."""
-        return self.eps / 4 if self.alpha is None else self.alpha
+        return self.eps * DEFAULT_ALPHA_FRACTION if self.alpha is None else self.alpha
 
     def validate(self) -> MethodConfig:
         """Check every field; raise :class:`ConfigError` naming the first bad one. Returns ``self``."""
-        _choice("inner", self.inner, tuple(INNER_OBJECTIVES.names()))
-        _choice("diw", self.diw, tuple(DIW_MODES.names()))
-        _choice("balance", self.balance, tuple(BALANCES.names()))
-        _choice("robust_target", self.robust_target, ROBUST_TARGETS)
-        _choice("clean_input", self.clean_input, CLEAN_INPUTS)
-        _choice("norm", self.norm, NORMS)
-        _number("diw_temperature", self.diw_temperature, low=0, low_open=True)
-        _number("beta", self.beta)
-        _number("rho", self.rho, low=0, low_open=True)
+        check_choice("inner", self.inner, tuple(INNER_OBJECTIVES.names()))
+        check_choice("diw", self.diw, tuple(DIW_MODES.names()))
+        check_choice("balance", self.balance, tuple(BALANCES.names()))
+        check_choice("robust_target", self.robust_target, ROBUST_TARGETS)
+        check_choice("clean_input", self.clean_input, CLEAN_INPUTS)
+        check_choice("norm", self.norm, NORMS)
+        check_number("diw_temperature", self.diw_temperature, low=0, low_open=True)
+        check_number("beta", self.beta)
+        check_number("rho", self.rho, low=0, low_open=True)
         if self.rho != 1 and not BALANCES.get(self.balance).uses_prior:
             raise ConfigError(f"rho: the '{self.balance}' balance has no prior; expected 1, got {self.rho!r}")
-        _number("ema_momentum", self.ema_momentum, low=0, high=1, high_open=True)
-        _number("eta", self.eta, low=0, high=1, low_open=True)
-        _number("lambda_robust", self.lambda_robust, low=0)
-        _number("lambda_clean", self.lambda_clean, low=0)
+        check_number("ema_momentum", self.ema_momentum, low=0, high=1, high_open=True)
+        check_number("eta", self.eta, low=0, high=1, low_open=True)
+        check_number("lambda_robust", self.lambda_robust, low=0)
+        check_number("lambda_clean", self.lambda_clean, low=0)
         self._check_lambdas()
         if self.inner_teacher is not None and (not isinstance(self.inner_teacher, str) or not self.inner_teacher):
             raise ConfigError(f"inner_teacher: expected a teacher's name or null, got {self.inner_teacher!r}")
-        _number("temperature", self.temperature, low=0, low_open=True)
+        check_number("temperature", self.temperature, low=0, low_open=True)
         if self.logit_scale != "model":
-            _number("logit_scale", self.logit_scale, low=0, low_open=True)
+            check_number("logit_scale", self.logit_scale, low=0, low_open=True)
         parse_eps(self.eps, "eps", self.norm)
         if self.alpha is not None and parse_eps(self.alpha, "alpha", self.norm) == 0:
             raise ConfigError(f"alpha: expected a step size > 0, got {self.alpha!r}")
@@ -173,8 +148,8 @@ class MethodConfig:
         if not isinstance(self.cache_clean_teacher, bool):
             raise ConfigError(f"cache_clean_teacher: expected true or false, got {self.cache_clean_teacher!r}")
         self._check_cache_dir()
-        _number("reference_robust_scale", self.reference_robust_scale)
-        _number("reference_clean_scale", self.reference_clean_scale)
+        check_number("reference_robust_scale", self.reference_robust_scale)
+        check_number("reference_clean_scale", self.reference_clean_scale)
         return self
 
     def _check_lambdas(self) -> None:
@@ -193,7 +168,7 @@ class MethodConfig:
                     f"lambdas.{name}: the standard {name} teacher takes {STANDARD_LAMBDA_FIELDS[name]}; expected "
                     "lambdas for the other teacher names"
                 )
-            _number(f"lambdas.{name}", weight, low=0)
+            check_number(f"lambdas.{name}", weight, low=0)
 
     def _check_cache_dir(self) -> None:
         if self.cache_dir is None:

@@ -9,8 +9,6 @@ No labels are used, so no accuracy is reported.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import nn
 
@@ -18,7 +16,6 @@ from mmtard.methods.base import CleanImageOutputs, Method, MethodOutput, unwrap
 from mmtard.methods.losses import squared_distance
 from mmtard.methods.registry import register_method
 from mmtard.methods.teachers import ORIGINAL
-from mmtard.models.zeroshot import ZeroShotClassifier
 
 
 @register_method("fare", inner="fare", diw="none", balance="fixed")
@@ -28,15 +25,8 @@ class FARE(Method):
     reads_original = True
     inner_objectives = ("fare",)
 
-    def step(
-        self,
-        student: nn.Module,
-        teachers: Mapping[str, ZeroShotClassifier],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        index: torch.Tensor | None,
-    ) -> MethodOutput:
-        clean = CleanImageOutputs(teachers, x)
+    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None) -> MethodOutput:
+        clean = CleanImageOutputs(self.teachers, x)
         original_features = clean.features(ORIGINAL)
         x_adv = self.adversarial(unwrap(student), clean, y)
         loss = squared_distance(student(x_adv, return_features=True), original_features).mean()

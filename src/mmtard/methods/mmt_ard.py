@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
@@ -38,9 +39,32 @@ from mmtard.methods.config import MethodConfig
 from mmtard.methods.logit_cache import LogitCache
 from mmtard.methods.losses import accuracy_shortfall, batch_accuracy, per_sample_kl
 from mmtard.methods.registry import register_method
-from mmtard.methods.teachers import fixed_weights, metric_suffix
+from mmtard.methods.teachers import TeacherPlan, fixed_weights, metric_suffix
 from mmtard.methods.weighting import WeightingSettings, importance_weights
-from mmtard.models.zeroshot import ZeroShotClassifier
+
+
+@dataclass(frozen=True)
+class TeacherStatistics:
+    """One teacher term's batch statistics: tensors on the device in a step, python floats once read.
+
+    Attributes:
+        term: ``L_k``, its cross-process mean (logged ``L_<suffix>``; the balance's input).
+        score: the DIW signal's batch mean (logged ``<name>_teacher_score``).
+        shortfall: the teacher's accuracy minus the student's, floored at 0 (``shortfall_<suffix>``).
+    """
+
+    term: torch.Tensor | float
+    score: torch.Tensor | float
+    shortfall: torch.Tensor | float
+
+    def values(self) -> tuple:
+        """``(term, score, shortfall)``, the order :class:`TeacherStatistics` takes them back."""
+        return self.term, self.score, self.shortfall
+
+    def metrics(self, name: str) -> dict[str, float]:
+        """The logged names of teacher ``name``'s statistics (:func:`metric_suffix`)."""
+        suffix = metric_suffix(name)
+        return {f"L_{suffix}": self.term, f"{name}_teacher_score": self.score, f"shortfall_{suffix}": self.shortfall}
 
 
 @register_method("mmt-ard", objective={"clean_input": ("clean", "both")})
@@ -67,16 +91,16 @@ class MMTARD(Method):
 
     Args:
         cfg: the method's config.
-        teacher_kinds: teacher name -> kind (``clean`` or ``robust``), at least one robust; None for the two
-            standard teachers ``{"clean": "clean", "robust": "robust"}``.
+        teachers: the :class:`TeacherPlan`, or teacher name -> kind (``clean`` or ``robust``), at least one robust;
+            None for the two standard teachers ``{"clean": "clean", "robust": "robust"}``.
     """
 
     standard_teachers = MappingProxyType({"clean": "clean", "robust": "robust"})
     accepted_kinds = ("clean", "robust")
     inner_objectives = ("kl-clean-teacher", "kl-robust-teacher", "ce")
 
-    def __init__(self, cfg: MethodConfig, teacher_kinds: Mapping[str, str] | None = None):
-        super().__init__(cfg, teacher_kinds)
+    def __init__(self, cfg: MethodConfig, teachers: TeacherPlan | Mapping[str, str] | None = None):
+        super().__init__(cfg, teachers)
         self.balance = create_balance(
             cfg.balance,
             self.teacher_roles,
@@ -150,7 +174,6 @@ class MMTARD(Method):
     def term_logits(
         self,
         name: str,
-        teachers: Mapping[str, ZeroShotClassifier],
         clean: CleanImageOutputs,
         x_adv: torch.Tensor,
         student_clean: torch.Tensor | None,
@@ -159,76 +182,73 @@ class MMTARD(Method):
         """A teacher term's target logits and the student's logits it is compared with (spec 2.5).
 
         A clean teacher on ``x`` against the student on ``x`` (on ``x'`` with ``clean_input: adversarial``; ``both``
-        adds the student on ``x'`` in :meth:`step`); a
-        robust teacher on ``x'`` (on ``x`` with ``robust_target: clean``) against the student on ``x'``.
+        adds the student on ``x'`` in :meth:`teacher_term`); a robust teacher on ``x'`` (on ``x`` with
+        ``robust_target: clean``) against the student on ``x'``.
         """
         if self.teacher_kinds[name] == "clean":
             return clean.logits(name), student_adv if self.cfg.clean_input == "adversarial" else student_clean
         if self.cfg.robust_target == "clean":
             return clean.logits(name), student_adv
-        return teacher_forward(teachers[name], x_adv), student_adv
+        return teacher_forward(self.teachers[name], x_adv), student_adv
 
-    def step(
+    def teacher_term(
         self,
-        student: nn.Module,
-        teachers: Mapping[str, ZeroShotClassifier],
-        x: torch.Tensor,
+        name: str,
         y: torch.Tensor,
-        index: torch.Tensor | None,
-    ) -> MethodOutput:
+        clean: CleanImageOutputs,
+        x_adv: torch.Tensor,
+        student_clean: torch.Tensor | None,
+        student_adv: torch.Tensor,
+    ) -> tuple[torch.Tensor, TeacherStatistics]:
+        """Teacher ``name``'s term ``L_k = mean_i a_k,i l_k,i`` (before its weight) and its batch statistics."""
+        batch_mean = lambda s: self.mean_across_processes(s.mean())  # noqa: E731
+        teacher_logits, student_logits = self.term_logits(name, clean, x_adv, student_clean, student_adv)
+        per_sample = per_sample_kl(teacher_logits, student_logits, self.cfg.temperature)
+        if self.teacher_kinds[name] == "clean" and self.cfg.clean_input == "both":
+            per_sample = (per_sample + per_sample_kl(teacher_logits, student_adv, self.cfg.temperature)) / 2
+        settings = WeightingSettings(
+            logit_scale=unwrap(self.teachers[name]).logit_scale,
+            temperature=self.cfg.diw_temperature,
+            reference_scale=self.reference_scale[name],
+            batch_mean=batch_mean,
+        )
+        weights, signal = importance_weights(self.cfg.diw, teacher_logits, y, settings)
+        term = (weights * per_sample).mean()
+        shortfall = accuracy_shortfall(
+            batch_mean(batch_accuracy(teacher_logits, y)), batch_mean(batch_accuracy(student_logits, y))
+        )
+        return term, TeacherStatistics(self.mean_across_processes(term.detach()), batch_mean(signal), shortfall)
+
+    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None) -> MethodOutput:
         if self.disk_caches_pending and index is not None:
             raise RuntimeError(
                 f"method.cache_dir is set ({self.cfg.cache_dir}): call open_logit_caches(rows=...) before the "
                 "first step"
             )
-        model = unwrap(student)
-        clean = CleanImageOutputs(teachers, x, index, self.caches)
-        x_adv = self.adversarial(model, clean, y)
+        clean = CleanImageOutputs(self.teachers, x, index, self.caches)
+        x_adv = self.adversarial(unwrap(student), clean, y)
         if self.uses_clean_images:
             student_clean, student_adv = student_forward_pair(student, x, x_adv)
         else:
             student_clean, student_adv = None, student(x_adv)
-
-        terms: dict[str, torch.Tensor] = {}
-        statistics: list[torch.Tensor] = []  # per teacher: L_k, the raw score, the shortfall (one sync below)
-        batch_mean = lambda s: self.mean_across_processes(s.mean())  # noqa: E731
+        terms, statistics = {}, {}
         for name in self.teacher_roles:
-            teacher_logits, student_logits = self.term_logits(name, teachers, clean, x_adv, student_clean, student_adv)
-            per_sample = per_sample_kl(teacher_logits, student_logits, self.cfg.temperature)
-            if self.teacher_kinds[name] == "clean" and self.cfg.clean_input == "both":
-                per_sample = (per_sample + per_sample_kl(teacher_logits, student_adv, self.cfg.temperature)) / 2
-            settings = WeightingSettings(
-                logit_scale=unwrap(teachers[name]).logit_scale,
-                temperature=self.cfg.diw_temperature,
-                reference_scale=self.reference_scale[name],
-                batch_mean=batch_mean,
-            )
-            weights, signal = importance_weights(self.cfg.diw, teacher_logits, y, settings)
-            terms[name] = (weights * per_sample).mean()
-            shortfall = accuracy_shortfall(
-                batch_mean(batch_accuracy(teacher_logits, y)), batch_mean(batch_accuracy(student_logits, y))
-            )
-            statistics += [self.mean_across_processes(terms[name].detach()), batch_mean(signal), shortfall]
-        student_logits = ([student_clean] if student_clean is not None else []) + [student_adv]
-        statistics += [batch_accuracy(logits, y) for logits in student_logits]
-        values = host_floats(statistics)
-
-        metrics: dict[str, float] = {}
-        term_values: dict[str, float] = {}
-        shortfalls: dict[str, float] = {}
-        for position, name in enumerate(self.teacher_roles):
-            suffix = metric_suffix(name)
-            term_values[name], score, shortfalls[name] = values[3 * position : 3 * position + 3]
-            metrics[f"L_{suffix}"] = term_values[name]
-            metrics[f"{name}_teacher_score"] = score
-            metrics[f"shortfall_{suffix}"] = shortfalls[name]
-        lambdas = self.balance.update(term_values, shortfalls)
-        for name in self.teacher_roles:
-            metrics[f"lambda_{metric_suffix(name)}"] = lambdas[name]
-        accuracies = values[3 * len(self.teacher_roles) :]
+            terms[name], statistics[name] = self.teacher_term(name, y, clean, x_adv, student_clean, student_adv)
+        accuracies = {"acc_adv": batch_accuracy(student_adv, y)}
         if student_clean is not None:
-            metrics["acc_clean"] = 100.0 * accuracies[0]
-        metrics["acc_adv"] = 100.0 * accuracies[-1]
+            accuracies = {"acc_clean": batch_accuracy(student_clean, y), **accuracies}
+        # one host sync: every statistic and accuracy leaves the device together
+        flat = [*(value for stats in statistics.values() for value in stats.values()), *accuracies.values()]
+        values = iter(host_floats(flat))
+        read = {name: TeacherStatistics(*(next(values) for _ in range(3))) for name in statistics}
+        lambdas = self.balance.update(
+            {name: stats.term for name, stats in read.items()}, {name: stats.shortfall for name, stats in read.items()}
+        )
+        metrics: dict[str, float] = {}
+        for name, stats in read.items():
+            metrics.update(stats.metrics(name))
+        metrics.update({f"lambda_{metric_suffix(name)}": lambdas[name] for name in self.teacher_roles})
+        metrics.update({key: 100.0 * next(values) for key in accuracies})
         losses = {name: lambdas[name] * terms[name] for name in self.teacher_roles}
         return MethodOutput(losses=losses, metrics=metrics, x_adv=x_adv.detach())
 
@@ -249,7 +269,7 @@ class ARD(MMTARD):
     inner target, then on ``x'`` (which depends on that target, so the two cannot share a batch); once with
     ``robust_target: clean`` (RSLAD), whose target is the inner objective's.
 
-    Several robust teachers (``teacher_kinds`` of kind ``robust`` only) give one term each, weighted by the
+    Several robust teachers (teachers of kind ``robust`` only) give one term each, weighted by the
     balance (``fixed``: ``lambda_robust`` for the teacher named ``robust``, ``lambdas`` for the others); the inner
     objective reads ``inner_teacher`` (the first robust teacher by default).
     """

@@ -9,8 +9,6 @@ clean distribution is a training output, not a fixed target.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +25,6 @@ from mmtard.methods.base import (
 from mmtard.methods.losses import per_sample_kl
 from mmtard.methods.registry import register_method
 from mmtard.methods.teachers import ORIGINAL
-from mmtard.models.zeroshot import ZeroShotClassifier
 
 
 @register_method("pmg-aft", inner="ce", diw="none", balance="fixed")
@@ -37,16 +34,9 @@ class PMGAFT(Method):
     reads_original = True
     inner_objectives = ("ce",)
 
-    def step(
-        self,
-        student: nn.Module,
-        teachers: Mapping[str, ZeroShotClassifier],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        index: torch.Tensor | None,
-    ) -> MethodOutput:
-        x_adv = self.adversarial(unwrap(student), CleanImageOutputs(teachers, x), y)
-        original_adv = teacher_forward(teachers[ORIGINAL], x_adv)
+    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None) -> MethodOutput:
+        x_adv = self.adversarial(unwrap(student), CleanImageOutputs(self.teachers, x), y)
+        original_adv = teacher_forward(self.teachers[ORIGINAL], x_adv)
         student_clean, student_adv = student_forward_pair(student, x, x_adv)
         tau = self.cfg.temperature
         losses = {

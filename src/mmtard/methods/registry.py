@@ -1,5 +1,5 @@
 """The method registry: ``@register_method(name, **preset)``, ``method_config``, ``create_method``, ``list_methods``,
-and the static questions about a preset's teachers (``method_class``, ``plan_teachers``, ``standard_teacher_kinds``).
+and ``method_class`` (the class whose attributes :func:`mmtard.methods.teachers.plan_teachers` reads).
 
 A preset (spec section 3) is a name plus overrides of :class:`MethodConfig`'s defaults, registered on the class
 that computes it; one class may serve several presets (``mmt-ard``, ``mmt-ard-adv`` and ``reference``). A preset's
@@ -16,6 +16,7 @@ from types import MappingProxyType
 from mmtard.errors import ConfigError
 from mmtard.methods.base import Method
 from mmtard.methods.config import MethodConfig
+from mmtard.methods.teachers import TeacherPlan
 from mmtard.registry import Registry
 
 
@@ -91,17 +92,17 @@ def method_config(preset: str, **overrides: object) -> MethodConfig:
     return cfg
 
 
-def create_method(cfg: MethodConfig | str, teacher_kinds: Mapping[str, str] | None = None) -> Method:
+def create_method(cfg: MethodConfig | str, teachers: TeacherPlan | Mapping[str, str] | None = None) -> Method:
     """Build the method named by ``cfg.name`` (a string is read as a preset with its defaults).
 
     Args:
         cfg: the method's config, or a preset name.
-        teacher_kinds: teacher name -> kind (``clean`` or ``robust``), in the order the terms are computed and
-            logged; the method's ``teacher_roles`` are then these names. None: the preset's standard teachers
-            (:func:`standard_teacher_kinds`: ``clean`` and ``robust`` for ``mmt-ard``, ``mmt-ard-adv``, ``reference``,
-            ``robust`` for ``ard``, none for the others). ``mmt-ard``/``reference`` take any number of clean and
-            robust teachers with at least one robust; ``ard`` robust teachers only; ``tecoa``, ``fare``,
-            ``pmg-aft`` and ``clean-ft`` none (an empty mapping or None).
+        teachers: the method's :class:`TeacherPlan` (:func:`mmtard.methods.teachers.plan_teachers`), or teacher
+            name -> kind (``clean`` or ``robust``) in the order the terms are computed and logged, exactly the
+            teachers it distils from. None: the preset's standard teachers (``clean`` and ``robust`` for
+            ``mmt-ard``, ``mmt-ard-adv``, ``reference``, ``robust`` for ``ard``, none for the others).
+            ``mmt-ard``/``reference`` take any number of clean and robust teachers with at least one robust; ``ard``
+            robust teachers only; ``tecoa``, ``fare``, ``pmg-aft`` and ``clean-ft`` none (an empty mapping or None).
 
     Raises:
         ConfigError: unknown name (the message lists the known ones), an invalid config, or teachers the method
@@ -109,36 +110,14 @@ def create_method(cfg: MethodConfig | str, teacher_kinds: Mapping[str, str] | No
     """
     if isinstance(cfg, str):
         cfg = method_config(cfg)
-    return METHODS.get(cfg.name).method(cfg, teacher_kinds)
+    return METHODS.get(cfg.name).method(cfg, teachers)
 
 
 def method_class(name: str) -> type[Method]:
-    """The class that computes method ``name``: its class attributes and class methods answer the static
-    questions (which teachers it accepts, :meth:`Method.select_teachers`) without building an instance.
+    """The class that computes method ``name``: its class attributes answer the static questions (which teachers
+    it accepts) that :func:`mmtard.methods.teachers.plan_teachers` reads, without building an instance.
 
     Raises:
         ConfigError: unknown method name.
     """
     return METHODS.get(name).method
-
-
-def plan_teachers(cfg: MethodConfig | str, teacher_kinds: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The teachers (name -> kind, in order) that ``create_method(cfg, teacher_kinds)`` would give its method,
-    checked as it would check them, without building it (:meth:`Method.plan_teachers`).
-
-    Raises:
-        ConfigError: as :func:`create_method`, for the preset, the inner objective and the teachers.
-    """
-    if isinstance(cfg, str):
-        cfg = method_config(cfg)
-    return method_class(cfg.name).plan_teachers(cfg, teacher_kinds)
-
-
-def standard_teacher_kinds(name: str) -> dict[str, str]:
-    """The teachers (name -> kind) that method ``name`` uses when none are given: ``{"clean": "clean",
-    "robust": "robust"}`` for ``mmt-ard`` and ``reference``, ``{"robust": "robust"}`` for ``ard``, ``{}`` else.
-
-    Raises:
-        ConfigError: unknown method name.
-    """
-    return dict(METHODS.get(name).method.standard_teachers)

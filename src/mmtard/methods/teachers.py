@@ -8,16 +8,25 @@ that name has that kind (``kind`` may be left out), keeps the short metric suffi
 (``L_<name>``) and takes ``lambdas[<name>]``. FARE and PMG-AFT read instead a frozen copy of the starting student,
 named :data:`ORIGINAL` (a reserved name).
 
-Every rule here takes plain mappings (``{name: kind | None}``), never a run config, so the trainer, the
-experiments and the methods ask the same questions of one place.
+Which teachers a method reads is one frozen :class:`TeacherPlan`, made by :func:`plan_teachers` from the method's
+class, its config and the configured teachers (plain mappings ``{name: kind | None}``, never a run config): config
+validation, the trainer, the experiments and the method itself read that plan and ask nothing else.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from torch import nn
 
 from mmtard.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mmtard.methods.config import MethodConfig
 
 TEACHER_KINDS = ("clean", "robust")
 ORIGINAL = "original"  # the frozen copy of the starting student (FARE, PMG-AFT)
@@ -33,6 +42,80 @@ STANDARD_LAMBDA_FIELDS = {"robust": "lambda_robust", "clean": "lambda_clean"}
 STANDARD_INNER_TEACHERS = {"clean": "clean", "robust": "robust"}
 # The kind of teacher each teacher-based inner objective reads (its clean-image logits); other objectives read none.
 INNER_TEACHER_KIND = {"kl-clean-teacher": "clean", "kl-robust-teacher": "robust"}
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """The frozen models one method's step reads: made by :func:`plan_teachers`, never changed after.
+
+    Attributes:
+        method: the method's (preset's) name.
+        kinds: teacher name -> kind (``clean`` or ``robust``), in the order the terms are computed and logged;
+            empty for a method without distillation teachers.
+        inner: teacher kind -> the name of the teacher a ``kl-*`` inner objective reads (empty for other objectives).
+        reads_original: whether the step reads :data:`ORIGINAL`, a frozen copy of the starting student (FARE,
+            PMG-AFT).
+        unused: configured teachers the method does not distil from (a kind it does not take, or a method without
+            teachers): they are not loaded.
+    """
+
+    method: str
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    inner: Mapping[str, str] = field(default_factory=dict)
+    reads_original: bool = False
+    unused: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", MappingProxyType(dict(self.kinds)))
+        object.__setattr__(self, "inner", MappingProxyType(dict(self.inner)))
+        object.__setattr__(self, "unused", tuple(self.unused))
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Every frozen model the step reads, by name: the teachers, then ``original`` when it reads it."""
+        return (*self.kinds, *((ORIGINAL,) if self.reads_original else ()))
+
+    def names_of_kind(self, kind: str) -> tuple[str, ...]:
+        """The teachers of ``kind``, in order."""
+        return tuple(name for name, k in self.kinds.items() if k == kind)
+
+
+def plan_teachers(
+    method: type,
+    cfg: MethodConfig,
+    configured: Mapping[str, str | None] | None = None,
+    *,
+    exact: bool = False,
+) -> TeacherPlan:
+    """The one answer to "which teachers?": the :class:`TeacherPlan` of ``method`` for ``cfg``, checked.
+
+    Args:
+        method: the method's class; its ``standard_teachers`` (name -> kind, the teachers when none are given),
+            ``accepted_kinds``, ``inner_objectives`` and ``reads_original`` are read.
+        cfg: the method's config (its name, inner objective, ``inner_teacher`` and ``lambdas`` are read).
+        configured: teacher name -> kind, or None for the kind its name implies (:func:`implied_kinds`). None: the
+            method's standard teachers.
+        exact: the method distils from exactly ``configured`` and a teacher it cannot take is refused (the explicit
+            teachers of :func:`mmtard.methods.create_method`); otherwise from those of the kinds it accepts, the
+            others :attr:`TeacherPlan.unused` (a run config's teachers, :func:`select_teachers`).
+
+    Raises:
+        ConfigError: naming ``teachers.<name>``, ``teachers.<name>.kind``, ``inner``, ``inner_teacher`` or
+            ``lambdas.<name>`` and what is expected.
+    """
+    standard, accepted = method.standard_teachers, method.accepted_kinds
+    given = configured
+    if configured is not None and not exact:
+        given = select_teachers(cfg.name, configured, standard, accepted)
+    if cfg.inner not in method.inner_objectives:
+        supported = ", ".join(method.inner_objectives)
+        raise ConfigError(f"inner: method '{cfg.name}' supports {supported}; got {cfg.inner!r}")
+    kinds = resolve_teacher_kinds(cfg.name, given, standard, accepted)
+    inner = choose_inner_teachers(cfg.inner, cfg.inner_teacher, kinds)
+    if kinds:
+        check_lambda_names(tuple(kinds), cfg.lambdas)
+    unused = tuple(name for name in configured or {} if name not in kinds)
+    return TeacherPlan(cfg.name, kinds, inner, method.reads_original, () if exact else unused)
 
 
 def metric_suffix(name: str) -> str:
@@ -146,6 +229,11 @@ def _check_teacher(method: str, name: object, kind: object, accepted: tuple[str,
             f"teachers.{name}: expected a name of a letter then letters, digits, '_' or '-' (it names "
             "metrics, config fields and cache folders)"
         )
+    if hasattr(nn.ModuleDict, name):
+        raise ConfigError(
+            f"teachers.{name}: the name is an attribute of the method's teacher mapping (torch's nn.ModuleDict, "
+            "which holds the teachers by name); give this teacher another name"
+        )
     if name in RESERVED_TEACHER_NAMES:
         raise ConfigError(
             f"teachers.{name}: the name is reserved for the frozen copy of the starting student (fare, pmg-aft); "
@@ -207,11 +295,20 @@ def fixed_weights(
         ConfigError: ``lambdas`` names no teacher of ``names``.
     """
     lambdas = dict(lambdas or {})
-    unknown = [name for name in lambdas if name not in names]
+    check_lambda_names(names, lambdas)
+    standard = {"robust": lambda_robust, "clean": lambda_clean}
+    return {name: standard[name] if name in standard else lambdas.get(name, 1.0) for name in names}
+
+
+def check_lambda_names(names: tuple[str, ...], lambdas: Mapping[str, float] | None) -> None:
+    """Every name of ``lambdas`` is one of the teachers ``names``.
+
+    Raises:
+        ConfigError: ``lambdas.<name>: no teacher of that name``.
+    """
+    unknown = [name for name in lambdas or {} if name not in names]
     if unknown:
         raise ConfigError(
             f"lambdas.{unknown[0]}: no teacher of that name; expected some of "
             f"{', '.join(n for n in names if n not in STANDARD_LAMBDA_FIELDS) or 'no name'}"
         )
-    standard = {"robust": lambda_robust, "clean": lambda_clean}
-    return {name: standard[name] if name in standard else lambdas.get(name, 1.0) for name in names}

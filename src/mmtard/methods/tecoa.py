@@ -6,15 +6,12 @@ Robustness for Large-Scale Models", ICLR 2023).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmtard.methods.base import CleanImageOutputs, Method, MethodOutput, accuracy, unwrap
 from mmtard.methods.registry import register_method
-from mmtard.models.zeroshot import ZeroShotClassifier
 
 
 @register_method("tecoa", inner="ce", diw="none", balance="fixed")
@@ -23,15 +20,8 @@ class TeCoA(Method):
 
     inner_objectives = ("ce",)
 
-    def step(
-        self,
-        student: nn.Module,
-        teachers: Mapping[str, ZeroShotClassifier],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        index: torch.Tensor | None,
-    ) -> MethodOutput:
-        x_adv = self.adversarial(unwrap(student), CleanImageOutputs(teachers, x), y)
+    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None) -> MethodOutput:
+        x_adv = self.adversarial(unwrap(student), CleanImageOutputs(self.teachers, x), y)
         logits = student(x_adv)
         ce = F.cross_entropy(logits, y)
         return MethodOutput(

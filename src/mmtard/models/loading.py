@@ -9,6 +9,8 @@ unpickling (it could run code on load) is refused unless ``trust_checkpoint=True
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import os
 import pickle
@@ -87,6 +89,12 @@ class CLIPBundle:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def frozen_copy(self) -> CLIPBundle:
+        """A copy of this bundle whose model is a deep copy in eval mode without parameter gradients (FARE's and
+        PMG-AFT's frozen original model); the text prototypes computed so far are shared, as the text tower is."""
+        model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return dataclasses.replace(self, model=model, _prototype_cache=dict(self._prototype_cache))
 
 
 def tower_image_size(model: nn.Module) -> int | None:
@@ -223,57 +231,79 @@ def load_clip(
     if vision_weights is not None:
         check_vision_alpha(vision_weights_alpha, f"{vision_field}_alpha")
         vision_state = read_vision_state_dict(vision_weights, field=vision_field, trust_checkpoint=trust_checkpoint)
-        variant = quickgelu_name(name, pretrained)
-        if variant is not None:
-            logger.warning(
-                "%s: %s's '%s' weights were trained with QuickGELU, and so were the image towers published over "
-                "them; building %s (name it to silence this warning)",
-                vision_field,
-                name,
-                pretrained,
-                variant,
-            )
-            name = variant
-    is_hub = name.startswith((HUB_PREFIX, LOCAL_DIR_PREFIX))
-    checkpoint: Path | None = None
-
-    if is_hub:
-        model = _create_hub_model(name, device, cache_dir)
-        pretrained = name
-    elif pretrained.lower() in RANDOM_INIT:
-        logger.warning("model %s: pretrained 'none', the weights are random (fine for tests, not for results)", name)
-        model = _create_unloaded_model(name, device)
-        pretrained = "none"
-    elif Path(pretrained).exists() or _is_path_like(pretrained):
-        checkpoint = check_checkpoint_file(pretrained, field, trust_checkpoint=trust_checkpoint)
-        model = _create_unloaded_model(name, device)
-        load_checkpoint_into(model, checkpoint, trust_checkpoint=trust_checkpoint, field=field)
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            raise ConfigError(
-                f"{field}: '{pretrained}' is neither an existing file nor a pretrained tag of {name} "
-                f"(tags: {', '.join(tags) or 'none'}). Use 'none' for random weights."
-            )
-        model = _create_tagged_model(name, pretrained, device, cache_dir, field)
-
+        name = _trained_activation(name, pretrained, vision_field)
+    model, pretrained = _create_model(name, pretrained, device, cache_dir, field, trust_checkpoint)
     if vision_state is not None:
+        source = str(vision_weights)
         apply_vision_weights(
-            model, vision_state, alpha=vision_weights_alpha, arch=name, source=str(vision_weights), field=vision_field
+            model, vision_state, alpha=vision_weights_alpha, arch=name, source=source, field=vision_field
         )
-    model.eval()
+    return _bundle(model.eval(), name, pretrained, cache_dir, vision_weights, vision_weights_alpha)
+
+
+def _bundle(
+    model: nn.Module,
+    name: str,
+    pretrained: str,
+    cache_dir: str | None,
+    vision_weights: str | Path | None,
+    vision_weights_alpha: float,
+) -> CLIPBundle:
+    """The bundle of a loaded model: its tokenizer and the preprocessing constants open_clip gives it."""
     cfg = open_clip.get_model_preprocess_cfg(model)
+    is_hub = name.startswith((HUB_PREFIX, LOCAL_DIR_PREFIX))
     return CLIPBundle(
         model=model,
         tokenizer=open_clip.get_tokenizer(name, cache_dir=cache_dir) if is_hub else open_clip.get_tokenizer(name),
         name=name,
-        pretrained=pretrained if checkpoint is None else str(checkpoint),
+        pretrained=pretrained,
         mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
         image_size=_image_size(model),
         vision_weights=None if vision_weights is None else str(vision_weights),
         vision_weights_alpha=float(vision_weights_alpha),
     )
+
+
+def _trained_activation(name: str, pretrained: str, vision_field: str) -> str:
+    """The architecture to build under a published image tower: the ``-quickgelu`` variant over an ``openai`` tag
+    where one exists (with a warning), else ``name``."""
+    variant = quickgelu_name(name, pretrained)
+    if variant is None:
+        return name
+    logger.warning(
+        "%s: %s's '%s' weights were trained with QuickGELU, and so were the image towers published over "
+        "them; building %s (name it to silence this warning)",
+        vision_field,
+        name,
+        pretrained,
+        variant,
+    )
+    return variant
+
+
+def _create_model(
+    name: str, pretrained: str, device: str | torch.device, cache_dir: str | None, field: str, trust_checkpoint: bool
+) -> tuple[nn.Module, str]:
+    """The model of ``name`` with the weights ``pretrained`` names (see :func:`load_clip`), and what its bundle
+    records as ``pretrained``: the ``hf-hub:`` id, ``none``, the checkpoint file or the tag."""
+    if name.startswith((HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        return _create_hub_model(name, device, cache_dir), name
+    if pretrained.lower() in RANDOM_INIT:
+        logger.warning("model %s: pretrained 'none', the weights are random (fine for tests, not for results)", name)
+        return _create_unloaded_model(name, device), "none"
+    if Path(pretrained).exists() or _is_path_like(pretrained):
+        checkpoint = check_checkpoint_file(pretrained, field, trust_checkpoint=trust_checkpoint)
+        model = _create_unloaded_model(name, device)
+        load_checkpoint_into(model, checkpoint, trust_checkpoint=trust_checkpoint, field=field)
+        return model, str(checkpoint)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ConfigError(
+            f"{field}: '{pretrained}' is neither an existing file nor a pretrained tag of {name} "
+            f"(tags: {', '.join(tags) or 'none'}). Use 'none' for random weights."
+        )
+    return _create_tagged_model(name, pretrained, device, cache_dir, field), pretrained
 
 
 def _create_hub_model(name: str, device: str | torch.device, cache_dir: str | None) -> nn.Module:

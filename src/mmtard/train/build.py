@@ -15,6 +15,7 @@ from torch import nn
 
 from mmtard import preflight
 from mmtard.data import ImageDataset, create_dataset
+from mmtard.distributed import AUTOCAST_DTYPES
 from mmtard.errors import ConfigError
 from mmtard.methods import Method
 from mmtard.models import CLIPBundle, ZeroShotClassifier
@@ -30,7 +31,7 @@ def build_precision(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision != "fp32" and device.type != "cuda":
         raise ConfigError(f"train.precision: {precision} needs a CUDA device; use fp32 (or auto) on {device.type}")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return AUTOCAST_DTYPES[precision]
 
 
 def build_student(cfg: RunConfig, bundle: CLIPBundle) -> None:
@@ -113,10 +114,9 @@ def data_fields(prefix: str) -> dict[str, str]:
     }
 
 
-def build_teachers(
-    cfg: RunConfig, method: Method, student: CLIPBundle, dataset: ImageDataset, device
-) -> dict[str, ZeroShotClassifier]:
-    """The method's frozen teachers on the training label set (:meth:`Method.build_teachers`), by name."""
+def build_teachers(cfg: RunConfig, method: Method, student: CLIPBundle, dataset: ImageDataset, device) -> nn.ModuleDict:
+    """The method's frozen teachers on the training label set (:meth:`Method.build_teachers`), by name; the method
+    keeps them (``method.teachers``)."""
     return method.build_teachers(cfg.teachers, student, dataset.classnames, dataset.templates, device)
 
 
@@ -134,10 +134,11 @@ def build_optimizer(cfg: RunConfig, params: list[nn.Parameter]):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def compile_models(student: ZeroShotClassifier, teachers: dict[str, ZeroShotClassifier]) -> None:
+def compile_models(student: ZeroShotClassifier, method: Method) -> None:
     """``torch.compile`` the classifiers a training step calls (``train.compile``), in place
-    (``nn.Module.compile``): parameters, state-dict names and checkpoints stay as they are, and the held-out
-    evaluation, which builds its own classifier on the student's tower, runs eagerly. ``dynamic=False``:
-    the step's shapes are fixed (``drop_last``), so each gets its own static graph."""
-    for model in (student, *teachers.values()):
-        model.compile(dynamic=False)
+    (``nn.Module.compile``): the student, then the method's teachers (:meth:`Method.compile_teachers`).
+    Parameters, state-dict names and checkpoints stay as they are, and the held-out evaluation, which builds its
+    own classifier on the student's tower, runs eagerly. ``dynamic=False``: the step's shapes are fixed
+    (``drop_last``), so each gets its own static graph."""
+    student.compile(dynamic=False)
+    method.compile_teachers()

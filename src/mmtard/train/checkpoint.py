@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmtard.distributed import DistEnv, gather_objects
@@ -35,7 +37,7 @@ from mmtard.train.build import adapter_state, merged_student_state
 from mmtard.train.config import RunConfig
 from mmtard.train.faults import check_finite_student
 from mmtard.train.rundir import LATEST_FILE, MODEL_FILE, RunDir
-from mmtard.train.state import Run, TrainState
+from mmtard.train.state import Setup, TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,20 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``tensors`` as a ``.safetensors`` file. A write the system refuses (a full disk) is the ``OSError`` of its
+    errno naming ``path``, as any other write's: safetensors wraps it in its own ``SafetensorError`` (``"...: I/O
+    error: No space left on device (os error 28)"``)."""
+    try:
+        save_file(_contiguous(tensors), str(path))
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from None
+
+
 def save_checkpoint(
     checkpoints_dir: Path,
     step: int,
@@ -82,9 +98,9 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(_contiguous(model_state), str(tmp / MODEL_FILE))
+        save_tensors(model_state, tmp / MODEL_FILE)
         if adapter_state is not None:
-            save_file(_contiguous(adapter_state), str(tmp / ADAPTER_FILE))
+            save_tensors(adapter_state, tmp / ADAPTER_FILE)
         torch.save(trainer_state, tmp / STATE_FILE)
         mode = 0o666 & ~current_umask()  # safetensors writes 0600: the user's umask decides, as for any file
         for file in tmp.iterdir():
@@ -108,7 +124,7 @@ def save_model_file(path: Path, model_state: dict[str, torch.Tensor]) -> None:
     from mmtard.fileio import atomic_path
 
     with atomic_path(path) as tmp:
-        save_file(_contiguous(model_state), str(tmp))
+        save_tensors(model_state, tmp)
 
 
 def resolve_resume(output_dir: Path, resume: str) -> Path:
@@ -165,7 +181,7 @@ def load_checkpoint_files(path: Path) -> tuple[dict, dict, dict | None]:
     return load_file(str(path / MODEL_FILE)), trainer_state, adapter
 
 
-def save(state: TrainState, built: Run, cfg: RunConfig, run: RunDir, env: DistEnv) -> Path | None:
+def save(state: TrainState, built: Setup, cfg: RunConfig, run: RunDir, env: DistEnv) -> Path | None:
     """Write a checkpoint from rank 0; every process must call it (it gathers each one's RNG state).
     A student with non-finite weights or logits is refused (:func:`check_finite_student`), so ``latest``
     always names a good one."""

@@ -21,7 +21,7 @@ from mmtard.errors import ConfigError
 from mmtard.models.loading import tower_image_size
 from mmtard.train import checkpoint as ckpt
 from mmtard.train.build import build_precision, data_fields
-from mmtard.train.config import RunConfig, method_teachers, unused_teachers
+from mmtard.train.config import RunConfig
 from mmtard.train.config_io import load_config
 from mmtard.train.resume import check_resume
 from mmtard.train.rundir import CHECKPOINTS_DIR, MODEL_FILE, RunDir, RunLock, read_jsonl
@@ -59,7 +59,7 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
         check_resume_configs(cfg, run, path)
         if env.is_main:
             check_logs(run)
-    unused = unused_teachers(cfg)
+    unused = cfg.teacher_plan().unused
     if unused and env.is_main:
         logger.warning(
             "method %s does not distil from teacher(s) %s (their kind, or a method without teachers): not loaded",
@@ -70,9 +70,16 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
 
 
 def check_not_interrupted(run: RunDir) -> None:
-    """A run without ``--resume`` must not start over an interrupted one (a checkpoint, no final model): its
-    ``config.yaml``, logs and checkpoints would be replaced."""
-    if run.has_checkpoint() and not run.is_finished():
+    """A run without ``--resume`` must not start over an earlier one: an interrupted one (a checkpoint, no final
+    model) or a finished one (``model.safetensors``), whose ``config.yaml``, logs, checkpoints and model would be
+    replaced."""
+    if run.is_finished():
+        raise ConfigError(
+            f"output_dir: '{run.path}' holds a finished run ({MODEL_FILE}); a new run there would replace it: "
+            f"continue it with --resume latest (and more train.steps), or start a new run in another output_dir "
+            f"(--set output_dir=...) or after removing '{run.path}'"
+        )
+    if run.has_checkpoint():
         latest = run.latest.read_text(errors="replace").strip()
         raise ConfigError(
             f"output_dir: '{run.path}' holds an interrupted run (checkpoint {latest}, no {MODEL_FILE}); continue it "
@@ -85,7 +92,7 @@ def check_model_files(cfg: RunConfig) -> None:
     """The student's and the method's teachers' architectures are known and their files readable."""
     models = [
         ("student", cfg.student),
-        *((f"teachers.{name}", cfg.teachers[name]) for name in method_teachers(cfg) or {}),
+        *((f"teachers.{name}", cfg.teachers[name]) for name in cfg.teacher_plan().kinds),
     ]
     for field, spec in models:
         preflight.check_model(
@@ -98,7 +105,7 @@ def check_image_sizes(cfg: RunConfig) -> None:
     images), as open_clip's configs give them; an architecture without a local config (``hf-hub:``) is checked
     once built (:func:`check_built_image_sizes`)."""
     student = preflight.model_image_size(cfg.student.arch)
-    for name in method_teachers(cfg) or {}:
+    for name in cfg.teacher_plan().kinds:
         _check_same_size(cfg, name, student, preflight.model_image_size(cfg.teachers[name].arch))
 
 

@@ -6,23 +6,18 @@ Reading them from YAML and ``--set`` overrides is :mod:`mmtard.train.config_io`'
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mmtard.data import parse_part
+from mmtard.distributed import TRAIN_PRECISIONS
 from mmtard.errors import ConfigError
-from mmtard.methods import Method, MethodConfig, create_method, method_class
-from mmtard.methods.teachers import implied_kinds
+from mmtard.methods import MethodConfig, TeacherPlan, method_class, plan_teachers
 from mmtard.models.vision_weights import check_vision_alpha
-from mmtard.units import NORMS
+from mmtard.units import NORMS, RADIUS
+from mmtard.validate import MAX_TRAIN_SEED, check_choice, check_number, check_whole_number
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINETUNE_MODES = ("full", "lora")
 NONFINITE_POLICIES = ("stop", "skip")
-#: the largest ``train.seed``: the data order, the attacks' random starts and each process's generator take
-#: seeds derived from it (``seed * 1_000_003 + step``...), which must stay within torch's 64-bit seeds
-MAX_TRAIN_SEED = 2**32 - 1
 
 
 @dataclass
@@ -109,7 +104,7 @@ class OptimConfig:
     process waits for the others in a collective before the run ends with an error (a stalled or dead
     worker); raise it if a held-out evaluation, which rank 0 runs alone, takes longer.
 
-    ``seed``: a whole number from 0 to :data:`MAX_TRAIN_SEED` (2**32 - 1).
+    ``seed``: a whole number from 0 to :data:`mmtard.validate.MAX_TRAIN_SEED` (2**32 - 1).
 
     ``compile``: ``torch.compile`` the student's and the teachers' zero-shot classifiers (image tower,
     normalisation and prototypes) for the training steps; results equal eager ones within floating-point
@@ -141,7 +136,7 @@ class EvalConfig:
 
     every: int = 0
     attack: str = "pgd"
-    eps: list[float] = field(default_factory=lambda: [4 / 255])
+    eps: list[float] = field(default_factory=lambda: [4 / 255], metadata=RADIUS)
     steps: int = 10
     batch_size: int = 128
     final: bool = True
@@ -162,129 +157,93 @@ class RunConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def teacher_plan(self) -> TeacherPlan:
+        """The teachers the method reads (:func:`mmtard.methods.teachers.plan_teachers` of the configured teachers:
+        those of the kinds the method takes, the others :attr:`TeacherPlan.unused`), checked; builds no method.
+
+        Raises:
+            ConfigError: naming ``teachers.<name>`` or ``teachers.<name>.kind`` for teachers the method refuses,
+                or the ``method.`` field of a bad method setting (``method.inner_teacher``, ``method.lambdas.<name>``).
+        """
+        configured = {name: spec.kind for name, spec in self.teachers.items()}
+        method = method_class(self.method.name)
+        try:
+            return plan_teachers(method, self.method, configured)
+        except ConfigError as exc:
+            if exc.field is not None and exc.field.startswith("teachers"):
+                raise
+            raise exc.within("method") from None
+
     def validate(self) -> RunConfig:
         """Check every field; raise a :class:`ConfigError` naming the first bad one. Returns ``self``."""
-        _check_teachers(self)
+        self.teacher_plan()
         for name, spec in [("student", self.student), *((f"teachers.{n}", t) for n, t in self.teachers.items())]:
             check_vision_alpha(spec.vision_weights_alpha, f"{name}.vision_weights_alpha")
         if self.eval.norm is not None:
-            _choice("eval.norm", self.eval.norm, NORMS)
-        _choice("student.finetune", self.student.finetune, FINETUNE_MODES)
-        _choice("train.precision", self.train.precision, PRECISIONS)
-        _choice("train.on_nonfinite", self.train.on_nonfinite, NONFINITE_POLICIES)
-        for name, value, low in (
-            ("train.steps", self.train.steps, 1),
-            ("data.batch_size", self.data.batch_size, 1),
-            ("data.workers", self.data.workers, 0),
-            ("data.samples", self.data.samples, 1),
-            ("data.eval_samples", self.data.eval_samples, 1),
-            ("train.checkpoint_every", self.train.checkpoint_every, 0),
-            ("train.log_every", self.train.log_every, 1),
-            ("train.keep_checkpoints", self.train.keep_checkpoints, 1),
-            ("eval.every", self.eval.every, 0),
-            ("eval.steps", self.eval.steps, 1),
-            ("eval.batch_size", self.eval.batch_size, 1),
-            ("student.lora.rank", self.student.lora.rank, 1),
-        ):
-            if value is not None and value < low:
-                raise ConfigError(f"{name}: expected a whole number >= {low}, got {value}")
-        if not 0 <= self.train.seed <= MAX_TRAIN_SEED:
-            raise ConfigError(f"train.seed: expected a whole number from 0 to {MAX_TRAIN_SEED}, got {self.train.seed}")
-        _positive("train.lr", self.train.lr, "a positive learning rate")
-        _positive("train.dist_timeout_s", self.train.dist_timeout_s, "a positive number of seconds")
-        _positive("student.lora.alpha", self.student.lora.alpha, "a positive scale")
-        if self.train.grad_clip is not None:
-            _positive("train.grad_clip", self.train.grad_clip, "a positive gradient norm (or null for none)")
-        _in_range("train.warmup", self.train.warmup, 0, 1, "a fraction of the steps in [0, 1)")
-        _in_range("train.weight_decay", self.train.weight_decay, 0, math.inf, "a number >= 0")
-        _in_range("student.lora.dropout", self.student.lora.dropout, 0, 1, "a probability in [0, 1)")
-        if len(self.train.betas) != 2:
-            raise ConfigError(f"train.betas: expected two numbers [beta1, beta2], got {self.train.betas}")
-        for i, beta in enumerate(self.train.betas):
-            _in_range(f"train.betas[{i}]", beta, 0, 1, "a number in [0, 1)")
+            check_choice("eval.norm", self.eval.norm, NORMS)
+        check_choice("student.finetune", self.student.finetune, FINETUNE_MODES)
+        check_choice("train.precision", self.train.precision, TRAIN_PRECISIONS)
+        check_choice("train.on_nonfinite", self.train.on_nonfinite, NONFINITE_POLICIES)
+        _check_counts(self)
+        _check_rates(self)
         if not self.output_dir.strip():
             raise ConfigError("output_dir: expected a folder for the run, got an empty path")
         _check_device_name(self.device)
         _check_dataset(self.data.dataset)
-        for name, part in (("data.part", self.data.part), ("data.eval_part", self.data.eval_part)):
-            if part is not None:
-                try:
-                    parse_part(part)
-                except ConfigError as exc:
-                    raise exc.renamed(name) from None
+        _check_parts(self)
         _check_eval_attacks(self)
         _check_augment(self)
         return self
 
 
-def _choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+def _check_parts(cfg: RunConfig) -> None:
+    """``data.part`` and ``data.eval_part`` are ``k/n`` (:func:`mmtard.data.parse_part`)."""
+    for name, part in (("data.part", cfg.data.part), ("data.eval_part", cfg.data.eval_part)):
+        if part is not None:
+            try:
+                parse_part(part)
+            except ConfigError as exc:
+                raise exc.renamed(name) from None
 
 
-def _positive(name: str, value: float, expected: str) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name}: expected {expected}, got {value}")
+def _check_counts(cfg: RunConfig) -> None:
+    """The whole-number fields (steps, sizes, intervals) and the seed."""
+    for name, value, low in (
+        ("train.steps", cfg.train.steps, 1),
+        ("data.batch_size", cfg.data.batch_size, 1),
+        ("data.workers", cfg.data.workers, 0),
+        ("data.samples", cfg.data.samples, 1),
+        ("data.eval_samples", cfg.data.eval_samples, 1),
+        ("train.checkpoint_every", cfg.train.checkpoint_every, 0),
+        ("train.log_every", cfg.train.log_every, 1),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints, 1),
+        ("eval.every", cfg.eval.every, 0),
+        ("eval.steps", cfg.eval.steps, 1),
+        ("eval.batch_size", cfg.eval.batch_size, 1),
+        ("student.lora.rank", cfg.student.lora.rank, 1),
+    ):
+        if value is not None:
+            check_whole_number(name, value, low)
+    check_whole_number("train.seed", cfg.train.seed, 0, MAX_TRAIN_SEED)
 
 
-def _in_range(name: str, value: float, low: float, high: float, expected: str) -> None:
-    """``low <= value < high`` (``value`` finite)."""
-    if not (math.isfinite(value) and low <= value < high):
-        raise ConfigError(f"{name}: expected {expected}, got {value}")
-
-
-def _check_teachers(cfg: RunConfig) -> None:
-    """Every teacher's kind, and the teachers the method distils from (:func:`build_method`)."""
-    build_method(cfg)
-
-
-def configured_teachers(cfg: RunConfig) -> dict[str, str | None]:
-    """Every configured teacher, name -> its ``kind`` as written (None when left out), in the config's order."""
-    return {name: getattr(spec, "kind", None) for name, spec in cfg.teachers.items()}
-
-
-def teacher_kinds(cfg: RunConfig) -> dict[str, str]:
-    """Every configured teacher, name -> kind (:func:`mmtard.methods.teachers.implied_kinds`: a teacher named
-    ``clean`` or ``robust`` takes that kind when it has none).
-
-    Raises:
-        ConfigError: ``teachers.<name>.kind: expected clean or robust``.
-    """
-    return implied_kinds(configured_teachers(cfg))
-
-
-def method_teachers(cfg: RunConfig) -> dict[str, str] | None:
-    """The teachers the method distils from, name -> kind (:meth:`mmtard.methods.Method.select_teachers`: the
-    configured teachers of the kinds it accepts, the method's own order for exactly its standard teachers); None
-    for a method without distillation teachers (``tecoa``, ``fare``, ``pmg-aft``, ``clean-ft``).
-
-    Raises:
-        ConfigError: a teacher's kind, or no teacher of a kind the method accepts.
-    """
-    return method_class(cfg.method.name).select_teachers(cfg.method.name, configured_teachers(cfg))
-
-
-def unused_teachers(cfg: RunConfig) -> list[str]:
-    """The configured teachers the method does not distil from (a kind it does not take, or a method without
-    teachers): they are not loaded."""
-    used = method_teachers(cfg) or {}
-    return [name for name in cfg.teachers if name not in used]
-
-
-def build_method(cfg: RunConfig) -> Method:
-    """The run's method with its teachers (:func:`method_teachers`).
-
-    Raises:
-        ConfigError: naming ``teachers.<name>`` or ``teachers.<name>.kind`` for teachers the method refuses,
-            or the ``method.`` field of a bad method setting.
-    """
-    kinds = method_teachers(cfg)
-    try:
-        return create_method(cfg.method, teacher_kinds=kinds)
-    except ConfigError as exc:
-        if exc.field is not None and exc.field.startswith("teachers"):
-            raise
-        raise exc.within("method") from None
+def _check_rates(cfg: RunConfig) -> None:
+    """The real-valued fields: rates, scales, fractions and the optimizer's betas."""
+    positive = {"low": 0, "low_open": True}
+    fraction = {"low": 0, "high": 1, "high_open": True}
+    check_number("train.lr", cfg.train.lr, **positive, expected="a positive learning rate")
+    check_number("train.dist_timeout_s", cfg.train.dist_timeout_s, **positive, expected="a positive number of seconds")
+    check_number("student.lora.alpha", cfg.student.lora.alpha, **positive, expected="a positive scale")
+    if cfg.train.grad_clip is not None:
+        expected = "a positive gradient norm (or null for none)"
+        check_number("train.grad_clip", cfg.train.grad_clip, **positive, expected=expected)
+    check_number("train.warmup", cfg.train.warmup, **fraction, expected="a fraction of the steps in [0, 1)")
+    check_number("train.weight_decay", cfg.train.weight_decay, low=0, expected="a number >= 0")
+    check_number("student.lora.dropout", cfg.student.lora.dropout, **fraction, expected="a probability in [0, 1)")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"train.betas: expected two numbers [beta1, beta2], got {cfg.train.betas}")
+    for i, beta in enumerate(cfg.train.betas):
+        check_number(f"train.betas[{i}]", beta, **fraction, expected="a number in [0, 1)")
 
 
 def _check_augment(cfg: RunConfig) -> None:
@@ -322,7 +281,7 @@ def _check_eval_attacks(cfg: RunConfig) -> None:
     """``eval.attack`` / ``eval.eps`` / ``eval.steps`` build the held-out attacks (as the trainer will)."""
     from mmtard.attacks import list_attacks
 
-    _choice("eval.attack", cfg.eval.attack, list_attacks())
+    check_choice("eval.attack", cfg.eval.attack, list_attacks())
     try:
         build_eval_attacks(cfg)
     except ConfigError as exc:

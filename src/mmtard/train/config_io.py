@@ -23,13 +23,12 @@ from mmtard.errors import ConfigError
 from mmtard.fileio import atomic_write_text
 from mmtard.methods import MethodConfig, method_config
 from mmtard.train.config import ModelConfig, RunConfig, TeacherConfig
-from mmtard.units import parse_eps
+from mmtard.units import is_radius, parse_eps
 
 DEFAULTS_KEY = "defaults"
 
 
 # Attack radii and step sizes: fractions of the pixel range, written like 4/255.
-EPS_FIELDS = {"method.eps", "method.alpha", "eval.eps"}
 
 
 DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -139,6 +138,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     if unknown:
         where = f"{path}." if path else ""
         raise ConfigError(f"{where}{unknown[0]}: unknown config key; expected one of: {', '.join(known)}")
+    radii = {spec.name for spec in dataclasses.fields(cls) if is_radius(spec)}
     values = {}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name
@@ -153,7 +153,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         elif issubclass(cls, ModelConfig) and name == COMMAND_LINE_ONLY:
             _refuse_trust(sub, value)
         else:
-            values[name] = _check_type(sub, value, hints[name])
+            values[name] = _check_type(sub, value, hints[name], radius=name in radii)
     return cls(**values)
 
 
@@ -190,6 +190,7 @@ def _build_method(data: Any, path: str) -> MethodConfig:
     hints = typing.get_type_hints(MethodConfig)
     norm = data.get("norm", MethodConfig.norm)
     norm = norm if isinstance(norm, str) else MethodConfig.norm  # a wrong type is reported as method.norm
+    radii = {spec.name for spec in dataclasses.fields(MethodConfig) if is_radius(spec)}
     checked = {}
     for name, value in data.items():
         if name not in hints:
@@ -197,7 +198,7 @@ def _build_method(data: Any, path: str) -> MethodConfig:
         checked[name] = (
             value
             if name == "logit_scale" and value == "model"
-            else _check_type(f"{path}.{name}", value, hints[name], norm)
+            else _check_type(f"{path}.{name}", value, hints[name], norm, radius=name in radii)
         )
     try:
         return method_config(preset, **checked)
@@ -205,10 +206,11 @@ def _build_method(data: Any, path: str) -> MethodConfig:
         raise exc.within(path) from None
 
 
-def _check_type(path: str, value: Any, annotation: Any, norm: str = "linf") -> Any:
+def _check_type(path: str, value: Any, annotation: Any, norm: str = "linf", radius: bool = False) -> Any:
     """Return ``value`` converted to ``annotation`` or raise a ConfigError naming ``path``.
 
-    Radii (:data:`EPS_FIELDS`) are read by :func:`parse_eps` in the given ``norm``."""
+    Radii (``radius``: a field whose metadata is :data:`mmtard.units.RADIUS`) are read by :func:`parse_eps` in the
+    given ``norm``."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -217,7 +219,7 @@ def _check_type(path: str, value: Any, annotation: Any, norm: str = "linf") -> A
         errors = []
         for option in (o for o in options if o is not type(None)):
             try:
-                return _check_type(path, value, option, norm)
+                return _check_type(path, value, option, norm, radius)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: expected {annotation}, got {value!r}")
@@ -225,9 +227,9 @@ def _check_type(path: str, value: Any, annotation: Any, norm: str = "linf") -> A
         (item,) = typing.get_args(annotation)
         if not isinstance(value, list):
             value = [value]
-        return [_check_type(f"{path}[{i}]", v, item, norm) for i, v in enumerate(value)]
+        return [_check_type(f"{path}[{i}]", v, item, norm, radius) for i, v in enumerate(value)]
     if annotation is float:
-        if path.split("[")[0] in EPS_FIELDS:
+        if radius:
             return parse_eps(value, path, norm)
         if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads 1e-4 (no dot in the mantissa) as text, not a number

@@ -16,9 +16,9 @@ import torch
 
 from mmtard.distributed import DistEnv, any_process
 from mmtard.errors import ConfigError, NonFiniteError
-from mmtard.train.config import RunConfig
+from mmtard.train.config import OptimConfig
 from mmtard.train.rundir import RunDir
-from mmtard.train.state import Run, TrainState
+from mmtard.train.state import Setup, TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 PROBE_IMAGES = 8  # held-out images the student must map to finite logits before its weights are saved
 
 
-def check_finite_student(built: Run, step: int, run: RunDir) -> None:
+def check_finite_student(built: Setup, step: int, run: RunDir) -> None:
     """Raise :class:`NonFiniteError` if a trained weight is NaN or infinite, or if the student's logits on a
     few held-out images are (weights can be finite yet so large that the logits overflow). Weights are
     identical on every process, so every process raises together; nothing is written."""
@@ -43,7 +43,7 @@ def check_finite_student(built: Run, step: int, run: RunDir) -> None:
 
 
 @torch.no_grad()
-def probe_logits(built: Run) -> torch.Tensor:
+def probe_logits(built: Setup) -> torch.Tensor:
     """The student's logits on the first :data:`PROBE_IMAGES` held-out images, in eval mode (batch-norm
     statistics untouched), leaving the mode as it was; eagerly (``forward``: with ``train.compile`` the
     compiled call would compile an eval-mode graph for these few images)."""
@@ -84,9 +84,11 @@ def non_finite_problem(
     return None
 
 
-def handle_non_finite(state: TrainState, cfg: RunConfig, loss: torch.Tensor, output, what: str):
+def handle_non_finite(state: TrainState, optim: OptimConfig, loss: torch.Tensor, output, what: str):
+    """A non-finite loss or gradient norm (``what``): stop (:class:`NonFiniteError`) or drop this batch's update,
+    as ``optim.on_nonfinite`` says. Returns :func:`~mmtard.train.trainer.train_step`'s result of a skipped step."""
     step = state.step + 1
-    if cfg.train.on_nonfinite == "stop":
+    if optim.on_nonfinite == "stop":
         raise NonFiniteError(
             f"step {step}: {what}, terms {plain_metrics(output.metrics)}; stopped before the update "
             "(train.on_nonfinite: stop). Lower train.lr or check the teachers, or set train.on_nonfinite=skip "

@@ -188,7 +188,12 @@ class RunLock:
             )
 
     def acquire(self) -> None:
-        """Create the lock file (and the run folder); raise :class:`RunLockedError` if a live process holds it."""
+        """Create the lock file (and the run folder); raise :class:`RunLockedError` if a live process holds it.
+
+        A write the system refuses (a full disk) raises its ``OSError`` naming the lock file, which is removed (and
+        the run folder, when this call created it).
+        """
+        created = not self.run.path.exists()
         self.run.path.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -198,8 +203,14 @@ class RunLock:
                 logger.warning("%s: removing the lock of a process that no longer runs", self.run.lock)
                 self.run.lock.unlink(missing_ok=True)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid()) or '-'}\n")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid()) or '-'}\n")
+            except OSError as exc:  # a full disk: no lock file (half written or empty) nor new folder left behind
+                self.run.lock.unlink(missing_ok=True)
+                if created:
+                    self.run.path.rmdir()
+                raise OSError(exc.errno, exc.strerror, str(self.run.lock)) from None
             self.held = True
             return
         self.check_free()  # lost a race with another starting process

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -32,8 +31,9 @@ from mmtard.data import ImageDataset, TrainAugment, step_generator
 from mmtard.distributed import DistEnv, all_reduce_mean, barrier, init_distributed
 from mmtard.errors import NonFiniteError, TrainingInterrupted, WorkerTimeoutError
 from mmtard.eval.zeroshot import evaluate_classifier
-from mmtard.fileio import atomic_write_text
-from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier, load_clip
+from mmtard.fileio import atomic_write_text, reported_write_errors
+from mmtard.methods import create_method
+from mmtard.models import CLIPBundle, build_zero_shot_classifier, load_clip
 from mmtard.provenance import start_record
 from mmtard.train import checkpoint as ckpt
 from mmtard.train.batches import batches, check_batch_size
@@ -47,7 +47,7 @@ from mmtard.train.build import (
     merged_student_state,
 )
 from mmtard.train.checks import check_built_image_sizes, check_run
-from mmtard.train.config import RunConfig, build_eval_attacks, build_method
+from mmtard.train.config import OptimConfig, RunConfig, build_eval_attacks
 from mmtard.train.config_io import config_to_dict, load_config, save_config
 from mmtard.train.faults import (
     StopSignals,
@@ -61,11 +61,11 @@ from mmtard.train.faults import (
 )
 from mmtard.train.metrics_log import MetricsLog, logged_values
 from mmtard.train.rundir import RunDir, RunLock
-from mmtard.train.state import Run, TrainState
+from mmtard.train.state import Setup, TrainState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Run", "TrainState", "build_optimizer", "build_teachers", "train", "train_step"]
+__all__ = ["Setup", "TrainState", "build_optimizer", "build_teachers", "train", "train_step"]
 
 
 def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -82,6 +82,7 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
 
     Raises:
         ConfigError: a refused run; nothing was written.
+        OutputWriteError: the file system refused a write of the run (a full disk): one line naming the file.
         NonFiniteError: a non-finite loss (``train.on_nonfinite: stop``) or weights; nothing non-finite
             was written and ``checkpoints/latest`` names the last good checkpoint.
         TrainingInterrupted: SIGTERM or SIGINT; a checkpoint of the last finished step was written.
@@ -89,12 +90,14 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
     run = RunDir(cfg.output_dir)
     env = init_distributed(cfg.device, cfg.train.dist_timeout_s)
     resume_from = agree(env, check_run, cfg, run, env, resume, stop_after)
-    built = agree(env, build_run, cfg, env, resume_from)
+    built = build_run(cfg, env, resume_from)
     lock = RunLock(run)
     try:
-        agree(env, start_writing, cfg, run, env, lock, built.state.step)
-        with StopSignals() as stop:
-            return train_loop(cfg, run, env, built, stop_after, progress, stop)
+        with reported_write_errors("output_dir", run.path):
+            agree(env, start_writing, cfg, run, env, lock, built.state.step)
+            open_logit_caches(cfg, built, env)
+            with StopSignals() as stop:
+                return train_loop(cfg, run, env, built, stop_after, progress, stop)
     except RuntimeError as exc:
         if env.distributed and is_collective_timeout(exc):
             raise WorkerTimeoutError(
@@ -106,8 +109,19 @@ def train(cfg: RunConfig, resume: str | None = None, stop_after: int | None = No
         lock.release()
 
 
-def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
-    """Models, data, method, optimizer; the checkpoint restored. Nothing is written."""
+def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Setup:
+    """Everything the loop needs, agreed by every process (:func:`build_parts`), then the student wrapped in
+    DistributedDataParallel under torchrun. Nothing is written."""
+    built = agree(env, build_parts, cfg, env, resume_from)
+    if env.distributed:
+        built.state.student = DistributedDataParallel(
+            built.state.student, device_ids=[env.device.index] if env.device.type == "cuda" else None
+        )
+    return built
+
+
+def build_parts(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Setup:
+    """Models, data, method (with its frozen teachers), optimizer; the checkpoint restored. Nothing is written."""
     image_size = preflight.model_image_size(cfg.student.arch)
     if image_size is not None:  # data first: a data error needs no model loaded
         train_set, eval_set = build_datasets(cfg, image_size, cfg.train.seed)
@@ -125,36 +139,37 @@ def build_run(cfg: RunConfig, env: DistEnv, resume_from: Path | None) -> Run:
     if student_bundle.image_size != image_size:
         train_set, eval_set = build_datasets(cfg, student_bundle.image_size, cfg.train.seed)
         check_batch_size(cfg, len(train_set), env.world_size)
-    method = build_method(cfg)
-    teachers = build_teachers(cfg, method, student_bundle, train_set, env.device)
-    check_built_image_sizes(cfg, student_bundle.image_size, teachers)
+    method = create_method(cfg.method, cfg.teacher_plan())
+    check_built_image_sizes(
+        cfg, student_bundle.image_size, build_teachers(cfg, method, student_bundle, train_set, env.device)
+    )
     build_student(cfg, student_bundle)
     student = build_zero_shot_classifier(
         student_bundle, train_set.classnames, train_set.templates, cfg.method.logit_scale
     )
     student.train()
     if cfg.train.compile:
-        compile_models(student, teachers)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(cfg, params)
-    autocast_dtype = build_precision(cfg, env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=autocast_dtype == torch.float16)
+        compile_models(student, method)
+    optimizer, scheduler = build_optimizer(cfg, [p for p in student.parameters() if p.requires_grad])
+    precision = build_precision(cfg, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == torch.float16)
     torch.manual_seed(cfg.train.seed + env.rank)  # each process its own attack random starts
     state = TrainState(0, student, optimizer, scheduler, scaler, method)
     if resume_from is not None:
         ckpt.restore(state, student_bundle, resume_from, cfg, env)
         logger.info("resumed from step %d", state.step)
     augment = TrainAugment() if cfg.data.augment else None
-    return Run(state, student_bundle, teachers, student, params, autocast_dtype, train_set, eval_set, augment)
+    return Setup(state, student_bundle, precision, train_set, eval_set, augment)
 
 
 def start_writing(cfg: RunConfig, run: RunDir, env: DistEnv, lock: RunLock, step: int) -> None:
     """Rank 0 locks the run folder (creating it), writes ``config.yaml`` and adds this start (from ``step``) to
     ``provenance.json``: the first writes of a run."""
     if env.is_main:
-        lock.acquire()
-        write_run_config(cfg, run)
-        record_start(run, step, env)
+        with reported_write_errors("output_dir", run.path):  # a full disk: one error, agreed by every process
+            lock.acquire()
+            write_run_config(cfg, run)
+            record_start(run, step, env)
 
 
 def record_start(run: RunDir, step: int, env: DistEnv) -> None:
@@ -179,7 +194,7 @@ def write_run_config(cfg: RunConfig, run: RunDir) -> None:
     save_config(cfg, run.config)
 
 
-def open_logit_caches(cfg: RunConfig, built: Run, env: DistEnv) -> None:
+def open_logit_caches(cfg: RunConfig, built: Setup, env: DistEnv) -> None:
     """``method.cache_dir``: open the disk-backed fp16 caches of the teachers' clean-image logits (one folder
     per teacher whose clean-image logits a step reads), rank 0 first (it creates the stores), then, after a
     barrier, the other processes (they open the same files). A cache written for other teacher weights,
@@ -207,15 +222,11 @@ def open_logit_caches(cfg: RunConfig, built: Run, env: DistEnv) -> None:
 
 
 def train_loop(
-    cfg: RunConfig, run: RunDir, env: DistEnv, built: Run, stop_after: int | None, progress: bool, stop: StopSignals
+    cfg: RunConfig, run: RunDir, env: DistEnv, built: Setup, stop_after: int | None, progress: bool, stop: StopSignals
 ) -> dict:
-    """The steps from the restored one to the last, logging, held-out evaluations, checkpoints, the end."""
-    state, student_bundle = built.state, built.student_bundle
-    if env.distributed:
-        state.student = DistributedDataParallel(
-            state.student, device_ids=[env.device.index] if env.device.type == "cuda" else None
-        )
-    open_logit_caches(cfg, built, env)
+    """The steps from the restored one to the last (:func:`train_step`), each followed by its named steps: log,
+    evaluate, checkpoint; then :func:`finish`. Returns the final evaluation (rank 0) or ``{}``."""
+    state = built.state
     log = MetricsLog(run, env.is_main, state.step)
     last_step = cfg.train.steps if stop_after is None else min(cfg.train.steps, state.step + stop_after)
     bar = tqdm(
@@ -225,67 +236,26 @@ def train_loop(
         disable=not (progress and env.is_main),
     )
     stream = batches(built.train_set, cfg, env, state.step)
-    timing_first_step = cfg.train.compile  # time this invocation's first step (compilation included)
-    first_step_s = None  # its seconds, until a logged record carries them
+    timer = FirstStepTimer(cfg.train.compile)
     try:
         while state.step < last_step:
             started = time.perf_counter()
-            epoch, (x, y, index) = next(stream)
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            index = index.to(env.device)
-            if built.augment is not None:  # boxes drawn from (seed, step, rank): a resume redraws them
-                x = built.augment(x, generator=step_generator(cfg.train.seed, state.step, env.rank))
+            epoch, batch = next(stream)
+            batch = device_batch(batch, built, cfg, env)
             lr = state.scheduler.get_last_lr()[0]  # the rate this step uses
             try:
-                loss, output, skipped = train_step(
-                    state, built.teachers, x, y, index, built.autocast_dtype, built.params, cfg
-                )
+                loss, output, skipped = train_step(state, batch, precision=built.precision, optim=cfg.train)
             except NonFiniteError as exc:
                 raise NonFiniteError(f"{exc}. {last_good_checkpoint(run)}") from None
             bar.update(1)
-            if timing_first_step:
-                first_step_s, timing_first_step = time.perf_counter() - started, False
-                logger.info("train.compile: the first step took %.1f s, compilation included", first_step_s)
-
+            timer.stop(started)
             if state.step % cfg.train.log_every == 0 or state.step == last_step or skipped:
-                record = {
-                    "step": state.step,
-                    "epoch": epoch,
-                    **logged_values(loss, output.metrics, env),
-                    "lr": lr,
-                    "samples_per_s": cfg.data.batch_size / (time.perf_counter() - started),
-                }
-                if state.skipped_steps:
-                    record.update(skipped=skipped, skipped_steps=state.skipped_steps)
-                if first_step_s is not None:
-                    record["first_step_s"], first_step_s = first_step_s, None
-                log.log(record)
+                record = log_step(cfg, env, log, state, epoch, loss, output, lr, skipped, started, timer)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.train.steps:
-                if env.is_main:
-                    log.log_eval(state.step, evaluate_student(cfg, student_bundle, built.eval_set, progress=False))
-                barrier()
-            signum = stop_requested(stop, env)
-            checkpoint_due = cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
-            if checkpoint_due or state.step == last_step or signum:
-                saved = ckpt.save(state, built, cfg, run, env)
-                barrier()
-            if signum:
-                raise TrainingInterrupted(
-                    f"stopped by {signal.Signals(signum).name} after step {state.step}: checkpoint "
-                    f"{saved or run.checkpoints}; run the same command with --resume latest to continue",
-                    signum,
-                )
+            evaluate_if_due(cfg, env, log, built)
+            checkpoint_if_due(cfg, run, env, built, last_step, stop)
         bar.close()
-        final: dict = {}
-        if state.step == cfg.train.steps:
-            check_finite_student(built, state.step, run)  # on every process: none left waiting
-        if env.is_main and state.step == cfg.train.steps:
-            ckpt.save_model_file(run.model, merged_student_state(student_bundle))
-            if cfg.eval.final:
-                final = evaluate_student(cfg, student_bundle, built.eval_set, progress=progress)
-                log.log_eval(state.step, final)
-                atomic_write_text(run.final_eval, json.dumps(final, indent=2))
+        final = finish(cfg, run, env, built, log, progress)
     finally:
         bar.close()
         log.close()
@@ -293,38 +263,118 @@ def train_loop(
     return final
 
 
-def train_step(
-    state: TrainState,
-    teachers: dict[str, ZeroShotClassifier],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    index: torch.Tensor | None,
-    autocast_dtype: torch.dtype | None,
-    params: list[nn.Parameter],
-    cfg: RunConfig,
-):
-    """One optimizer step: the method's loss under autocast, backward, clipping, update. Returns
-    ``(loss, MethodOutput, skipped)``.
+class FirstStepTimer:
+    """``train.compile``: the seconds of this invocation's first step (compilation included), until a logged
+    record carries them (``first_step_s``)."""
+
+    def __init__(self, timing: bool):
+        self.timing, self.seconds = timing, None
+
+    def stop(self, started: float) -> None:
+        if self.timing:
+            self.seconds, self.timing = time.perf_counter() - started, False
+            logger.info("train.compile: the first step took %.1f s, compilation included", self.seconds)
+
+    def take(self) -> float | None:
+        seconds, self.seconds = self.seconds, None
+        return seconds
+
+
+def device_batch(batch: tuple, built: Setup, cfg: RunConfig, env: DistEnv) -> tuple:
+    """``(x, y, index)`` on the run's device, ``x`` augmented with ``data.augment`` (boxes drawn from the seed, the
+    step and the rank: a resume redraws them)."""
+    x, y, index = batch
+    x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+    if built.augment is not None:
+        x = built.augment(x, generator=step_generator(cfg.train.seed, built.state.step, env.rank))
+    return x, y, index.to(env.device)
+
+
+def log_step(cfg, env, log, state, epoch, loss, output, lr, skipped, started, timer) -> dict:
+    """One ``metrics.jsonl`` record of the step just taken (its losses and metrics read from the device here)."""
+    record = {
+        "step": state.step,
+        "epoch": epoch,
+        **logged_values(loss, output.metrics, env),
+        "lr": lr,
+        "samples_per_s": cfg.data.batch_size / (time.perf_counter() - started),
+    }
+    if state.skipped_steps:
+        record.update(skipped=skipped, skipped_steps=state.skipped_steps)
+    first_step_s = timer.take()
+    if first_step_s is not None:
+        record["first_step_s"] = first_step_s
+    log.log(record)
+    return record
+
+
+def evaluate_if_due(cfg: RunConfig, env: DistEnv, log: MetricsLog, built: Setup) -> None:
+    """The periodic held-out evaluation (``eval.every``; not at the last step, which :func:`finish` evaluates)."""
+    step = built.state.step
+    if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+        if env.is_main:
+            log.log_eval(step, evaluate_student(cfg, built.student_bundle, built.eval_set, progress=False))
+        barrier()
+
+
+def checkpoint_if_due(cfg: RunConfig, run: RunDir, env: DistEnv, built: Setup, last_step: int, stop) -> None:
+    """A checkpoint every ``train.checkpoint_every`` steps, at this invocation's last step and on SIGTERM / SIGINT,
+    which then stops the run (:class:`TrainingInterrupted`)."""
+    step = built.state.step
+    signum = stop_requested(stop, env)
+    if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == last_step or signum:
+        saved = ckpt.save(built.state, built, cfg, run, env)
+        barrier()
+        if signum:
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint "
+                f"{saved or run.checkpoints}; run the same command with --resume latest to continue",
+                signum,
+            )
+
+
+def finish(cfg: RunConfig, run: RunDir, env: DistEnv, built: Setup, log: MetricsLog, progress: bool) -> dict:
+    """After the last planned step: the finite-weights check (every process), then on rank 0 the final student
+    (``model.safetensors``) and evaluation (``final_eval.json``). Nothing before the last planned step."""
+    final: dict = {}
+    if built.state.step != cfg.train.steps:
+        return final
+    check_finite_student(built, built.state.step, run)  # on every process: none left waiting
+    if env.is_main:
+        ckpt.save_model_file(run.model, merged_student_state(built.student_bundle))
+        if cfg.eval.final:
+            final = evaluate_student(cfg, built.student_bundle, built.eval_set, progress=progress)
+            log.log_eval(built.state.step, final)
+            atomic_write_text(run.final_eval, json.dumps(final, indent=2))
+    return final
+
+
+def train_step(state: TrainState, batch: tuple, *, precision: torch.dtype | None, optim: OptimConfig):
+    """One optimizer step on ``batch = (x, y, index)``: the method's loss under autocast (``precision``, None for
+    fp32), backward, clipping (``optim.grad_clip``), update. Returns ``(loss, MethodOutput, skipped)``.
 
     A non-finite loss (agreed across processes) raises :class:`NonFiniteError` before any update, or with
-    ``train.on_nonfinite: skip`` drops this batch's update: the step counts (the schedule and the data order
+    ``optim.on_nonfinite: skip`` drops this batch's update: the step counts (the schedule and the data order
     stay those of the planned run) and ``state.skipped_steps`` grows. With gradient clipping, a non-finite
-    gradient norm is handled the same way. Both checks are read from the device together, after the
-    backward: the step's one host sync (the loss and metrics stay on the device until they are logged).
+    gradient norm is handled the same way. Both checks are read from the device together, after the backward:
+    the trainer's one host sync of a step that is not logged. The methods read their metrics from the device
+    inside the step (one copy for ``mmt-ard``, a few ``.item()`` for the others); the loss stays a tensor until it
+    is logged.
     """
-    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        output = state.method(state.student, teachers, x, y, index)
+    x, y, index = batch
+    with torch.autocast(x.device.type, dtype=precision, enabled=precision is not None):
+        output = state.method(state.student, x, y, index)
     loss = output.total()
     loss_finite = all_reduce_mean(torch.isfinite(loss.detach()).float())  # 1 on every process, or not
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     norm = None
-    if cfg.train.grad_clip:
+    if optim.grad_clip:
         state.scaler.unscale_(state.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(state.params, optim.grad_clip)
     problem = non_finite_problem(loss, loss_finite, norm, state.scaler)
     if problem:
-        return handle_non_finite(state, cfg, loss, output, problem)
+        return handle_non_finite(state, optim, loss, output, problem)
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
