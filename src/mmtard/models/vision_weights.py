@@ -110,7 +110,11 @@ def read_vision_state_dict(
 
 
 def _unwrap(checkpoint: object) -> object:
-    while isinstance(checkpoint, Mapping):
+    """The innermost mapping under the state-dict keys; a mapping met twice (a file that holds itself under
+    ``state_dict``) ends the walk, as would a real tower."""
+    seen = set()
+    while isinstance(checkpoint, Mapping) and id(checkpoint) not in seen:
+        seen.add(id(checkpoint))
         inner = next((checkpoint[k] for k in VISION_STATE_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
         if inner is None:
             return checkpoint
