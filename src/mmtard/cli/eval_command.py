@@ -59,7 +59,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="evaluate exactly the images of an earlier run: its subset.json or results.json",
     )
     p.add_argument("--split", default=None, help="the split to read (default: test)")
-    p.add_argument("--classes", default="all", help="all | seen | unseen | comma-separated class names")
+    p.add_argument("--classes", default=None, help="all | seen | unseen | class names (default: all, or a --subset's)")
     p.add_argument("--samples", type=whole_number(1), default=None, help="fixed class-balanced subset of N images")
     p.add_argument(
         "--attack", nargs="+", default=None, help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)"
@@ -162,7 +162,7 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
     """
     from mmtard.attacks import list_attacks
     from mmtard.eval.run import EvalRequest
-    from mmtard.eval.subset import read_subset
+    from mmtard.eval.subset import classes_for_subset, read_subset
     from mmtard.eval.suite import check_suite_data, load_suite, select_datasets
     from mmtard.eval.zeroshot import check_precision
     from mmtard.models import check_checkpoint_file
@@ -201,7 +201,7 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
     if subset is not None and args.samples is not None:
         raise ConfigError("--samples: give --samples or --subset, not both (a subset fixes the images)")
     common = dict(
-        classes=args.classes,
+        classes=classes_for_subset(args.classes, subset, args.dataset),
         attacks=attacks,
         eps=eps,
         norm=norm,
