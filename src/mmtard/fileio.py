@@ -14,6 +14,8 @@ device (``/dev/zero``, ``/dev/null``) reads as an endless or empty file, so both
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import os
 import stat
 import tempfile
@@ -151,6 +153,26 @@ def current_umask() -> int:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks; computed once per (file, size, modification time)."""
+    info = Path(path).stat()
+    return _cached_sha256(os.path.abspath(path), info.st_size, info.st_mtime_ns)
+
+
+@functools.cache
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(pretrained: str | None) -> str | None:
+    """The SHA-256 of a local weights file (``None`` for tags and random weights)."""
+    return file_sha256(pretrained) if pretrained and Path(pretrained).is_file() else None
 
 
 def weights_stamp(pretrained: str | None) -> list[int] | None:

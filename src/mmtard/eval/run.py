@@ -16,6 +16,7 @@ from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
 from mmtard.eval.subset import classes_key, indices_sha256, subset_entry
 from mmtard.eval.zeroshot import NonFiniteLogitsError, check_finite_logits, check_precision, evaluate_classifier
+from mmtard.fileio import weights_sha256
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier
 from mmtard.models.zeroshot import check_logit_scale
 from mmtard.units import format_eps
@@ -206,6 +207,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
         record = {
             "model": bundle.name,
             "pretrained": bundle.pretrained,
+            **_digest("pretrained_sha256", bundle.pretrained),
             **_vision_fields(bundle),
             "split": request.split,
             "data_dir": None if data_dir is None else str(data_dir),
@@ -235,7 +237,17 @@ def _vision_fields(bundle: CLIPBundle) -> dict:
     """``vision_weights`` (and its alpha) for a record, when an image-tower file was loaded."""
     if bundle.vision_weights is None:
         return {}
-    return {"vision_weights": bundle.vision_weights, "vision_weights_alpha": bundle.vision_weights_alpha}
+    return {
+        "vision_weights": bundle.vision_weights,
+        **_digest("vision_weights_sha256", bundle.vision_weights),
+        "vision_weights_alpha": bundle.vision_weights_alpha,
+    }
+
+
+def _digest(key: str, weights: str | None) -> dict:
+    """``{key: SHA-256}`` of a local weights file; nothing for a tag or random weights."""
+    digest = weights_sha256(weights)
+    return {} if digest is None else {key: digest}
 
 
 def _open_journal(
