@@ -192,7 +192,7 @@ def check_suite_data(datasets: Sequence[SuiteDataset], root: str | Path, suite_n
     folders, problems = [], []
     for entry in datasets:
         folder = root / entry.name
-        check = check_dataset(entry.name, folder, entry.split)
+        check = check_dataset(entry.name, folder, entry.split, decode=False)  # evaluation decodes what it reads
         folders.append(str(folder))
         if not check.found:
             problems.append(f"{entry.name} (expected at {folder})")
