@@ -181,7 +181,12 @@ def evaluate_classifier(
     bar = tqdm(zip(own, loader), total=len(own), desc=f"eval {name}", disable=not (progress and shard.is_main))
     for index, batch in bar:
         counts = journal.done.get(index) if journal is not None else None
-        if counts is not None and "clean_outcomes" not in counts:  # journaled before outcomes were kept
+        if counts is not None and not _fits_batch(counts, len(batches[index]), len(attacks)):
+            if "clean_outcomes" in counts:  # else journaled before outcomes were kept: run again, nothing wrong
+                size = len(batches[index])
+                logger.warning(
+                    "%s: journaled counts of batch %d do not fit its %d images; run again", name, index, size
+                )
             counts = None
         if counts is None:
             counts = computed.pop(index, None)
@@ -198,6 +203,34 @@ def evaluate_classifier(
     classifier.train(was_training)
     parts = gather((counts_by_batch, time.perf_counter() - start + earlier_seconds), shard)
     return _merge(parts, attacks, name, precision, precision_check, log_warnings=shard.is_main)
+
+
+def _fits_batch(counts: dict, images: int, attacks: int) -> bool:
+    """Whether a journal entry can be the counts of a batch of ``images`` images under ``attacks`` attacks: every
+    outcome string has one 0/1 per image, and every count is the number of 1s in its string."""
+
+    def outcome(bits: object, count: object) -> bool:
+        return (
+            isinstance(bits, str)
+            and len(bits) == images
+            and set(bits) <= {"0", "1"}
+            and isinstance(count, int)
+            and count == bits.count("1")
+        )
+
+    robust, robust_bits = counts.get("robust"), counts.get("robust_outcomes")
+    zero_grad, seconds = counts.get("zero_grad"), counts.get("seconds")
+    return (
+        counts.get("images") == images
+        and outcome(counts.get("clean_outcomes"), counts.get("clean"))
+        and isinstance(robust, list)
+        and isinstance(robust_bits, list)
+        and len(robust) == len(robust_bits) == attacks
+        and all(outcome(bits, count) for bits, count in zip(robust_bits, robust))
+        and isinstance(zero_grad, int)
+        and 0 <= zero_grad <= images
+        and isinstance(seconds, (int, float))
+    )
 
 
 def _merge(
