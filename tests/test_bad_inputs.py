@@ -515,6 +515,21 @@ CASES = [
     ),
 ]
 
+LOCAL_DIR = ["eval", "--no-progress", "--dataset", "cifar10", "--data-dir", "data", "--out", "out", "--model"]
+# ------------------------------------------------------------------------------ issue 27: the fresh audit
+CASES += [
+    ("eval-local-dir-truncated", [*LOCAL_DIR, "local-dir:@models/ex-truncated"], "--model"),
+    ("eval-local-dir-pickle-bin", [*LOCAL_DIR, "local-dir:@models/ex-pickle-bin"], "--model"),
+    ("eval-local-dir-other-width", [*LOCAL_DIR, "local-dir:@models/ex-other-width"], "--model"),
+    ("eval-local-dir-foreign-state-dict", [*LOCAL_DIR, "local-dir:@models/ex-foreign"], "--model"),
+]
+EXPECTED_TEXT |= {
+    "eval-local-dir-truncated": "ex-truncated/model.safetensors' is truncated",
+    "eval-local-dir-pickle-bin": "ex-pickle-bin/pytorch_model.bin' is a pickle that needs code execution",
+    "eval-local-dir-other-width": "ex-other-width': its weights do not fit its config",
+    "eval-local-dir-foreign-state-dict": "ex-foreign': its weights do not fit its config",
+}
+
 
 def link_models(root: Path, models: Path) -> None:
     """Every export run folder's ``model.safetensors`` links to a good model: the run's own files are what is
@@ -554,7 +569,29 @@ def model_files(tmp_path_factory) -> Path:
     save_file(state, str(root / "good.safetensors"))
     state["visual.proj"][0, 0] = float("nan")
     save_file(state, str(root / "nan.safetensors"))
+    make_local_dirs(root)
     return root
+
+
+def make_local_dirs(root: Path) -> None:
+    """``local-dir:`` export folders of tiny-vit-s whose weights are truncated, a pickle that runs code, of
+    another width (tiny-vit-m), or another model's state dict."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mmtard.export import export_model
+
+    export_model("tiny-vit-s", "none", root / "ex", format="open_clip")
+    export_model("tiny-vit-m", "none", root / "ex-m", format="open_clip")
+    for name in ("ex-truncated", "ex-pickle-bin", "ex-other-width", "ex-foreign"):
+        shutil.copytree(root / "ex", root / name)
+    weights = (root / "ex" / "model.safetensors").read_bytes()
+    (root / "ex-truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (root / "ex-pickle-bin" / "model.safetensors").unlink()
+    (root / "ex-pickle-bin" / "pytorch_model.bin").write_bytes(pickle.dumps({"w": RunsCodeWhenUnpickled()}))
+    shutil.copy(root / "ex-m" / "model.safetensors", root / "ex-other-width" / "model.safetensors")
+    save_file({"head.weight": torch.zeros(3)}, str(root / "ex-foreign" / "model.safetensors"))
 
 
 class CaseTimeout(BaseException):
