@@ -522,12 +522,36 @@ CASES += [
     ("eval-local-dir-pickle-bin", [*LOCAL_DIR, "local-dir:@models/ex-pickle-bin"], "--model"),
     ("eval-local-dir-other-width", [*LOCAL_DIR, "local-dir:@models/ex-other-width"], "--model"),
     ("eval-local-dir-foreign-state-dict", [*LOCAL_DIR, "local-dir:@models/ex-foreign"], "--model"),
+    (
+        "eval-vision-weights-nan",
+        [*EVAL, "--vision-weights", "@models/tower-nan.safetensors", "--out", "out"],
+        "--vision-weights",
+    ),
+    (
+        "export-vision-weights-nan",
+        [*EXPORT, "none", "--vision-weights", "@models/tower-nan.safetensors", "--out", "out"],
+        "--vision-weights",
+    ),
+    (
+        "train-teacher-vision-weights-nan",
+        [*TRAIN, "--set", "teachers.robust.vision_weights=@models/tower-nan.safetensors"],
+        "teachers.robust.vision_weights",
+    ),
+    (
+        "eval-vision-weights-bool",
+        [*EVAL, "--vision-weights", "@models/tower-bool.safetensors", "--out", "out"],
+        "--vision-weights",
+    ),
 ]
 EXPECTED_TEXT |= {
     "eval-local-dir-truncated": "ex-truncated/model.safetensors' is truncated",
     "eval-local-dir-pickle-bin": "ex-pickle-bin/pytorch_model.bin' is a pickle that needs code execution",
     "eval-local-dir-other-width": "ex-other-width': its weights do not fit its config",
     "eval-local-dir-foreign-state-dict": "ex-foreign': its weights do not fit its config",
+    "eval-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
+    "export-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
+    "train-teacher-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
+    "eval-vision-weights-bool": "non-floating-point tensor(s) where tiny-vit-s's image tower has floating-point",
 }
 
 
@@ -570,6 +594,10 @@ def model_files(tmp_path_factory) -> Path:
     state["visual.proj"][0, 0] = float("nan")
     save_file(state, str(root / "nan.safetensors"))
     make_local_dirs(root)
+    tower = {k[len("visual.") :]: v.clone() for k, v in state.items() if k.startswith("visual.")}
+    save_file(tower, str(root / "tower-nan.safetensors"))  # proj holds a NaN (set above)
+    tower["proj"] = torch.ones_like(tower["proj"]).bool()
+    save_file(tower, str(root / "tower-bool.safetensors"))
     return root
 
 

@@ -151,11 +151,28 @@ def apply_vision_weights(
 
     Raises:
         CheckpointError: tensors missing, extra, or of other shapes than ``arch``'s image tower; one line
-            naming ``field``, the expected and the found shapes.
+            naming ``field``, the expected and the found shapes. Tensors holding NaN or inf, or bool / integer
+            tensors where the tower has floating-point ones (they would be cast silently).
     """
     alpha = check_vision_alpha(alpha, f"{field} alpha")
     base = model.visual.state_dict()
     where = f"'{source}'" if source else "the file"
+    not_float = [
+        f"{k} ({state_dict[k].dtype})"
+        for k in base
+        if k in state_dict and base[k].is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    if not_float:
+        raise CheckpointError(
+            f"{field}: {where} holds {len(not_float)} non-floating-point tensor(s) where {arch}'s image tower has "
+            f"floating-point ones: {_listing(not_float)}; expected the tower's weights, not masks or counts"
+        )
+    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise CheckpointError(
+            f"{field}: {where} holds non-finite weights (NaN or inf in {len(non_finite)} tensor(s): "
+            f"{_listing(non_finite)}); a diverged training run? Nothing was evaluated or written"
+        )
     mismatched = [
         f"{k} is {_shape(state_dict[k])} in the file, {arch} expects {_shape(base[k])}"
         for k in base
