@@ -196,13 +196,15 @@ def with_section(text: str, line: str) -> str:
     return "".join((line + "\n" if old.startswith(key) else old) for old in text.splitlines(keepends=True))
 
 
-def checkpoint_folder(run: Path, step: int = 1) -> None:
-    """``run/checkpoints/step_N`` with a readable model header and a whole (empty) trainer state, and ``latest``."""
+def checkpoint_folder(run: Path, step: int = 1, state: dict | None = None) -> None:
+    """``run/checkpoints/step_N`` with a readable model header and a whole (empty) trainer state, and ``latest``.
+    ``state`` replaces the trainer state."""
     folder = run / "checkpoints" / f"step_{step:08d}"
     folder.mkdir(parents=True)
     header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
-    torch.save({}, folder / "trainer_state.pt")
+    whole = {"step": step, "optimizer": {}, "scheduler": {}, "scaler": {}, "method": {}, "rng": []}
+    torch.save(whole if state is None else state, folder / "trainer_state.pt")
     (run / "checkpoints" / "latest").write_text(folder.name + "\n")
 
 
@@ -228,8 +230,22 @@ def make_train_workspace(root: Path) -> None:
     checkpoint_folder(root / "torn-metrics-run")
     (root / "torn-metrics-run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n{"step": 2, "lo\n{"step": 3}\n')
     checkpoint_folder(root / "other-run")
+    make_issue_27_workspace(root, run_yaml)
     other = load_config(root / "run.yaml", ["train.lr=0.01", "output_dir=other-run"])
     save_config(other, root / "other-run" / "config.yaml")
+
+
+def make_issue_27_workspace(root: Path, run_yaml: str) -> None:
+    """The files of the cases of issue 27's fresh audit."""
+    (root / "suite-latin1.yaml").write_bytes("name: caf\xe9\ndatasets: [cifar10]\n".encode("latin-1"))
+    (root / "suite-nested.yaml").write_text("datasets: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    (root / "subset-nested.json").write_text("[" * 100_000 + "]" * 100_000)
+    state = {"step": 1, "scheduler": {}, "scaler": {}, "method": {}, "rng": []}  # no optimizer
+    checkpoint_folder(root / "no-optimizer-run", state=state)
+    (root / "duplicate-key.yaml").write_text(run_yaml + "train: {steps: 5}\n")
+    good_config = "student: {arch: tiny-vit-s, pretrained: none}\nmethod: {name: tecoa}\ndata: {dataset: cifar10}\n"
+    run_folder(root, "run-provenance-a-folder", good_config)
+    (root / "run-provenance-a-folder" / "provenance.json").mkdir()
 
 
 #: what the one line of a case says besides its field (the field alone would also match a misleading message)
@@ -303,6 +319,9 @@ SPECIAL_FILES = {
     "eval-npz-dev-zero": [("device-npz/test.npz", "/dev/zero")],
     "eval-image-fifo": [("fifo-images/cat/photo.png", "fifo")],
     "export-results-fifo": [("results-fifo.json", "fifo")],
+    "eval-out-dangling-link": [("dangling-out", "no-such-folder")],
+    "train-output-dir-dangling-link": [("dangling-out", "no-such-folder")],
+    "train-config-fifo": [("fifo.yaml", "fifo")],
 }
 
 
@@ -537,6 +556,33 @@ CASES += [
         [*TRAIN, "--set", "teachers.robust.vision_weights=@models/tower-nan.safetensors"],
         "teachers.robust.vision_weights",
     ),
+    ("eval-suite-not-utf8", [*EVAL[:3], "--suite", "suite-latin1.yaml", "--data-dir", ".", "--out", "out"], "--suite"),
+    (
+        "eval-suite-nested-20000-deep",
+        [*EVAL[:3], "--suite", "suite-nested.yaml", "--data-dir", ".", "--out", "out"],
+        "--suite",
+    ),
+    ("data-check-suite-not-utf8", ["data", "check", "--suite", "suite-latin1.yaml", "--data-dir", "."], "--suite"),
+    (
+        "data-check-suite-nested-20000-deep",
+        ["data", "check", "--suite", "suite-nested.yaml", "--data-dir", "."],
+        "--suite",
+    ),
+    ("eval-subset-nested-100000-deep", [*EVAL, "--subset", "subset-nested.json", "--out", "out"], "--subset"),
+    (
+        "train-resume-state-without-optimizer",
+        [*TRAIN, "--set", "output_dir=no-optimizer-run", "--resume", "latest"],
+        "--resume",
+    ),
+    ("eval-out-dangling-link", [*EVAL, "--out", "dangling-out"], "--out"),
+    ("train-output-dir-dangling-link", [*TRAIN, "--set", "output_dir=dangling-out"], "output_dir"),
+    ("export-run-provenance-a-folder", [*EXPORT, "run-provenance-a-folder", "--out", "out"], "--pretrained"),
+    ("train-config-fifo", ["train", "--config", "fifo.yaml"], "--config"),
+    ("train-config-duplicate-key", ["train", "--config", "duplicate-key.yaml"], "--config"),
+    ("train-set-no-key", [*TRAIN, "--set", "=5"], "--set"),
+    ("eval-out-empty", [*EVAL, "--out", ""], "--out"),
+    ("eval-classes-flag-twice", [*EVAL, "--classes", "cat,cat", "--out", "out"], "--classes"),
+    ("eval-eps-l2-1e30", [*EVAL, "--norm", "l2", "--eps", "1e30", "--out", "out"], "--eps"),
     (
         "eval-vision-weights-bool",
         [*EVAL, "--vision-weights", "@models/tower-bool.safetensors", "--out", "out"],
@@ -551,6 +597,21 @@ EXPECTED_TEXT |= {
     "eval-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
     "export-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
     "train-teacher-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
+    "eval-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",
+    "eval-suite-nested-20000-deep": "'suite-nested.yaml' is nested too deeply",
+    "data-check-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",
+    "data-check-suite-nested-20000-deep": "'suite-nested.yaml' is nested too deeply",
+    "eval-subset-nested-100000-deep": "'subset-nested.json' is nested too deeply",
+    "train-resume-state-without-optimizer": "trainer_state.pt' lacks optimizer",
+    "eval-out-dangling-link": "'dangling-out' is a link to 'no-such-folder', which does not exist",
+    "train-output-dir-dangling-link": "'dangling-out' is a link to 'no-such-folder', which does not exist",
+    "export-run-provenance-a-folder": "provenance.json' is a folder",
+    "train-config-fifo": "'fifo.yaml' is a FIFO",
+    "train-config-duplicate-key": "the key 'train' is written twice",
+    "train-set-no-key": "'=5' names no key",
+    "eval-out-empty": "--out: empty",
+    "eval-classes-flag-twice": "['cat'] named twice",
+    "eval-eps-l2-1e30": "beyond the l2 diameter of any image",
     "eval-vision-weights-bool": "non-floating-point tensor(s) where tiny-vit-s's image tower has floating-point",
 }
 

@@ -94,3 +94,10 @@ def test_an_exports_model_card_names_the_tower_file_its_sha256_and_alpha(tmp_pat
     assert (
         "NOT the exported weights (another image-tower file or alpha)" in (tmp_path / "ex1" / "README.md").read_text()
     )
+
+
+def test_a_radius_too_small_to_be_one_255th_is_not_labelled_0_255():
+    """Issue 27, item 19: ``--eps 1e-12`` was labelled ``0/255``."""
+    from mmtard.units import format_eps
+
+    assert format_eps(1e-12) == "1e-12" and format_eps(0.0) == "0/255" and format_eps(4 / 255) == "4/255"

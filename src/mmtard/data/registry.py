@@ -144,6 +144,9 @@ def resolve_classes(classes: str | Sequence[str] | None, classnames: Sequence[st
     if classes == "unseen":
         return list(range((k + 1) // 2, k))
     names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"classes: {twice} named twice; each class is one prototype of the zero-shot head")
     lookup = {name: i for i, name in enumerate(classnames)}
     unknown = [n for n in names if n not in lookup]
     if unknown:

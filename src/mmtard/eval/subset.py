@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mmtard.errors import ConfigError
+from mmtard.fileio import require_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,15 @@ def read_subset(path: str | Path, field: str = "subset") -> dict[str, dict]:
             records of one dataset with different indices.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{field}: '{path}' does not exist; expected a subset.json or results.json file")
+    require_regular_file(path, field, "a subset.json or results.json file")  # a FIFO would hang
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{field}: '{path}' is not JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{field}: '{path}' is nested too deeply to be a subset.json or results.json") from None
     if isinstance(data, Mapping) and isinstance(data.get("datasets"), Mapping):
         subsets = dict(data["datasets"])
     else:

@@ -141,6 +141,41 @@ def check_checkpoint_files(path: Path) -> None:
         check_checkpoint_file(path / ADAPTER_FILE, "--resume")
     if not zipfile.is_zipfile(path / STATE_FILE):
         raise ConfigError(f"--resume: '{path / STATE_FILE}' is not a complete trainer state (truncated or foreign)")
+    try:  # memory-mapped: the structure is read, the tensors are not
+        trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a foreign or damaged file: say which file, keep the cause
+        raise ConfigError(f"--resume: '{path / STATE_FILE}' cannot be read as a trainer state ({exc})") from exc
+    check_trainer_state(trainer_state, path / STATE_FILE)
+
+
+#: what every trainer state holds, and the type of each
+TRAINER_STATE_KEYS = {
+    "step": int,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "method": dict,
+    "rng": (list, dict),
+}
+
+
+def check_trainer_state(trainer_state: object, file: Path) -> None:
+    """A trainer state holds every entry :func:`restore` reads, each of its type.
+
+    Raises:
+        ConfigError: naming ``--resume``, the file and the first entry missing or of another type.
+    """
+    if not isinstance(trainer_state, dict):
+        raise ConfigError(f"--resume: '{file}' holds a {type(trainer_state).__name__}, expected a trainer state")
+    missing = [key for key in TRAINER_STATE_KEYS if key not in trainer_state]
+    if missing:
+        raise ConfigError(
+            f"--resume: '{file}' lacks {', '.join(missing)}; it is not a complete trainer state of mmtard train"
+        )
+    for key, kind in TRAINER_STATE_KEYS.items():
+        value = trainer_state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"--resume: '{file}' has {key} of type {type(value).__name__}; not a trainer state")
 
 
 def check_finetune_kind(path: Path, cfg: RunConfig) -> None:
@@ -161,6 +196,7 @@ def load_checkpoint_files(path: Path) -> tuple[dict, dict, dict | None]:
         trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which file, keep the cause
         raise ConfigError(f"--resume: '{path / STATE_FILE}' cannot be read as a trainer state ({exc})") from exc
+    check_trainer_state(trainer_state, path / STATE_FILE)
     adapter = load_file(str(path / ADAPTER_FILE)) if (path / ADAPTER_FILE).is_file() else None
     return load_file(str(path / MODEL_FILE)), trainer_state, adapter
 
