@@ -556,6 +556,21 @@ CASES += [
         [*TRAIN, "--set", "teachers.robust.vision_weights=@models/tower-nan.safetensors"],
         "teachers.robust.vision_weights",
     ),
+    (
+        "eval-vision-alpha-without-weights",
+        [*EVAL, "--vision-weights-alpha", "0.5", "--out", "out"],
+        "--vision-weights-alpha",
+    ),
+    (
+        "export-vision-alpha-without-weights",
+        [*EXPORT, "none", "--vision-weights-alpha", "1", "--out", "out"],
+        "--vision-weights-alpha",
+    ),
+    (
+        "eval-vision-weights-keys-equal-once-stripped",
+        [*EVAL, "--vision-weights", "@models/tower-twice.safetensors", "--out", "out"],
+        "--vision-weights",
+    ),
     ("eval-suite-not-utf8", [*EVAL[:3], "--suite", "suite-latin1.yaml", "--data-dir", ".", "--out", "out"], "--suite"),
     (
         "eval-suite-nested-20000-deep",
@@ -597,6 +612,9 @@ EXPECTED_TEXT |= {
     "eval-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
     "export-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
     "train-teacher-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
+    "eval-vision-alpha-without-weights": "given without --vision-weights",
+    "export-vision-alpha-without-weights": "given without --vision-weights",
+    "eval-vision-weights-keys-equal-once-stripped": "holds both 'module.visual.proj' and 'visual.proj'",
     "eval-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",
     "eval-suite-nested-20000-deep": "'suite-nested.yaml' is nested too deeply",
     "data-check-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",
@@ -657,6 +675,10 @@ def model_files(tmp_path_factory) -> Path:
     make_local_dirs(root)
     tower = {k[len("visual.") :]: v.clone() for k, v in state.items() if k.startswith("visual.")}
     save_file(tower, str(root / "tower-nan.safetensors"))  # proj holds a NaN (set above)
+    twice = {f"visual.{k}": v.clone() for k, v in tower.items()}
+    twice["visual.proj"] = torch.zeros_like(tower["proj"])  # finite (the tower's proj holds the NaN)
+    twice["module.visual.proj"] = torch.zeros_like(tower["proj"])
+    save_file(twice, str(root / "tower-twice.safetensors"))
     tower["proj"] = torch.ones_like(tower["proj"]).bool()
     save_file(tower, str(root / "tower-bool.safetensors"))
     return root

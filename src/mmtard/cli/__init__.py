@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from mmtard.cli.common import EXIT_USER_ERROR, USER_ERRORS, ArgumentParser, one_line
+from mmtard.cli.common import EXIT_USER_ERROR, USER_ERRORS, ArgumentParser, check_vision_flags, one_line
 from mmtard.cli.eval_command import add_eval_parser, run_eval
 from mmtard.cli.file_commands import add_data_parser, add_export_parser, run_data, run_export
 from mmtard.cli.train_commands import add_demo_parser, add_train_parser, run_demo, run_train, without_partial_stages
@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     prefix = f"mmtard {args.command}:"
     try:
+        check_vision_flags(args)
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # mmtard data check | head: the reader is gone, as for cat or ls
         if not _stdout_closed():

@@ -97,6 +97,28 @@ def fraction_arg(text: str) -> float:
     return value
 
 
+class RecordGiven(argparse.Action):
+    """Store the value, and ``<dest>_given = True``: a flag given on the command line, even at its default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def check_vision_flags(args: argparse.Namespace) -> None:
+    """``--vision-weights-alpha`` weighs a ``--vision-weights`` file against the base tower: alone it would be
+    ignored silently.
+
+    Raises:
+        ConfigError: ``--vision-weights-alpha`` given without ``--vision-weights``.
+    """
+    if getattr(args, "vision_weights_alpha_given", False) and getattr(args, "vision_weights", None) is None:
+        raise ConfigError(
+            "--vision-weights-alpha: given without --vision-weights; it weighs an image-tower file against the base "
+            "tower, so give the file too (or leave the alpha out)"
+        )
+
+
 def add_vision_weights_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vision-weights",
@@ -108,6 +130,7 @@ def add_vision_weights_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vision-weights-alpha",
         type=fraction_arg,
+        action=RecordGiven,
         default=1.0,
         metavar="A",
         help="weight-space interpolation: A * file + (1 - A) * base tower (default 1: the file's tower)",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.factory import load_state_dict
+from safetensors.torch import load_file
 from torch import nn
 
 from mmtard.errors import ConfigError
@@ -91,10 +91,14 @@ def read_vision_state_dict(
             or a file that holds no image tower.
     """
     path = check_checkpoint_file(path, field, trust_checkpoint=trust_checkpoint)
-    checkpoint = load_state_dict(str(path), weights_only=not trust_checkpoint)
+    if path.suffix == ".safetensors":
+        checkpoint = load_file(str(path))
+    else:  # not open_clip's load_state_dict: it strips module. itself, so two names equal without it would merge
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     state = _unwrap(checkpoint)
     if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{field}: '{path}' holds no state dict (parameter name -> tensor) of an image tower")
+    _refuse_names_equal_once_stripped(state, path, field)
     state = {_strip(str(k), "module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     if visual and len(visual) < len(state):
@@ -120,6 +124,22 @@ def _unwrap(checkpoint: object) -> object:
             return checkpoint
         checkpoint = inner
     return checkpoint
+
+
+def _refuse_names_equal_once_stripped(state: Mapping, path: Path, field: str) -> None:
+    """Two tensors whose names are equal without their ``module.`` prefixes (``module.visual.proj`` and
+    ``visual.proj``): one of them would replace the other silently."""
+    seen: dict[str, str] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = _strip(str(key), "module.")
+        if name in seen:
+            raise CheckpointError(
+                f"{field}: '{path}' holds both '{seen[name]}' and '{key}', the same tensor once the module. prefix "
+                "is removed; keep one of them"
+            )
+        seen[name] = str(key)
 
 
 def _strip(key: str, prefix: str) -> str:
