@@ -239,6 +239,7 @@ def make_issue_27_workspace(root: Path, run_yaml: str) -> None:
     """The files of the cases of issue 27's fresh audit."""
     (root / "suite-latin1.yaml").write_bytes("name: caf\xe9\ndatasets: [cifar10]\n".encode("latin-1"))
     (root / "suite-nested.yaml").write_text("datasets: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    (root / "suite-fgsm.yaml").write_text("name: mini\nattacks: [fgsm]\neps: [1/255]\ndatasets: [cifar10]\n")
     (root / "subset-nested.json").write_text("[" * 100_000 + "]" * 100_000)
     state = {"step": 1, "scheduler": {}, "scaler": {}, "method": {}, "rng": []}  # no optimizer
     checkpoint_folder(root / "no-optimizer-run", state=state)
@@ -571,6 +572,11 @@ CASES += [
         [*EVAL, "--vision-weights", "@models/tower-twice.safetensors", "--out", "out"],
         "--vision-weights",
     ),
+    (
+        "eval-suite-attack-unknown",
+        [*EVAL[:3], "--suite", "suite-fgsm.yaml", "--data-dir", ".", "--out", "out"],
+        "--suite",
+    ),
     ("eval-suite-not-utf8", [*EVAL[:3], "--suite", "suite-latin1.yaml", "--data-dir", ".", "--out", "out"], "--suite"),
     (
         "eval-suite-nested-20000-deep",
@@ -615,6 +621,7 @@ EXPECTED_TEXT |= {
     "eval-vision-alpha-without-weights": "given without --vision-weights",
     "export-vision-alpha-without-weights": "given without --vision-weights",
     "eval-vision-weights-keys-equal-once-stripped": "holds both 'module.visual.proj' and 'visual.proj'",
+    "eval-suite-attack-unknown": "--suite: 'suite-fgsm.yaml': attacks: unknown attack 'fgsm'",
     "eval-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",
     "eval-suite-nested-20000-deep": "'suite-nested.yaml' is nested too deeply",
     "data-check-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",

@@ -101,3 +101,21 @@ def test_a_radius_too_small_to_be_one_255th_is_not_labelled_0_255():
     from mmtard.units import format_eps
 
     assert format_eps(1e-12) == "1e-12" and format_eps(0.0) == "0/255" and format_eps(4 / 255) == "4/255"
+
+
+def test_provenance_strings_reach_the_model_card_as_plain_text(tmp_path, weight_files):
+    """Issue 27, item 18: escape codes and a new line that starts a ``#`` heading went raw into the card."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(weight_files / "whole.safetensors", run / "model.safetensors")
+    (run / "config.yaml").write_text("student: {arch: tiny-vit-s, pretrained: none}\nmethod: {name: tecoa}\n")
+    start = {"step": 0, "started": "2026-01-01", "mmtard": "0.1\x1b[31m", "commit": "abc\n# Owned", "torch": "2`x`"}
+    (run / "provenance.json").write_text(json.dumps([start]))
+    argv = ["export", "--model", "tiny-vit-s", "--pretrained", str(run), "--format", "open_clip"]
+    assert main([*argv, "--out", str(tmp_path / "ex")]) == 0
+    card = (tmp_path / "ex" / "README.md").read_text()
+    assert "\x1b" not in card and "\n# Owned" not in card
+    line = next(line for line in card.splitlines() if line.startswith("- Training started at step 0"))
+    assert "mmtard 0.1\\x1b[31m, commit abc\\x0a# Owned, torch 2'x'," in line

@@ -129,6 +129,9 @@ EVAL_FLAGS = {
     "vision_weights_alpha": "--vision-weights-alpha",
 }
 
+#: with --suite, the fields the suite sets are named as the suite's keys (the flags are refused with it)
+SUITE_FLAGS = EVAL_FLAGS | {key: f"--suite {key}" for key in ("split", "samples", "attack", "eps", "norm")}
+
 #: what ``mmtard eval`` uses for a flag not given (with --suite, the suite sets these instead)
 EVAL_DEFAULTS = {"split": "test", "attack": ["pgd"], "eps": ["1/255", "2/255", "4/255"], "norm": "linf"}
 
@@ -189,7 +192,8 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
     known = ["none", *list_attacks()]
     for name in attacks:
         if name not in known:
-            raise ConfigError(f"--attack: unknown attack {name!r}; expected one of {', '.join(known)}")
+            field = "--attack" if suite is None else f"--suite: '{suite.source}': attacks"
+            raise ConfigError(f"{field}: unknown attack {name!r}; expected one of {', '.join(known)}")
     with renamed_fields(EVAL_FLAGS):
         check_precision(args.precision)
     device = str(check_device_here(args.device, "--device"))
@@ -257,7 +261,7 @@ def run_eval(args: argparse.Namespace) -> int:
     with (
         leave_as_found(Path(args.out), inside=["journal"]),
         reported_write_errors("--out", args.out),
-        renamed_fields(EVAL_FLAGS),
+        renamed_fields(EVAL_FLAGS if plan.suite is None else SUITE_FLAGS),
     ):
         torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
         bundle = load_clip(

@@ -447,8 +447,9 @@ def provenance_section(card: CardInput, source_digest: str | None) -> list[str]:
     if card.source.run is not None:
         lines.append(f"- Run folder: `{card.source.run.path}`.")
     for start in card.source.run_starts or []:
+        start = {key: _plain(value) for key, value in start.items()}  # a file's text: no escape codes, no new lines
         lines.append(
-            f"- Training {'started' if start.get('step') == 0 else 'resumed'} at step {start.get('step')}, "
+            f"- Training {'started' if start.get('step') == '0' else 'resumed'} at step {start.get('step')}, "
             f"{start.get('started')}: mmtard {start.get('mmtard')}, commit {start.get('commit') or 'not available'}, "
             f"torch {start.get('torch')}, open_clip {start.get('open_clip')}, {start.get('world_size')} process(es) "
             f"on {start.get('gpu') or start.get('device')}."
@@ -468,6 +469,19 @@ def provenance_section(card: CardInput, source_digest: str | None) -> list[str]:
         )
     lines += [f"- `{f.name}`: SHA-256 `{sha256(f)}`." for f in weights]
     return lines + [""]
+
+
+#: the longest value of a run's provenance.json the card quotes
+PLAIN_LENGTH = 200
+
+
+def _plain(value: object) -> str:
+    """``value`` as one line of plain text: control characters (escape codes, new lines that would start a
+    heading) written as ``\\xNN``, markdown's backticks removed, at most :data:`PLAIN_LENGTH` characters."""
+    if value is None or value == "":
+        return ""
+    text = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in str(value)).replace("`", "'")
+    return text if len(text) <= PLAIN_LENGTH else text[: PLAIN_LENGTH - 3] + "..."
 
 
 def render_card(card: CardInput) -> str:
