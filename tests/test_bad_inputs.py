@@ -572,6 +572,7 @@ CASES += [
         [*EVAL, "--vision-weights", "@models/tower-twice.safetensors", "--out", "out"],
         "--vision-weights",
     ),
+    ("eval-out-in-use", [*EVAL, "--attack", "none", "--out", "busy-out"], "--out"),
     (
         "eval-suite-attack-unknown",
         [*EVAL[:3], "--suite", "suite-fgsm.yaml", "--data-dir", ".", "--out", "out"],
@@ -621,6 +622,7 @@ EXPECTED_TEXT |= {
     "eval-vision-alpha-without-weights": "given without --vision-weights",
     "export-vision-alpha-without-weights": "given without --vision-weights",
     "eval-vision-weights-keys-equal-once-stripped": "holds both 'module.visual.proj' and 'visual.proj'",
+    "eval-out-in-use": "'busy-out' is in use by another mmtard eval (process ",
     "eval-suite-attack-unknown": "--suite: 'suite-fgsm.yaml': attacks: unknown attack 'fgsm'",
     "eval-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",
     "eval-suite-nested-20000-deep": "'suite-nested.yaml' is nested too deeply",
@@ -775,6 +777,11 @@ def prepare(case: tuple, workspace: Path, live_pid: int) -> None:
     if len(case) > 3 and case[3]:
         pytest.skip(case[3])
     make_special_files(case[0], workspace)
+    if case[0] == "eval-out-in-use":
+        import socket
+
+        (workspace / "busy-out" / "journal").mkdir(parents=True)
+        (workspace / "busy-out" / "journal" / ".lock").write_text(f"{live_pid} {socket.gethostname()}\n")
     if case[0] == "train-output-dir-locked":
         import socket
 

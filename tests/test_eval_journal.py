@@ -166,3 +166,18 @@ def test_a_damaged_journal_line_is_run_again_not_trusted(tiny_bundle, npz_dir, t
     assert _scores(again) == _scores(complete)
     assert len(calls) == (1 if damage == "clean 53 of 8 images" else BATCHES - 1)
     assert "do not fit its 8 images" in caplog.text or "line 3 is damaged" in caplog.text
+
+
+def test_the_lock_of_an_evaluation_that_was_killed_is_taken_over(npz_dir, tmp_path):
+    """Issue 27, item 19: one eval per --out (two at once removed each other's journal); a lock whose process is
+    gone (kill -9) does not block the rerun that continues it."""
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "out" / "journal").mkdir(parents=True)
+    (tmp_path / "out" / "journal" / ".lock").write_text(f"{gone.pid} {socket.gethostname()}\n")
+    argv = ["eval", "--model", "tiny-vit-s", "--dataset", "npz", "--data-dir", str(npz_dir), "--attack", "none"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "results.json").is_file() and not (tmp_path / "out" / "journal").exists()

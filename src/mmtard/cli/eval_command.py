@@ -13,6 +13,7 @@ from mmtard.cli.common import (
     MAX_SEED,
     add_vision_weights_flags,
     check_device_here,
+    eval_lock,
     leave_as_found,
     logit_scale_arg,
     whole_number,
@@ -262,6 +263,7 @@ def run_eval(args: argparse.Namespace) -> int:
         leave_as_found(Path(args.out), inside=["journal"]),
         reported_write_errors("--out", args.out),
         renamed_fields(EVAL_FLAGS if plan.suite is None else SUITE_FLAGS),
+        eval_lock(Path(journal_dir)),
     ):
         torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
         bundle = load_clip(
