@@ -247,6 +247,11 @@ def make_issue_27_workspace(root: Path, run_yaml: str) -> None:
     good_config = "student: {arch: tiny-vit-s, pretrained: none}\nmethod: {name: tecoa}\ndata: {dataset: cifar10}\n"
     run_folder(root, "run-provenance-a-folder", good_config)
     (root / "run-provenance-a-folder" / "provenance.json").mkdir()
+    from mmtard.train.config_io import load_config, save_config
+
+    checkpoint_folder(root / "received-run")  # started elsewhere, its logit cache beside it there
+    moved = ["output_dir=elsewhere/run", "method.cache_clean_teacher=true", "method.cache_dir=elsewhere/cache"]
+    save_config(load_config(root / "run.yaml", moved), root / "received-run" / "config.yaml")
 
 
 #: what the one line of a case says besides its field (the field alone would also match a misleading message)
@@ -572,6 +577,11 @@ CASES += [
         [*EVAL, "--vision-weights", "@models/tower-twice.safetensors", "--out", "out"],
         "--vision-weights",
     ),
+    (
+        "train-resume-received-run-cache-dir-outside",
+        [*TRAIN, "--set", "output_dir=received-run", "--resume", "latest"],
+        "method.cache_dir",
+    ),
     ("eval-out-in-use", [*EVAL, "--attack", "none", "--out", "busy-out"], "--out"),
     (
         "eval-suite-attack-unknown",
@@ -622,6 +632,7 @@ EXPECTED_TEXT |= {
     "eval-vision-alpha-without-weights": "given without --vision-weights",
     "export-vision-alpha-without-weights": "given without --vision-weights",
     "eval-vision-weights-keys-equal-once-stripped": "holds both 'module.visual.proj' and 'visual.proj'",
+    "train-resume-received-run-cache-dir-outside": "--set method.cache_dir=FOLDER (e.g. received-run/logit-cache)",
     "eval-out-in-use": "'busy-out' is in use by another mmtard eval (process ",
     "eval-suite-attack-unknown": "--suite: 'suite-fgsm.yaml': attacks: unknown attack 'fgsm'",
     "eval-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",
