@@ -262,7 +262,6 @@ def load_checkpoint_files(path: Path) -> tuple[dict, dict, dict | None]:
         trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which file, keep the cause
         raise ConfigError(f"--resume: '{path / STATE_FILE}' cannot be read as a trainer state ({exc})") from exc
-    check_trainer_state(trainer_state, path / STATE_FILE)
     adapter = load_file(str(path / ADAPTER_FILE)) if (path / ADAPTER_FILE).is_file() else None
     return load_file(str(path / MODEL_FILE)), trainer_state, adapter
 
