@@ -196,13 +196,15 @@ def with_section(text: str, line: str) -> str:
     return "".join((line + "\n" if old.startswith(key) else old) for old in text.splitlines(keepends=True))
 
 
-def checkpoint_folder(run: Path, step: int = 1) -> None:
-    """``run/checkpoints/step_N`` with a readable model header and a whole (empty) trainer state, and ``latest``."""
+def checkpoint_folder(run: Path, step: int = 1, state: dict | None = None) -> None:
+    """``run/checkpoints/step_N`` with a readable model header and a whole (empty) trainer state, and ``latest``.
+    ``state`` replaces the trainer state."""
     folder = run / "checkpoints" / f"step_{step:08d}"
     folder.mkdir(parents=True)
     header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
-    torch.save({}, folder / "trainer_state.pt")
+    whole = {"step": step, "optimizer": {}, "scheduler": {}, "scaler": {}, "method": {}, "rng": []}
+    torch.save(whole if state is None else state, folder / "trainer_state.pt")
     (run / "checkpoints" / "latest").write_text(folder.name + "\n")
 
 
@@ -228,8 +230,28 @@ def make_train_workspace(root: Path) -> None:
     checkpoint_folder(root / "torn-metrics-run")
     (root / "torn-metrics-run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n{"step": 2, "lo\n{"step": 3}\n')
     checkpoint_folder(root / "other-run")
+    make_issue_27_workspace(root, run_yaml)
     other = load_config(root / "run.yaml", ["train.lr=0.01", "output_dir=other-run"])
     save_config(other, root / "other-run" / "config.yaml")
+
+
+def make_issue_27_workspace(root: Path, run_yaml: str) -> None:
+    """The files of the cases of issue 27's fresh audit."""
+    (root / "suite-latin1.yaml").write_bytes("name: caf\xe9\ndatasets: [cifar10]\n".encode("latin-1"))
+    (root / "suite-nested.yaml").write_text("datasets: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    (root / "suite-fgsm.yaml").write_text("name: mini\nattacks: [fgsm]\neps: [1/255]\ndatasets: [cifar10]\n")
+    (root / "subset-nested.json").write_text("[" * 100_000 + "]" * 100_000)
+    state = {"step": 1, "scheduler": {}, "scaler": {}, "method": {}, "rng": []}  # no optimizer
+    checkpoint_folder(root / "no-optimizer-run", state=state)
+    (root / "duplicate-key.yaml").write_text(run_yaml + "train: {steps: 5}\n")
+    good_config = "student: {arch: tiny-vit-s, pretrained: none}\nmethod: {name: tecoa}\ndata: {dataset: cifar10}\n"
+    run_folder(root, "run-provenance-a-folder", good_config)
+    (root / "run-provenance-a-folder" / "provenance.json").mkdir()
+    from mmtard.train.config_io import load_config, save_config
+
+    checkpoint_folder(root / "received-run")  # started elsewhere, its logit cache beside it there
+    moved = ["output_dir=elsewhere/run", "method.cache_clean_teacher=true", "method.cache_dir=elsewhere/cache"]
+    save_config(load_config(root / "run.yaml", moved), root / "received-run" / "config.yaml")
 
 
 #: what the one line of a case says besides its field (the field alone would also match a misleading message)
@@ -303,6 +325,9 @@ SPECIAL_FILES = {
     "eval-npz-dev-zero": [("device-npz/test.npz", "/dev/zero")],
     "eval-image-fifo": [("fifo-images/cat/photo.png", "fifo")],
     "export-results-fifo": [("results-fifo.json", "fifo")],
+    "eval-out-dangling-link": [("dangling-out", "no-such-folder")],
+    "train-output-dir-dangling-link": [("dangling-out", "no-such-folder")],
+    "train-config-fifo": [("fifo.yaml", "fifo")],
 }
 
 
@@ -515,6 +540,119 @@ CASES = [
     ),
 ]
 
+LOCAL_DIR = ["eval", "--no-progress", "--dataset", "cifar10", "--data-dir", "data", "--out", "out", "--model"]
+# ------------------------------------------------------------------------------ issue 27: the fresh audit
+CASES += [
+    ("eval-local-dir-truncated", [*LOCAL_DIR, "local-dir:@models/ex-truncated"], "--model"),
+    ("eval-local-dir-pickle-bin", [*LOCAL_DIR, "local-dir:@models/ex-pickle-bin"], "--model"),
+    ("eval-local-dir-other-width", [*LOCAL_DIR, "local-dir:@models/ex-other-width"], "--model"),
+    ("eval-local-dir-foreign-state-dict", [*LOCAL_DIR, "local-dir:@models/ex-foreign"], "--model"),
+    (
+        "eval-vision-weights-nan",
+        [*EVAL, "--vision-weights", "@models/tower-nan.safetensors", "--out", "out"],
+        "--vision-weights",
+    ),
+    (
+        "export-vision-weights-nan",
+        [*EXPORT, "none", "--vision-weights", "@models/tower-nan.safetensors", "--out", "out"],
+        "--vision-weights",
+    ),
+    (
+        "train-teacher-vision-weights-nan",
+        [*TRAIN, "--set", "teachers.robust.vision_weights=@models/tower-nan.safetensors"],
+        "teachers.robust.vision_weights",
+    ),
+    (
+        "eval-vision-alpha-without-weights",
+        [*EVAL, "--vision-weights-alpha", "0.5", "--out", "out"],
+        "--vision-weights-alpha",
+    ),
+    (
+        "export-vision-alpha-without-weights",
+        [*EXPORT, "none", "--vision-weights-alpha", "1", "--out", "out"],
+        "--vision-weights-alpha",
+    ),
+    (
+        "eval-vision-weights-keys-equal-once-stripped",
+        [*EVAL, "--vision-weights", "@models/tower-twice.safetensors", "--out", "out"],
+        "--vision-weights",
+    ),
+    (
+        "train-resume-received-run-cache-dir-outside",
+        [*TRAIN, "--set", "output_dir=received-run", "--resume", "latest"],
+        "method.cache_dir",
+    ),
+    ("eval-out-in-use", [*EVAL, "--attack", "none", "--out", "busy-out"], "--out"),
+    (
+        "eval-suite-attack-unknown",
+        [*EVAL[:3], "--suite", "suite-fgsm.yaml", "--data-dir", ".", "--out", "out"],
+        "--suite",
+    ),
+    ("eval-suite-not-utf8", [*EVAL[:3], "--suite", "suite-latin1.yaml", "--data-dir", ".", "--out", "out"], "--suite"),
+    (
+        "eval-suite-nested-20000-deep",
+        [*EVAL[:3], "--suite", "suite-nested.yaml", "--data-dir", ".", "--out", "out"],
+        "--suite",
+    ),
+    ("data-check-suite-not-utf8", ["data", "check", "--suite", "suite-latin1.yaml", "--data-dir", "."], "--suite"),
+    (
+        "data-check-suite-nested-20000-deep",
+        ["data", "check", "--suite", "suite-nested.yaml", "--data-dir", "."],
+        "--suite",
+    ),
+    ("eval-subset-nested-100000-deep", [*EVAL, "--subset", "subset-nested.json", "--out", "out"], "--subset"),
+    (
+        "train-resume-state-without-optimizer",
+        [*TRAIN, "--set", "output_dir=no-optimizer-run", "--resume", "latest"],
+        "--resume",
+    ),
+    ("eval-out-dangling-link", [*EVAL, "--out", "dangling-out"], "--out"),
+    ("train-output-dir-dangling-link", [*TRAIN, "--set", "output_dir=dangling-out"], "output_dir"),
+    ("export-run-provenance-a-folder", [*EXPORT, "run-provenance-a-folder", "--out", "out"], "--pretrained"),
+    ("train-config-fifo", ["train", "--config", "fifo.yaml"], "--config"),
+    ("train-config-duplicate-key", ["train", "--config", "duplicate-key.yaml"], "--config"),
+    ("train-set-no-key", [*TRAIN, "--set", "=5"], "--set"),
+    ("eval-out-empty", [*EVAL, "--out", ""], "--out"),
+    ("eval-classes-flag-twice", [*EVAL, "--classes", "cat,cat", "--out", "out"], "--classes"),
+    ("eval-eps-l2-1e30", [*EVAL, "--norm", "l2", "--eps", "1e30", "--out", "out"], "--eps"),
+    (
+        "eval-vision-weights-bool",
+        [*EVAL, "--vision-weights", "@models/tower-bool.safetensors", "--out", "out"],
+        "--vision-weights",
+    ),
+]
+EXPECTED_TEXT |= {
+    "eval-local-dir-truncated": "ex-truncated/model.safetensors' is truncated",
+    "eval-local-dir-pickle-bin": "ex-pickle-bin/pytorch_model.bin' is a pickle that needs code execution",
+    "eval-local-dir-other-width": "ex-other-width': its weights do not fit its config",
+    "eval-local-dir-foreign-state-dict": "ex-foreign': its weights do not fit its config",
+    "eval-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
+    "export-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
+    "train-teacher-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
+    "eval-vision-alpha-without-weights": "given without --vision-weights",
+    "export-vision-alpha-without-weights": "given without --vision-weights",
+    "eval-vision-weights-keys-equal-once-stripped": "holds both 'module.visual.proj' and 'visual.proj'",
+    "train-resume-received-run-cache-dir-outside": "--set method.cache_dir=FOLDER (e.g. received-run/logit-cache)",
+    "eval-out-in-use": "'busy-out' is in use by another mmtard eval (process ",
+    "eval-suite-attack-unknown": "--suite: 'suite-fgsm.yaml': attacks: unknown attack 'fgsm'",
+    "eval-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",
+    "eval-suite-nested-20000-deep": "'suite-nested.yaml' is nested too deeply",
+    "data-check-suite-not-utf8": "'suite-latin1.yaml' is not UTF-8 text",
+    "data-check-suite-nested-20000-deep": "'suite-nested.yaml' is nested too deeply",
+    "eval-subset-nested-100000-deep": "'subset-nested.json' is nested too deeply",
+    "train-resume-state-without-optimizer": "trainer_state.pt' lacks optimizer",
+    "eval-out-dangling-link": "'dangling-out' is a link to 'no-such-folder', which does not exist",
+    "train-output-dir-dangling-link": "'dangling-out' is a link to 'no-such-folder', which does not exist",
+    "export-run-provenance-a-folder": "provenance.json' is a folder",
+    "train-config-fifo": "'fifo.yaml' is a FIFO",
+    "train-config-duplicate-key": "the key 'train' is written twice",
+    "train-set-no-key": "'=5' names no key",
+    "eval-out-empty": "--out: empty",
+    "eval-classes-flag-twice": "['cat'] named twice",
+    "eval-eps-l2-1e30": "beyond the l2 diameter of any image",
+    "eval-vision-weights-bool": "non-floating-point tensor(s) where tiny-vit-s's image tower has floating-point",
+}
+
 
 def link_models(root: Path, models: Path) -> None:
     """Every export run folder's ``model.safetensors`` links to a good model: the run's own files are what is
@@ -554,7 +692,37 @@ def model_files(tmp_path_factory) -> Path:
     save_file(state, str(root / "good.safetensors"))
     state["visual.proj"][0, 0] = float("nan")
     save_file(state, str(root / "nan.safetensors"))
+    make_local_dirs(root)
+    tower = {k[len("visual.") :]: v.clone() for k, v in state.items() if k.startswith("visual.")}
+    save_file(tower, str(root / "tower-nan.safetensors"))  # proj holds a NaN (set above)
+    twice = {f"visual.{k}": v.clone() for k, v in tower.items()}
+    twice["visual.proj"] = torch.zeros_like(tower["proj"])  # finite (the tower's proj holds the NaN)
+    twice["module.visual.proj"] = torch.zeros_like(tower["proj"])
+    save_file(twice, str(root / "tower-twice.safetensors"))
+    tower["proj"] = torch.ones_like(tower["proj"]).bool()
+    save_file(tower, str(root / "tower-bool.safetensors"))
     return root
+
+
+def make_local_dirs(root: Path) -> None:
+    """``local-dir:`` export folders of tiny-vit-s whose weights are truncated, a pickle that runs code, of
+    another width (tiny-vit-m), or another model's state dict."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mmtard.export import export_model
+
+    export_model("tiny-vit-s", "none", root / "ex", format="open_clip")
+    export_model("tiny-vit-m", "none", root / "ex-m", format="open_clip")
+    for name in ("ex-truncated", "ex-pickle-bin", "ex-other-width", "ex-foreign"):
+        shutil.copytree(root / "ex", root / name)
+    weights = (root / "ex" / "model.safetensors").read_bytes()
+    (root / "ex-truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (root / "ex-pickle-bin" / "model.safetensors").unlink()
+    (root / "ex-pickle-bin" / "pytorch_model.bin").write_bytes(pickle.dumps({"w": RunsCodeWhenUnpickled()}))
+    shutil.copy(root / "ex-m" / "model.safetensors", root / "ex-other-width" / "model.safetensors")
+    save_file({"head.weight": torch.zeros(3)}, str(root / "ex-foreign" / "model.safetensors"))
 
 
 class CaseTimeout(BaseException):
@@ -620,6 +788,11 @@ def prepare(case: tuple, workspace: Path, live_pid: int) -> None:
     if len(case) > 3 and case[3]:
         pytest.skip(case[3])
     make_special_files(case[0], workspace)
+    if case[0] == "eval-out-in-use":
+        import socket
+
+        (workspace / "busy-out" / "journal").mkdir(parents=True)
+        (workspace / "busy-out" / "journal" / ".lock").write_text(f"{live_pid} {socket.gethostname()}\n")
     if case[0] == "train-output-dir-locked":
         import socket
 

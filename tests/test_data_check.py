@@ -59,3 +59,55 @@ def test_cli_unknown_dataset_is_one_line_exit_2(tmp_path, capsys):
     assert main(["data", "check", "--dataset", "imagenet1k", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mmtard data: error: --dataset: unknown dataset 'imagenet1k'") and err.count("\n") == 1
+
+
+def test_every_image_is_decoded_and_the_first_bad_ones_are_named(tmp_path, capsys):
+    """Issue 27, item 5 (and 18: a 240-megapixel PNG, a FIFO): what eval would refuse is not called usable."""
+    import os
+    import struct
+    import zlib
+
+    _folder(tmp_path / "img", "test", ["cat", "dog"], 3)
+    png = (tmp_path / "img" / "test" / "cat" / "1.png").read_bytes()
+    (tmp_path / "img" / "test" / "cat" / "1.png").write_bytes(png[: len(png) // 2])  # truncated
+    (tmp_path / "img" / "test" / "dog" / "notes.jpg").write_text("not an image\n")
+    os.mkfifo(tmp_path / "img" / "test" / "dog" / "pipe.png")
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 12_000, 8, 2, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 4)) + chunk(b"IEND", b"")
+    (tmp_path / "img" / "test" / "dog" / "zz-huge.png").write_bytes(bomb)
+    check = check_dataset("imagefolder", tmp_path / "img")
+    assert check.found and not check.usable
+    assert check.problem.startswith("4 of the 9 image files checked cannot be used: image file ")
+    assert "cat/1.png' cannot be decoded" in check.problem and "notes.jpg' cannot be decoded" in check.problem
+    assert "pipe.png' is a FIFO" in check.problem and check.problem.endswith("; ...")
+    assert main(["data", "check", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "img")]) == 1
+    assert "invalid  imagefolder:" in capsys.readouterr().out
+
+    huge = check_dataset("imagefolder", tmp_path / "img", quick=True)  # 9 files: all of them are the sample
+    assert huge.problem == check.problem
+    (tmp_path / "img" / "test" / "dog" / "zz-huge.png").unlink()
+    (tmp_path / "img" / "test" / "dog" / "pipe.png").unlink()
+    (tmp_path / "img" / "test" / "dog" / "notes.jpg").unlink()
+    (tmp_path / "img" / "test" / "cat" / "1.png").unlink()
+    for i in range(200):
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "img" / "test" / "cat" / f"x{i}.png")
+    quick = check_dataset("imagefolder", tmp_path / "img", quick=True)
+    assert quick.usable and quick.note == "100 of 205 image files decoded (--quick)"
+
+
+def test_a_table_into_a_closed_pipe_ends_quietly(tmp_path, npz_dir):
+    """Issue 27, item 6: ``mmtard data check ... | head`` ended in a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "mmtard.cli", "data", "check", "--dataset", "npz", "--data-dir", str(npz_dir)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the table is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err

@@ -50,7 +50,7 @@ def test_eval_pgd_writes_results_with_schema(tmp_path, npz_dir, capsys):
         assert entry["acc"] <= record["clean_acc"]
     assert record["robust"][0]["eps_value"] == pytest.approx(1 / 255)
     assert {"robust_not_above_clean", "monotonic_in_eps", "zero_gradient_fraction", "warnings"} <= set(record["checks"])
-    assert "pgd 4/255 (10 steps, 1 restart)" in (out / "results.md").read_text()
+    assert "pgd linf 4/255 (10 steps, 1 restart)" in (out / "results.md").read_text()
     assert "| tiny-vit-s | cifar10 | 20 |" in capsys.readouterr().out
 
 

@@ -121,3 +121,63 @@ def test_cli_eval_removes_its_journal_once_results_are_written(npz_dir, tmp_path
         ]
     )
     assert (out / "results.json").is_file() and not (out / "journal").exists()
+
+
+def test_resuming_says_in_one_line_what_is_reused(tiny_bundle, npz_dir, tmp_path, monkeypatch, caplog):
+    """Issue 27, item 7: without -v (WARNING), a resumed evaluation said nothing."""
+    _count_batches(monkeypatch, crash_at=3)
+    with pytest.raises(Crash):
+        evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal"))
+    monkeypatch.undo()
+    with caplog.at_level("WARNING"):
+        evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal"))
+    reused = [r.getMessage() for r in caplog.records if "reused" in r.getMessage()]
+    assert len(reused) == 1 and reused[0].endswith("resuming an interrupted evaluation: 2 finished batches reused")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["clean 53 of 8 images", "not UTF-8", "no batch", "batch a string", "too deep"],
+)
+def test_a_damaged_journal_line_is_run_again_not_trusted(tiny_bundle, npz_dir, tmp_path, monkeypatch, caplog, damage):
+    """Issue 27, items 16 and 18: a line that is not UTF-8 or lacks ``batch`` was a traceback on every rerun; one
+    whose counts do not fit its batch gave a clean accuracy of 132.5 % with every check passing."""
+    (complete,) = evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal"))
+    (journal_file,) = (tmp_path / "journal").iterdir()
+    lines = journal_file.read_bytes().splitlines()
+    entry = json.loads(lines[2])
+    if damage == "clean 53 of 8 images":
+        entry["clean"] = 53
+        lines[2] = json.dumps(entry).encode()
+    elif damage == "not UTF-8":
+        lines[2] = lines[2].replace(b'"batch"', b'"b\xe9tch"')
+    elif damage == "no batch":
+        del entry["batch"]
+        lines[2] = json.dumps(entry).encode()
+    elif damage == "batch a string":
+        entry["batch"] = "1"
+        lines[2] = json.dumps(entry).encode()
+    else:
+        lines[2] = b"[" * 100_000 + b"]" * 100_000
+    journal_file.write_bytes(b"\n".join(lines) + b"\n")
+    calls = _count_batches(monkeypatch)
+    with caplog.at_level("WARNING"):
+        (again,) = evaluate_bundle(tiny_bundle, _request(npz_dir, tmp_path / "journal"))
+    assert _scores(again) == _scores(complete)
+    assert len(calls) == (1 if damage == "clean 53 of 8 images" else BATCHES - 1)
+    assert "do not fit its 8 images" in caplog.text or "line 3 is damaged" in caplog.text
+
+
+def test_the_lock_of_an_evaluation_that_was_killed_is_taken_over(npz_dir, tmp_path):
+    """Issue 27, item 19: one eval per --out (two at once removed each other's journal); a lock whose process is
+    gone (kill -9) does not block the rerun that continues it."""
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "out" / "journal").mkdir(parents=True)
+    (tmp_path / "out" / "journal" / ".lock").write_text(f"{gone.pid} {socket.gethostname()}\n")
+    argv = ["eval", "--model", "tiny-vit-s", "--dataset", "npz", "--data-dir", str(npz_dir), "--attack", "none"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "results.json").is_file() and not (tmp_path / "out" / "journal").exists()

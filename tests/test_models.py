@@ -315,3 +315,19 @@ def test_open_clip_random_init_warning_is_silenced(tiny_state, tmp_path, caplog)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "the weights are random" in warnings[0]
     assert logging.getLogger().filters == filters_before
+
+
+def test_cached_hf_hub_weights_are_checked_before_open_clip_reads_them(tmp_path, monkeypatch):
+    """Issue 27, item 14: an ``hf-hub:`` id's cached weights file is checked as a checkpoint file is."""
+    from mmtard.models import CheckpointError, loading
+
+    (tmp_path / "open_clip_config.json").write_text("{}")
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # cut short
+
+    def cached(repo_id, filename, cache_dir=None):
+        return str(tmp_path / filename) if (tmp_path / filename).is_file() else None
+
+    monkeypatch.setattr(loading, "try_to_load_from_cache", cached)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="^model: .*open_clip_model.safetensors' is truncated"):
+        loading.check_hub_id("hf-hub:org/repo")

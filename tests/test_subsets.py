@@ -105,3 +105,61 @@ def test_pgd_start_of_a_sample_does_not_depend_on_its_batch():
         alone = random_start(x[2:3], 4 / 255, norm, [sample_generator(1, 5, x.device)])
         assert torch.equal(together[2:3], alone)
         assert not torch.equal(together[0], random_start(x[:1], 4 / 255, norm, [sample_generator(1, 9, x.device)])[0])
+
+
+def _clean(tmp_path, name, npz_dir, *extra) -> dict:
+    out = tmp_path / name
+    argv = ["eval", "--model", "tiny-vit-s", "--dataset", "npz", "--data-dir", str(npz_dir), "--attack", "none"]
+    assert main([*argv, "--no-progress", "--out", str(out), *extra]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+def test_a_run_replays_its_own_subset_of_a_class_selection(tmp_path, npz_dir):
+    """Issue 27, item 10: the images of ``--classes seen`` hold labels 0..4 only; 10 class names still fit them."""
+    first = _clean(tmp_path, "a", npz_dir, "--classes", "seen", "--samples", "8")
+    again = _clean(tmp_path, "b", npz_dir, "--classes", "seen", "--subset", str(tmp_path / "a" / "subset.json"))
+    assert first["subset"]["classes"] == "seen" and again["subset"] == first["subset"]
+    assert again["clean_acc"] == first["clean_acc"] and again["classnames"] == first["classnames"]
+
+
+def test_a_split_holding_only_the_first_labels_fits_a_longer_class_list(tmp_path):
+    """Issue 27, item 10: a split of labels 0..4 with the usual 10-name classes.txt (the names give the head)."""
+    import numpy as np
+    from helpers import CLASSES
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    np.savez(folder / "test.npz", x=np.zeros((5, 32, 32, 3), dtype=np.uint8), y=np.arange(5))
+    (folder / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    data = create_dataset("npz", folder, image_size=32)
+    assert data.classnames == CLASSES and len(data) == 5
+    (folder / "classes.txt").write_text("\n".join(CLASSES[:4]) + "\n")  # fewer names than labels: refused
+    with pytest.raises(ConfigError, match="^classnames: 4 class names given for npz"):
+        create_dataset("npz", folder, image_size=32)
+
+
+def test_a_subset_pins_its_class_selection(tmp_path, npz_dir, capsys, caplog):
+    """Issue 27, item 4: reused without ``--classes``, the subset's selection is used with a line saying so; with
+    other ``--classes``, one error. An older subset (no ``classes``) whose images fall outside the classes asked for
+    is one error too, not a silently smaller set."""
+    first = _clean(tmp_path, "unseen", npz_dir, "--classes", "unseen", "--samples", "10")
+    subset = str(tmp_path / "unseen" / "subset.json")
+    with caplog.at_level("WARNING"):
+        again = _clean(tmp_path, "again", npz_dir, "--subset", subset)
+    assert "its images were chosen with classes unseen" in caplog.text
+    assert again["classes"] == "unseen" and again["classnames"] == first["classnames"]
+    assert again["clean_acc"] == first["clean_acc"]
+
+    argv = ["eval", "--model", "tiny-vit-s", "--dataset", "npz", "--data-dir", str(npz_dir), "--attack", "none"]
+    capsys.readouterr()
+    assert main([*argv, "--subset", subset, "--classes", "all", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmtard eval: error: --subset: its npz images were chosen with classes")
+    older = tmp_path / "older.json"
+    entry = json.loads((tmp_path / "unseen" / "subset.json").read_text())["datasets"]["npz"]
+    del entry["classes"]
+    older.write_text(json.dumps({"datasets": {"npz": entry}}))
+    assert main([*argv, "--subset", str(older), "--classes", "seen", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--subset: 10 of its 10 npz images are of classes outside classes='seen'" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -86,7 +86,10 @@ def test_a_suite_part_runs_and_writes_the_standard_table(tmp_path, data_root, ca
     assert results["suite"]["name"] == "mini" and list(records) == ["cifar10", "cifar100", "dtd", "eurosat"]
     assert [records[n]["samples"] for n in records] == [10, 100, 4, 10]
     table = (out / "results.md").read_text()
-    assert "| dataset | samples | clean | pgd 1/255 (2 steps, 1 restart) | pgd 4/255 (2 steps, 1 restart) |" in table
+    assert (
+        "| dataset | samples | clean | pgd linf 1/255 (2 steps, 1 restart) | pgd linf 4/255 (2 steps, 1 restart) |"
+        in table
+    )
     zero_shot = [records[n] for n in ("cifar100", "dtd", "eurosat")]  # cifar10 is zero_shot: false here
     means = [sum(r["clean_acc"] for r in zero_shot) / 3]
     means += [sum(r["robust"][i]["acc"] for r in zero_shot) / 3 for i in (0, 1)]

@@ -215,3 +215,43 @@ def test_a_tower_over_openai_is_built_with_quickgelu_and_says_so(tower_files, mo
     assert built == [("ViT-B-32-quickgelu", "openai")] and bundle.name == "ViT-B-32-quickgelu"
     assert isinstance(bundle.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     assert "building ViT-B-32-quickgelu (name it to silence this warning)" in caplog.text
+
+
+def _tiny_tower() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = load_clip("tiny-vit-s", "none").model
+    return {k: v.contiguous().clone() for k, v in model.visual.state_dict().items()}
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_the_pickle_byte_is_read(tmp_path):
+    """Issue 27, item 9: a header of 0x80 + 256 * k bytes starts the file with 0x80, a pickle's first byte; the JSON
+    after the length tells a safetensors file from a PyTorch one."""
+    from mmtard.models import check_checkpoint_file
+    from mmtard.models.vision_weights import read_vision_state_dict
+
+    tower = _tiny_tower()
+    path = tmp_path / "t.safetensors"
+    for pad in range(300):  # find the metadata that makes the header length's low byte 0x80
+        save_file(tower, str(path), metadata={"note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    check_checkpoint_file(path, "--vision-weights")
+    read = read_vision_state_dict(path)
+    assert read.keys() == tower.keys() and all(torch.equal(read[k], tower[k]) for k in tower)
+    with pytest.raises(CheckpointError, match="is a PyTorch file"):  # a real pickle under the name is still refused
+        (tmp_path / "p.safetensors").write_bytes(pickle.dumps({"w": 1}))
+        check_checkpoint_file(tmp_path / "p.safetensors", "--vision-weights")
+
+
+def test_a_file_that_holds_itself_under_state_dict_is_refused_not_followed_forever(tmp_path, npz_dir, capsys):
+    """Issue 27, item 11: ``d['state_dict'] = d`` once hung eval, export and train at 100 % CPU."""
+    cycle = {"w": torch.zeros(1)}
+    cycle["state_dict"] = cycle
+    torch.save(cycle, tmp_path / "r.pt")
+    argv = ["eval", "--model", "tiny-vit-s", "--pretrained", "none", "--dataset", "npz", "--data-dir", str(npz_dir)]
+    argv += ["--attack", "none", "--no-progress", "--vision-weights", str(tmp_path / "r.pt")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmtard eval: error: --vision-weights: ") and "r.pt" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -14,12 +14,16 @@ device (``/dev/zero``, ``/dev/null``) reads as an endless or empty file, so both
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import yaml
 
 from mmtard.errors import ConfigError
 
@@ -153,9 +157,80 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks; computed once per (file, size, modification time)."""
+    info = Path(path).stat()
+    return _cached_sha256(os.path.abspath(path), info.st_size, info.st_mtime_ns)
+
+
+@functools.cache
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(pretrained: str | None) -> str | None:
+    """The SHA-256 of a local weights file (``None`` for tags and random weights)."""
+    return file_sha256(pretrained) if pretrained and Path(pretrained).is_file() else None
+
+
 def weights_stamp(pretrained: str | None) -> list[int] | None:
     """Size and modification time of a local weights file (``None`` for tags and random weights)."""
     if pretrained and Path(pretrained).is_file():
         stat = Path(pretrained).stat()
         return [stat.st_size, stat.st_mtime_ns]
     return None
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"the key {key!r} is written twice (the second would silently win)",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_file(path: str | Path, field: str, expected: str) -> object:
+    """The YAML value of a regular UTF-8 file, read with :class:`UniqueKeyLoader`.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        NotARegularFileError: a folder, FIFO or device.
+        ConfigError: naming ``field`` and the file: unreadable, not UTF-8, not YAML (with the line and column),
+            a key written twice, or nested too deeply to read.
+    """
+    path = require_regular_file(path, field, expected)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot read '{path}' ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{field}: '{path}' is not UTF-8 text (byte {exc.start}); expected {expected}") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{field}: '{path}' is not valid YAML{where}: {problem}") from None
+    except RecursionError:  # the YAML parser recurses once per nesting level
+        raise ConfigError(f"{field}: '{path}' is nested too deeply to be {expected}") from None

@@ -64,7 +64,11 @@ def check_output_dir(path: str | Path, field: str) -> Path:
     Raises:
         ConfigError: the path is a file, or the folder (or the parent it would be created in) is not writable.
     """
+    if str(path) == "":
+        raise ConfigError(f"{field}: empty; give a folder (it would be the current folder)")
     path = Path(path)
+    if path.is_symlink() and not path.exists():  # a dangling link: creating the folder would fail
+        raise ConfigError(f"{field}: '{path}' is a link to '{os.readlink(path)}', which does not exist")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{field}: '{path}' is a file, expected a folder (or a path where one can be created)")
     existing = path

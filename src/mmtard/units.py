@@ -28,6 +28,10 @@ def is_radius(spec: dataclasses.Field) -> bool:
     return spec.metadata.get("unit") == RADIUS["unit"]
 
 
+#: the largest l2 radius accepted: beyond the l2 diameter of a 3 x 4096 x 4096 image, every image is reachable
+L2_MAX_RADIUS = 1e4
+
+
 def parse_eps(value: str | float | int, field: str = "eps", norm: str = "linf") -> float:
     """Parse an attack radius (or step size) given as a fraction of the ``[0, 1]`` pixel range.
 
@@ -62,12 +66,18 @@ def parse_eps(value: str | float | int, field: str = "eps", norm: str = "linf") 
             f"{field}: {value!r} is larger than the whole pixel range [0, 1]; linf radii are fractions of the "
             f"range, so write {text}/255 if you meant {text} on the 0..255 scale"
         )
+    if norm == "l2" and number > L2_MAX_RADIUS:
+        raise ConfigError(
+            f"{field}: an l2 radius of {value!r} is beyond the l2 diameter of any image (sqrt(3 x H x W) of the "
+            f"[0, 1] pixels: 55 at 32 px, 388 at 224 px, 1,774 at 1,024 px); expected at most {L2_MAX_RADIUS:g}"
+        )
     return number
 
 
 def format_eps(value: float) -> str:
-    """``0.0156862...`` -> ``"4/255"`` when the value is a whole number of 255ths, else the decimal."""
+    """``0.0156862...`` -> ``"4/255"`` when the value is a whole number of 255ths, else the decimal (a radius
+    too small to be one 255th, ``1e-12``, is not ``0/255``)."""
     in_255 = value * 255
-    if abs(in_255 - round(in_255)) < 1e-6:
+    if abs(in_255 - round(in_255)) < 1e-6 and (round(in_255) != 0 or value == 0):
         return f"{round(in_255)}/255"
     return f"{value:.6g}"

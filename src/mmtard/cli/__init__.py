@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import select
+import signal
 import sys
 from collections.abc import Sequence
 
-from mmtard.cli.common import EXIT_USER_ERROR, USER_ERRORS, ArgumentParser, one_line
+from mmtard.cli.common import EXIT_USER_ERROR, USER_ERRORS, ArgumentParser, check_vision_flags, one_line
 from mmtard.cli.eval_command import add_eval_parser, run_eval
 from mmtard.cli.file_commands import add_data_parser, add_export_parser, run_data, run_export
 from mmtard.cli.train_commands import add_demo_parser, add_train_parser, run_demo, run_train, without_partial_stages
@@ -50,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     prefix = f"mmtard {args.command}:"
     try:
+        check_vision_flags(args)
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # mmtard data check | head: the reader is gone, as for cat or ls
+        if not _stdout_closed():
+            raise
+        return 128 + signal.SIGPIPE
     except TrainingInterrupted as exc:
         print(f"{prefix} {one_line(exc)}", file=sys.stderr)
         return 128 + exc.signum
@@ -64,3 +72,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{prefix} error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (the write end then polls as an error); if so it
+    is pointed at ``os.devnull``, so that Python's flush at exit does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        closed = any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture), or no poll
+        return False
+    if closed:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return closed

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +85,65 @@ def leave_as_found(folder: Path, inside: Sequence[str] = ()) -> Iterator[None]:
         raise
 
 
+#: the lock file of an evaluation, inside its journal folder (removed with it)
+EVAL_LOCK = ".lock"
+
+
+@contextmanager
+def eval_lock(journal_dir: Path, field: str = "--out") -> Iterator[None]:
+    """One ``mmtard eval`` per output folder: ``<journal>/.lock`` holds ``<pid> <host>`` while it runs. Another
+    live evaluation there is one error (two would remove each other's journal); a lock whose process no longer
+    runs on this host is taken over. Under ``torchrun`` the process of rank 0 holds it for all of them.
+
+    Raises:
+        ConfigError: naming ``field``, the process and the lock file.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    lock = journal_dir / EVAL_LOCK
+    journal_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            _refuse_if_held(lock, field)
+            lock.unlink(missing_ok=True)  # its process is gone (killed): take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        break
+    else:
+        raise ConfigError(f"{field}: could not lock '{journal_dir.parent}' ({lock} keeps reappearing)")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _refuse_if_held(lock: Path, field: str) -> None:
+    try:
+        pid_text, host = lock.read_text().split()[:2]
+        pid = int(pid_text)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return  # unreadable: a lock being written this moment loses the next O_EXCL race, a damaged one is replaced
+    alive = host != socket.gethostname()  # on another machine: cannot tell, so taken as running
+    if not alive:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:  # another user's live process
+            alive = True
+    if alive:
+        where = f"process {pid}" if host == socket.gethostname() else f"process {pid} on {host}"
+        raise ConfigError(
+            f"{field}: '{lock.parent.parent}' is in use by another mmtard eval ({where}, lock file {lock}); wait for "
+            "it to end or choose another --out"
+        )
+
+
 def fraction_arg(text: str) -> float:
     """An argparse type: a number in ``[0, 1]``."""
     try:
@@ -92,6 +153,28 @@ def fraction_arg(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
+
+
+class RecordGiven(argparse.Action):
+    """Store the value, and ``<dest>_given = True``: a flag given on the command line, even at its default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def check_vision_flags(args: argparse.Namespace) -> None:
+    """``--vision-weights-alpha`` weighs a ``--vision-weights`` file against the base tower: alone it would be
+    ignored silently.
+
+    Raises:
+        ConfigError: ``--vision-weights-alpha`` given without ``--vision-weights``.
+    """
+    if getattr(args, "vision_weights_alpha_given", False) and getattr(args, "vision_weights", None) is None:
+        raise ConfigError(
+            "--vision-weights-alpha: given without --vision-weights; it weighs an image-tower file against the base "
+            "tower, so give the file too (or leave the alpha out)"
+        )
 
 
 def add_vision_weights_flags(p: argparse.ArgumentParser) -> None:
@@ -105,6 +188,7 @@ def add_vision_weights_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vision-weights-alpha",
         type=fraction_arg,
+        action=RecordGiven,
         default=1.0,
         metavar="A",
         help="weight-space interpolation: A * file + (1 - A) * base tower (default 1: the file's tower)",

@@ -11,6 +11,7 @@ from pathlib import Path
 from mmtard.cli.common import (
     EVAL_DATA_FLAGS,
     add_vision_weights_flags,
+    eval_lock,
     leave_as_found,
     logit_scale_arg,
     whole_number,
@@ -59,7 +60,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="evaluate exactly the images of an earlier run: its subset.json or results.json",
     )
     p.add_argument("--split", default=None, help="the split to read (default: test)")
-    p.add_argument("--classes", default="all", help="all | seen | unseen | comma-separated class names")
+    p.add_argument("--classes", default=None, help="all | seen | unseen | class names (default: all, or a --subset's)")
     p.add_argument("--samples", type=whole_number(1), default=None, help="fixed class-balanced subset of N images")
     p.add_argument(
         "--part",
@@ -137,6 +138,9 @@ EVAL_FLAGS = {
     "vision_weights_alpha": "--vision-weights-alpha",
 }
 
+#: with --suite, the fields the suite sets are named as the suite's keys (the flags are refused with it)
+SUITE_FLAGS = EVAL_FLAGS | {key: f"--suite {key}" for key in ("split", "samples", "attack", "eps", "norm")}
+
 #: what ``mmtard eval`` uses for a flag not given (with --suite, the suite sets these instead)
 EVAL_DEFAULTS = {"split": "test", "attack": ["pgd"], "eps": ["1/255", "2/255", "4/255"], "norm": "linf"}
 
@@ -170,7 +174,7 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
     """
     from mmtard.attacks import list_attacks
     from mmtard.eval.run import EvalRequest
-    from mmtard.eval.subset import read_subset
+    from mmtard.eval.subset import classes_for_subset, read_subset
     from mmtard.eval.suite import check_suite_data, load_suite, select_datasets
     from mmtard.eval.zeroshot import check_precision
     from mmtard.models import check_checkpoint_file
@@ -197,7 +201,8 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
     known = ["none", *list_attacks()]
     for name in attacks:
         if name not in known:
-            raise ConfigError(f"--attack: unknown attack {name!r}; expected one of {', '.join(known)}")
+            field = "--attack" if suite is None else f"--suite: '{suite.source}': attacks"
+            raise ConfigError(f"{field}: unknown attack {name!r}; expected one of {', '.join(known)}")
     with renamed_fields(EVAL_FLAGS):
         check_precision(args.precision)
     device = str(check_device(args.device, "--device"))
@@ -209,7 +214,7 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
     if subset is not None and args.samples is not None:
         raise ConfigError("--samples: give --samples or --subset, not both (a subset fixes the images)")
     common = dict(
-        classes=args.classes,
+        classes=classes_for_subset(args.classes, subset, args.dataset),
         attacks=attacks,
         eps=eps,
         norm=norm,
@@ -266,7 +271,8 @@ def run_eval(args: argparse.Namespace) -> int:
     with (
         leave_as_found(Path(args.out), inside=["journal"]),
         reported_write_errors("--out", args.out),
-        renamed_fields(EVAL_FLAGS),
+        renamed_fields(EVAL_FLAGS if plan.suite is None else SUITE_FLAGS),
+        eval_lock(Path(journal_dir)),
     ):
         torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
         bundle = load_clip(

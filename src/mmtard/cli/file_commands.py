@@ -64,6 +64,9 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     )
     check.add_argument("--suite", default=None, help="check a suite's datasets (robustvlm or a suite file)")
     check.add_argument("--split", default=None, help="the split to list (default: val for imagenet, test otherwise)")
+    check.add_argument(
+        "--quick", action="store_true", help="decode 100 image files spread over each split, not every one"
+    )
 
 
 def run_data(args: argparse.Namespace) -> int:
@@ -87,6 +90,6 @@ def run_data(args: argparse.Namespace) -> int:
         folders = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
         targets = [(name, folder, args.split) for name, folder in zip(args.dataset, folders)]
     with renamed_fields({"dataset": "--dataset"}):
-        checks = [check_dataset(name, folder, split) for name, folder, split in targets]
+        checks = [check_dataset(name, folder, split, quick=args.quick) for name, folder, split in targets]
     print(format_checks(checks))
     return 0 if all(c.usable for c in checks) else 1

@@ -1,8 +1,9 @@
 """``mmtard data check``: is each dataset where it should be, in the layout its loader reads, and how big is it.
 
-:func:`check_dataset` lists the dataset the way evaluation would (file names and labels; no image is decoded)
-and reports it found or not, its class and image counts, and, when something is wrong, what and the layout
-expected (:data:`LAYOUTS`, the README's datasets table).
+:func:`check_dataset` lists the dataset the way evaluation would (file names and labels), decodes its image files
+as evaluation would (every one, or with ``quick`` an even spread of :data:`QUICK_IMAGES`), and reports it found or
+not, its class and image counts, and, when something is wrong, what (the first files that cannot be decoded) and
+the layout expected (:data:`LAYOUTS`, the README's datasets table).
 """
 
 from __future__ import annotations
@@ -10,10 +11,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmtard.data.loaders import read_image_file
 from mmtard.data.registry import create_dataset, get_dataset_spec
 from mmtard.errors import ConfigError
 
-__all__ = ["EXPECTED_CLASSES", "LAYOUTS", "DataCheck", "check_dataset", "default_split", "format_checks"]
+__all__ = [
+    "EXPECTED_CLASSES",
+    "LAYOUTS",
+    "QUICK_IMAGES",
+    "DataCheck",
+    "check_dataset",
+    "default_split",
+    "format_checks",
+]
+
+#: how many image files ``quick`` decodes, spread evenly over the split
+QUICK_IMAGES = 100
+#: how many undecodable files a problem names
+NAMED_BAD_FILES = 3
 
 _IMAGE_FOLDER = "ImageFolder <split>/<class>/<image> (test/, or val/, or the classes directly in the folder)"
 _WNID_FOLDER = "ImageFolder of WordNet-id class folders (n01440764/...), directly or under test/ or val/"
@@ -72,7 +87,8 @@ class DataCheck:
         classes: number of classes (when usable).
         images: number of images in the split (when usable).
         problem: what is wrong (None when usable).
-        note: a remark on a usable dataset (fewer classes than the full dataset).
+        note: a remark on a usable dataset (fewer classes than the full dataset, or how many image files were
+            decoded when not all were).
         expected: the layout the loader reads.
     """
 
@@ -96,8 +112,15 @@ def default_split(name: str) -> str:
     return "val" if name == "imagenet" else "test"
 
 
-def check_dataset(name: str, data_dir: str | Path | None, split: str | None = None) -> DataCheck:
-    """List ``name`` in ``data_dir`` as evaluation would, and report what was found.
+def check_dataset(
+    name: str, data_dir: str | Path | None, split: str | None = None, *, quick: bool = False, decode: bool = True
+) -> DataCheck:
+    """List ``name`` in ``data_dir`` as evaluation would, decode its image files, and report what was found.
+
+    Args:
+        quick: decode :data:`QUICK_IMAGES` image files spread over the split instead of every one (the note says
+            how many).
+        decode: False lists the files without decoding any (a suite's check before it runs, which decodes them).
 
     Raises:
         ConfigError: ``name`` is not a registered dataset (the message lists them).
@@ -120,11 +143,41 @@ def check_dataset(name: str, data_dir: str | Path | None, split: str | None = No
     check.classes = len(dataset.classnames)
     check.images = len(dataset)
     full = EXPECTED_CLASSES.get(name)
-    if full is not None and check.classes != full:
-        check.note = f"{check.classes} of the full dataset's {full} classes"
+    notes = (
+        [f"{check.classes} of the full dataset's {full} classes"] if full is not None and check.classes != full else []
+    )
     if check.images == 0:
         check.usable, check.problem = False, "no images in this split"
+        return check
+    files = [p for p in dataset.raw.images if isinstance(p, Path)] if isinstance(dataset.raw.images, list) else []
+    chosen = (_spread(files, QUICK_IMAGES) if quick else files) if decode else []
+    if decode and len(chosen) < len(files):
+        notes.append(f"{len(chosen)} of {len(files)} image files decoded (--quick)")
+    check.note = "; ".join(notes) or None
+    bad = _undecodable(chosen)
+    if bad:
+        shown = "; ".join(bad[:NAMED_BAD_FILES]) + ("; ..." if len(bad) > NAMED_BAD_FILES else "")
+        check.usable = False
+        check.problem = f"{len(bad)} of the {len(chosen)} image files checked cannot be used: {shown}"
     return check
+
+
+def _spread(files: list[Path], count: int) -> list[Path]:
+    """``count`` of ``files`` at even steps (all when there are fewer)."""
+    if len(files) <= count:
+        return files
+    return [files[i * len(files) // count] for i in range(count)]
+
+
+def _undecodable(files: list[Path]) -> list[str]:
+    """What is wrong with each file that evaluation could not decode, in order."""
+    problems = []
+    for path in files:
+        try:
+            read_image_file(path)
+        except ConfigError as exc:
+            problems.append(exc.detail)
+    return problems
 
 
 def format_checks(checks: list[DataCheck]) -> str:

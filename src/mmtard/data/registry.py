@@ -144,6 +144,9 @@ def resolve_classes(classes: str | Sequence[str] | None, classnames: Sequence[st
     if classes == "unseen":
         return list(range((k + 1) // 2, k))
     names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else list(classes)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"classes: {twice} named twice; each class is one prototype of the zero-shot head")
     lookup = {name: i for i, name in enumerate(classnames)}
     unknown = [n for n in names if n not in lookup]
     if unknown:
@@ -296,7 +299,10 @@ def create_dataset(
             f"classnames: dataset {name} has no class names in '{data_dir}' (add classes.txt or pass classnames)"
         )
     num_labels = int(raw.labels.max()) + 1 if len(raw.labels) else 0
-    if len(names) != num_labels:
+    if raw.folder_names is not None:  # an image folder: one label per class folder, and a name for each
+        num_labels = len(raw.folder_names)
+    # an array's split, or a subset of it, may hold only the first labels of its class list
+    if len(names) < num_labels or (raw.folder_names is not None and len(names) != num_labels):
         raise ConfigError(
             f"classnames: {len(names)} class names given for {name}, "
             f"but the labels in '{data_dir}' run 0..{num_labels - 1} "
@@ -305,6 +311,11 @@ def create_dataset(
     chosen = resolve_classes(classes, names)
     if chosen != list(range(len(names))):
         keep = torch.nonzero(torch.isin(raw.labels, torch.tensor(chosen))).flatten()
+        if indices is not None and len(keep) < len(positions):
+            raise ConfigError(
+                f"subset: {len(positions) - len(keep)} of its {len(positions)} {name} images are of classes outside "
+                f"classes={classes!r}; evaluate a subset with the classes it was made with"
+            )
         raw = _select(raw, keep, {old: new for new, old in enumerate(chosen)})
         positions = positions[keep]
         names = [names[i] for i in chosen]

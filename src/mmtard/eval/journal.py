@@ -8,7 +8,8 @@ and the settings: a resumed evaluation gives exactly the counts of an uninterrup
 The file is JSON lines: the first line is the evaluation's identity (model, weights file, dataset, class
 names, samples, batch size, attacks...), each further line the counts of one finished batch, appended and
 flushed to disk. The file name carries a digest of the identity, so two different evaluations never share a
-journal; a line cut short by a crash is dropped and its batch is run again.
+journal; a line cut short by a crash (or damaged: not UTF-8, not JSON, without its ``batch``) is dropped and its
+batch, and those after it, are run again. Resuming says in one line how many finished batches are reused.
 """
 
 from __future__ import annotations
@@ -51,15 +52,21 @@ class EvalJournal:
         self.identity = _normalised(identity)
         self.done: dict[int, dict] = {}
         if self.path.is_file():
-            lines = self.path.read_text().splitlines()
+            lines = self.path.read_bytes().splitlines()
             if lines and self._parse(lines[0]) == self.identity:
-                for line in lines[1:]:
+                for number, line in enumerate(lines[1:], start=2):
                     entry = self._parse(line)
-                    if entry is None:  # cut short by a crash: this batch and any after it are run again
+                    if entry is None or not _is_batch_number(entry.get("batch")):  # cut short by a crash, or
+                        if any(rest.strip() for rest in lines[number:]):  # damaged: it and any after it run again
+                            logger.warning(
+                                "%s: line %d is damaged; its batch and later ones run again", self.path, number
+                            )
                         break
                     self.done[entry["batch"]] = entry
                 if self.done:
-                    logger.info("%s: resuming after %d finished batches", self.path, len(self.done))
+                    logger.warning(
+                        "%s: resuming an interrupted evaluation: %d finished batches reused", self.path, len(self.done)
+                    )
             else:
                 logger.warning("%s: written by another evaluation; starting it over", self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,10 +74,10 @@ class EvalJournal:
         atomic_write_text(self.path, "".join(json.dumps(item, sort_keys=True) + "\n" for item in kept))
 
     @staticmethod
-    def _parse(line: str) -> dict | None:
+    def _parse(line: bytes) -> dict | None:
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
+            value = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return None
         return value if isinstance(value, dict) else None
 
@@ -81,3 +88,7 @@ class EvalJournal:
             f.flush()
             os.fsync(f.fileno())
         self.done[entry["batch"]] = entry
+
+
+def _is_batch_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

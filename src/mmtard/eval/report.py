@@ -10,14 +10,48 @@ from pathlib import Path
 from mmtard.distributed import Shard
 from mmtard.eval.subset import SUBSET_FILE, subset_file
 from mmtard.fileio import atomic_write_text
+from mmtard.models.loading import RANDOM_INIT
 
 _UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.+-]+")
 
 
 def robust_column(entry: dict) -> str:
-    """Column title naming everything that produced a robust number: attack, eps, steps, restarts."""
+    """Column title naming everything that produced a robust number: attack, norm, eps, steps, restarts
+    (``pgd linf 4/255 (10 steps, 1 restart)``; an L2 radius of 0.5 is ``pgd l2 0.5 ...``)."""
     plural = "s" if entry["restarts"] != 1 else ""
-    return f"{entry['attack']} {entry['eps']} ({entry['steps']} steps, {entry['restarts']} restart{plural})"
+    norm = f"{entry['norm']} " if entry.get("norm") else ""
+    return f"{entry['attack']} {norm}{entry['eps']} ({entry['steps']} steps, {entry['restarts']} restart{plural})"
+
+
+def weights_text(pretrained: object, digest: object) -> str:
+    """What ``--pretrained`` loaded: a file with its SHA-256, random weights, or an open_clip tag / hub id."""
+    if digest:
+        return f"`{pretrained}`, SHA-256 `{digest}`"
+    if str(pretrained or "").lower() in RANDOM_INIT:
+        return f"random initialisation (`--pretrained {pretrained or 'none'}`)"
+    return f"`{pretrained}` (an open_clip pretrained tag or hub id)"
+
+
+def evaluated_lines(records: list[dict], suite: dict | None = None) -> list[str]:
+    """What was evaluated, as ``results.json`` records it: the model, its weights (a file's SHA-256), the
+    image-tower file with its SHA-256 and alpha, and the suite."""
+    lines = []
+    keys = ("model", "pretrained", "pretrained_sha256", "vision_weights", "vision_weights_sha256")
+    for model, pretrained, digest, tower, tower_digest in dict.fromkeys(
+        tuple(record.get(k) for k in keys) for record in records
+    ):
+        lines += [f"- Model: `{model}`", f"- Weights: {weights_text(pretrained, digest)}"]
+        if tower:
+            alpha = next(r.get("vision_weights_alpha") for r in records if r.get("vision_weights") == tower)
+            lines.append(
+                f"- Image tower: `{tower}`, SHA-256 `{tower_digest}`, alpha {alpha} "
+                "(alpha x the file's tower + (1 - alpha) x the base tower)"
+            )
+        else:
+            lines.append("- Image tower: the weights' own (no --vision-weights)")
+    if suite:
+        lines.append(f"- Suite: `{suite.get('name')}` (`{suite.get('source')}`)")
+    return lines
 
 
 def result_names(records: list[dict]) -> list[str]:
@@ -97,7 +131,9 @@ def write_results(
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2))
     atomic_write_text(out / SUBSET_FILE, json.dumps(subset_file(records), indent=1))
     warnings = [f"- {name}: {w}" for r, name in zip(records, names) for w in r.get("checks", {}).get("warnings", [])]
-    body = "# Zero-shot evaluation\n\nAccuracy in percent.\n\n" + (table or markdown_table(records)) + "\n"
+    what = "\n".join(evaluated_lines(records, (extra or {}).get("suite")))
+    body = f"# Zero-shot evaluation\n\n{what}\n\nAccuracy in percent; robust columns name attack, norm and eps.\n\n"
+    body += (table or markdown_table(records)) + "\n"
     body += "\n## Gradient-masking checks\n\n" + ("\n".join(warnings) if warnings else "All checks passed.") + "\n"
     atomic_write_text(out / "results.md", body)
     return written

@@ -14,8 +14,9 @@ from mmtard.data import ImageDataset, check_dataset_source, create_dataset, pars
 from mmtard.distributed import Shard
 from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
-from mmtard.eval.subset import indices_sha256, subset_entry
+from mmtard.eval.subset import classes_key, indices_sha256, subset_entry
 from mmtard.eval.zeroshot import NonFiniteLogitsError, check_finite_logits, check_precision, evaluate_classifier
+from mmtard.fileio import weights_sha256
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier
 from mmtard.models.zeroshot import check_logit_scale
 from mmtard.units import format_eps
@@ -122,6 +123,12 @@ def _check_subset(request: EvalRequest) -> None:
             raise ConfigError(f"subset: no images of {name} in it (it has {', '.join(sorted(request.subset))})")
         if entry.get("split", request.split) != request.split:
             raise ConfigError(f"subset: its {name} images are of split {entry['split']!r}, not {request.split!r}")
+        if entry.get("classes", classes_key(request.classes)) != classes_key(request.classes):
+            raise ConfigError(
+                f"subset: its {name} images were chosen with classes {entry['classes']!r}, this run asks for "
+                f"{classes_key(request.classes)!r}; a subset pins its class selection (the zero-shot head), so "
+                "evaluate it with the classes it was made with"
+            )
 
 
 def _check_int(value: object, field: str, minimum: int | None) -> None:
@@ -208,6 +215,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
         record = {
             "model": bundle.name,
             "pretrained": bundle.pretrained,
+            **_digest("pretrained_sha256", bundle.pretrained),
             **_vision_fields(bundle),
             "split": request.split,
             **({"part": request.part} if request.part is not None else {}),
@@ -221,7 +229,7 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
             "machine": platform.node() or platform.machine(),
             **result.to_dict(),
             "eps_values": [format_eps(e) for e in request.eps] if attacks else [],
-            "subset": subset_entry(request.split, dataset.source_size, dataset.source_indices),
+            "subset": subset_entry(request.split, dataset.source_size, dataset.source_indices, request.classes),
         }
         records.append(record)
     return records
@@ -238,7 +246,17 @@ def _vision_fields(bundle: CLIPBundle) -> dict:
     """``vision_weights`` (and its alpha) for a record, when an image-tower file was loaded."""
     if bundle.vision_weights is None:
         return {}
-    return {"vision_weights": bundle.vision_weights, "vision_weights_alpha": bundle.vision_weights_alpha}
+    return {
+        "vision_weights": bundle.vision_weights,
+        **_digest("vision_weights_sha256", bundle.vision_weights),
+        "vision_weights_alpha": bundle.vision_weights_alpha,
+    }
+
+
+def _digest(key: str, weights: str | None) -> dict:
+    """``{key: SHA-256}`` of a local weights file; nothing for a tag or random weights."""
+    digest = weights_sha256(weights)
+    return {} if digest is None else {key: digest}
 
 
 def _open_journal(

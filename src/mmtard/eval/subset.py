@@ -16,12 +16,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mmtard.errors import ConfigError
+from mmtard.fileio import require_regular_file
 
-__all__ = ["SUBSET_FILE", "indices_sha256", "read_subset", "subset_entry", "subset_file"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SUBSET_FILE",
+    "classes_for_subset",
+    "classes_key",
+    "indices_sha256",
+    "read_subset",
+    "subset_entry",
+    "subset_file",
+]
 
 #: written beside results.json
 SUBSET_FILE = "subset.json"
@@ -32,16 +44,46 @@ def indices_sha256(indices: Sequence[int]) -> str:
     return hashlib.sha256(",".join(str(int(i)) for i in indices).encode()).hexdigest()
 
 
-def subset_entry(split: str, source_size: int, indices: Sequence[int]) -> dict:
-    """The ``subset`` of a results record."""
+def subset_entry(
+    split: str, source_size: int, indices: Sequence[int], classes: str | Sequence[str] | None = None
+) -> dict:
+    """The ``subset`` of a results record; ``classes``, the class selection its images were taken with (it
+    decides the zero-shot head), is pinned with them."""
     indices = [int(i) for i in indices]
-    return {
+    entry = {
         "split": split,
         "source_size": int(source_size),
         "count": len(indices),
         "sha256": indices_sha256(indices),
         "indices": indices,
     }
+    if classes is not None:
+        entry["classes"] = classes_key(classes)
+    return entry
+
+
+def classes_key(classes: str | Sequence[str]) -> str | list[str]:
+    """A class selection as a subset records it: ``all``, ``seen``, ``unseen`` or a list of names."""
+    if isinstance(classes, str):
+        return classes if classes in ("all", "seen", "unseen") else [c.strip() for c in classes.split(",")]
+    return [str(c) for c in classes]
+
+
+def classes_for_subset(
+    classes: str | Sequence[str] | None, subsets: Mapping[str, Mapping] | None, datasets: Sequence[str] | None
+) -> str | Sequence[str]:
+    """``classes`` when given; else the class selection the subsets of ``datasets`` (all of them when None)
+    were made with, when they record one and agree (with a warning line saying so); else ``all``."""
+    if classes is not None:
+        return classes
+    if not subsets:
+        return "all"
+    pinned = [subsets[name].get("classes") for name in (datasets or list(subsets)) if name in subsets]
+    if pinned and pinned[0] not in (None, "all") and all(p == pinned[0] for p in pinned):
+        shown = pinned[0] if isinstance(pinned[0], str) else ",".join(pinned[0])
+        logger.warning("subset: its images were chosen with classes %s; evaluating those classes", shown)
+        return pinned[0]
+    return "all"
 
 
 def subset_file(records: Sequence[Mapping]) -> dict:
@@ -58,12 +100,15 @@ def read_subset(path: str | Path, field: str = "subset") -> dict[str, dict]:
             records of one dataset with different indices.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{field}: '{path}' does not exist; expected a subset.json or results.json file")
+    require_regular_file(path, field, "a subset.json or results.json file")  # a FIFO would hang
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{field}: '{path}' is not JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{field}: '{path}' is nested too deeply to be a subset.json or results.json") from None
     if isinstance(data, Mapping) and isinstance(data.get("datasets"), Mapping):
         subsets = dict(data["datasets"])
     else:

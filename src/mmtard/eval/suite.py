@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from mmtard.data.check import check_dataset
 from mmtard.errors import ConfigError
 from mmtard.eval.report import robust_column
+from mmtard.fileio import read_yaml_file
 from mmtard.units import parse_eps
 
 __all__ = [
@@ -106,10 +105,7 @@ def load_suite(name_or_path: str | Path, field: str = "suite") -> Suite:
         raise ConfigError(
             f"{field}: '{name_or_path}' is neither a suite ({', '.join(sorted(shipped))}) nor a suite file"
         )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{field}: '{path}' is not YAML ({' '.join(str(exc).split())})") from None
+    data = read_yaml_file(path, field, "a suite file")
     where = f"{field}: '{path}'"
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping with {', '.join(sorted(SUITE_KEYS))}")
@@ -192,7 +188,7 @@ def check_suite_data(datasets: Sequence[SuiteDataset], root: str | Path, suite_n
     folders, problems = [], []
     for entry in datasets:
         folder = root / entry.name
-        check = check_dataset(entry.name, folder, entry.split)
+        check = check_dataset(entry.name, folder, entry.split, decode=False)  # evaluation decodes what it reads
         folders.append(str(folder))
         if not check.found:
             problems.append(f"{entry.name} (expected at {folder})")

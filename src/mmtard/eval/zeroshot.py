@@ -171,7 +171,7 @@ def evaluate_classifier(
     loader = DataLoader(dataset, batch_sampler=[batches[b] for b in own], num_workers=num_workers)
     bar = tqdm(zip(own, loader), total=len(own), desc=f"eval {name}", disable=not (progress and shard.is_main))
     counts_by_batch, earlier_seconds = _evaluate_batches(
-        classifier, attacks, bar, batches, computed, journal, precision
+        classifier, attacks, bar, batches, computed, journal, precision, name
     )
     classifier.train(was_training)
     parts = gather((counts_by_batch, time.perf_counter() - start + earlier_seconds), shard)
@@ -203,17 +203,26 @@ def _evaluate_batches(
     computed: dict[int, dict],
     journal: EvalJournal | None,
     precision: str,
+    name: str,
 ) -> tuple[dict[int, dict], float]:
     """Each ``(index, batch)`` of ``loaded``'s counts, by index, and the seconds of those read from the journal.
 
-    A batch the journal holds (with its outcomes) is not run again; one in ``computed`` (the precision check's
-    first batch) is taken from there; any other is evaluated now. Those are recorded in the journal.
+    A batch the journal holds, whose entry fits the batch (:func:`_fits_batch`), is not run again; one in
+    ``computed`` (the precision check's first batch) is taken from there; any other is evaluated now. Those are
+    recorded in the journal.
     """
     counts_by_batch: dict[int, dict] = {}
     earlier_seconds = 0.0
     for index, batch in loaded:
         journaled = journal.done.get(index) if journal is not None else None
-        if journaled is not None and "clean_outcomes" in journaled:  # not one journaled before outcomes were kept
+        if journaled is not None and not _fits_batch(journaled, len(batches[index]), len(attacks)):
+            if "clean_outcomes" in journaled:  # else journaled before outcomes were kept: run again, nothing wrong
+                size = len(batches[index])
+                logger.warning(
+                    "%s: journaled counts of batch %d do not fit its %d images; run again", name, index, size
+                )
+            journaled = None
+        if journaled is not None:
             counts_by_batch[index] = journaled
             earlier_seconds += journaled["seconds"]
             continue
@@ -236,6 +245,34 @@ def _evaluate_loaded_batch(
     ids = batch[2] if len(batch) > 2 else torch.tensor(indices)
     with autocast(precision, device):
         return _evaluate_batch(classifier, attacks, x, y, ids)
+
+
+def _fits_batch(counts: dict, images: int, attacks: int) -> bool:
+    """Whether a journal entry can be the counts of a batch of ``images`` images under ``attacks`` attacks: every
+    outcome string has one 0/1 per image, and every count is the number of 1s in its string."""
+
+    def outcome(bits: object, count: object) -> bool:
+        return (
+            isinstance(bits, str)
+            and len(bits) == images
+            and set(bits) <= {"0", "1"}
+            and isinstance(count, int)
+            and count == bits.count("1")
+        )
+
+    robust, robust_bits = counts.get("robust"), counts.get("robust_outcomes")
+    zero_grad, seconds = counts.get("zero_grad"), counts.get("seconds")
+    return (
+        counts.get("images") == images
+        and outcome(counts.get("clean_outcomes"), counts.get("clean"))
+        and isinstance(robust, list)
+        and isinstance(robust_bits, list)
+        and len(robust) == len(robust_bits) == attacks
+        and all(outcome(bits, count) for bits, count in zip(robust_bits, robust))
+        and isinstance(zero_grad, int)
+        and 0 <= zero_grad <= images
+        and isinstance(seconds, (int, float))
+    )
 
 
 def _merge(

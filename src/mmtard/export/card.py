@@ -299,11 +299,24 @@ def _result_rows(label: str, record: dict, split: str, classes: str) -> list[lis
     ]
 
 
-def _which_weights(record: dict, source_digest: str | None) -> str | None:
-    """``None`` when the record evaluated the exported weights (same SHA-256), else what it evaluated."""
+def _which_weights(
+    record: dict, source_digest: str | None, tower: tuple[str, float] | None = None, base: str = ""
+) -> str | None:
+    """``None`` when the record evaluated the exported weights (same SHA-256), else what it evaluated. With an
+    image-tower file (``tower``: its SHA-256 and alpha), the record must have loaded the same file with the same
+    alpha over the same base weights (``base``: the file, or the open_clip tag)."""
     evaluated = Path(str(record.get("pretrained", "")))
     described = f"`{record.get('model')}` `{record.get('pretrained')}`"
+    evaluated_tower = None
+    if record.get("vision_weights"):
+        described += f" with image tower `{record['vision_weights']}` (alpha {record.get('vision_weights_alpha')})"
+        evaluated_tower = (record.get("vision_weights_sha256"), record.get("vision_weights_alpha"))
+    if evaluated_tower != tower:
+        what = "those have no image-tower file" if tower is None else "another image-tower file or alpha"
+        return f"{described}: NOT the exported weights ({what})"
     if not evaluated.is_file():
+        if tower is not None and str(record.get("pretrained")) == base and base.lower() not in RANDOM_INIT:
+            return None  # the same open_clip tag, the same tower file and alpha
         return f"{described} (not a file here, so not compared with the exported weights)"
     if source_digest is not None and sha256(evaluated) == source_digest:
         return None
@@ -319,10 +332,13 @@ def evaluation_section(card: CardInput, source_digest: str | None) -> list[str]:
         eval_split, eval_classes = data.get("eval_split", "?"), data.get("eval_classes", "?")
         sources.append(("final_eval.json", card.source.final_eval, eval_split, eval_classes))
     notes = []
+    tower = None
+    if card.source.vision_weights is not None:
+        tower = (sha256(Path(card.source.vision_weights)), card.source.vision_weights_alpha)
     for path, records in card.results:
         for record in records:
             sources.append((path.name, record, "?", "?"))
-            if (other := _which_weights(record, source_digest)) is not None:
+            if (other := _which_weights(record, source_digest, tower, card.source.weights)) is not None:
                 notes.append(f"- `{path.name}` ({record.get('dataset')}) evaluated {other}.")
                 logger.warning("%s: %s evaluated %s", path, record.get("dataset"), other)
     if not sources:
@@ -431,8 +447,9 @@ def provenance_section(card: CardInput, source_digest: str | None) -> list[str]:
     if card.source.run is not None:
         lines.append(f"- Run folder: `{card.source.run.path}`.")
     for start in card.source.run_starts or []:
+        start = {key: _plain(value) for key, value in start.items()}  # a file's text: no escape codes, no new lines
         lines.append(
-            f"- Training {'started' if start.get('step') == 0 else 'resumed'} at step {start.get('step')}, "
+            f"- Training {'started' if start.get('step') == '0' else 'resumed'} at step {start.get('step')}, "
             f"{start.get('started')}: mmtard {start.get('mmtard')}, commit {start.get('commit') or 'not available'}, "
             f"torch {start.get('torch')}, open_clip {start.get('open_clip')}, {start.get('world_size')} process(es) "
             f"on {start.get('gpu') or start.get('device')}."
@@ -444,8 +461,27 @@ def provenance_section(card: CardInput, source_digest: str | None) -> list[str]:
         lines.append(f"- Source weights: random initialisation (`--pretrained {card.source.weights}`).")
     else:
         lines.append(f"- Source weights: open_clip pretrained tag `{card.source.weights}`.")
+    if card.source.vision_weights is not None:
+        lines.append(
+            f"- Image tower: `{card.source.vision_weights}`, SHA-256 `{sha256(Path(card.source.vision_weights))}`, "
+            f"loaded over the source weights with alpha {card.source.vision_weights_alpha} (alpha x the file's tower "
+            "+ (1 - alpha) x the base tower, in weight space)."
+        )
     lines += [f"- `{f.name}`: SHA-256 `{sha256(f)}`." for f in weights]
     return lines + [""]
+
+
+#: the longest value of a run's provenance.json the card quotes
+PLAIN_LENGTH = 200
+
+
+def _plain(value: object) -> str:
+    """``value`` as one line of plain text: control characters (escape codes, new lines that would start a
+    heading) written as ``\\xNN``, markdown's backticks removed, at most :data:`PLAIN_LENGTH` characters."""
+    if value is None or value == "":
+        return ""
+    text = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in str(value)).replace("`", "'")
+    return text if len(text) <= PLAIN_LENGTH else text[: PLAIN_LENGTH - 3] + "..."
 
 
 def render_card(card: CardInput) -> str:
@@ -457,6 +493,10 @@ def render_card(card: CardInput) -> str:
         title = f"# {card.source.arch}, {config.get('method', {}).get('name')} (mmtard)"
     else:
         title = f"# {card.source.arch}, {Path(card.source.weights).name} (mmtard)"
+    if card.source.vision_weights is not None:
+        alpha = card.source.vision_weights_alpha
+        title = title.removesuffix(" (mmtard)") + f", image tower {Path(card.source.vision_weights).name} alpha {alpha}"
+        title += " (mmtard)"
     sections = [
         front_matter(card),
         [title, ""],

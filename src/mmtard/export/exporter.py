@@ -138,7 +138,12 @@ def export_model(
     )
     _check_finite_weights(bundle.model, source.weights)
     # the architecture built (a -quickgelu variant for a tower over openai) is the one written and described
-    source = replace(source, arch=bundle.name, vision_weights=bundle.vision_weights)
+    source = replace(
+        source,
+        arch=bundle.name,
+        vision_weights=bundle.vision_weights,
+        vision_weights_alpha=bundle.vision_weights_alpha if bundle.vision_weights is not None else None,
+    )
     preprocess = preprocess_config(bundle, source.base_tag)
     with reported_write_errors("--out", out), staged_folder(out) as stage:
         files = export_format.write(bundle.name, bundle.model, preprocess, stage)

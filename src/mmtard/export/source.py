@@ -32,6 +32,7 @@ class ExportSource:
         base_tag: the open_clip pretrained tag the weights started from, when known (the run's
             ``student.pretrained``, or ``--pretrained`` itself).
         vision_weights: the image-tower file loaded over ``weights`` (``--vision-weights``), if any.
+        vision_weights_alpha: its weight against the base tower (``--vision-weights-alpha``), with it.
         run_starts: the run's ``provenance.json``: one record per start of its training (``None`` when absent).
     """
 
@@ -42,6 +43,7 @@ class ExportSource:
     final_eval: dict | None = None
     base_tag: str | None = None
     vision_weights: str | None = None
+    vision_weights_alpha: float | None = None
     run_starts: list[dict] | None = None
 
     @property

@@ -95,7 +95,7 @@ def check_checkpoint_file(path: str | Path, field: str = "pretrained", *, trust_
 
 def _check_safetensors(path: Path, head: bytes, field: str) -> None:
     size = path.stat().st_size
-    if head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL_2_PLUS)):
+    if head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL_2_PLUS)) and not _has_json_header(path):
         raise CheckpointError(
             f"{field}: '{path}' is a PyTorch file (torch.save / pickle), not safetensors; name it .pt so that it is "
             "read as a state dict (weights only), or convert it to safetensors"
@@ -133,6 +133,15 @@ def _check_safetensors(path: Path, head: bytes, field: str) -> None:
             pass
     except SafetensorError as exc:
         raise CheckpointError(f"{field}: '{path}' is not a readable safetensors file ({exc})") from None
+
+
+def _has_json_header(path: Path) -> bool:
+    """Whether a JSON object starts right after the 8-byte header length, as in every safetensors file. A
+    header length whose low byte is 0x80 (a pickle's first byte) or whose bytes spell ``PK`` is then no
+    PyTorch file."""
+    with open(path, "rb") as f:
+        f.seek(SAFETENSORS_HEADER_BYTES)
+        return f.read(1) == b"{"
 
 
 def _data_end(entry: object) -> int:

@@ -53,6 +53,17 @@ HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 HUB_CONFIG_FILE = "open_clip_config.json"
 HUB_WEIGHTS_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's order
+#: the weights files open_clip prefers in a local-dir: folder, in its order
+LOCAL_WEIGHTS_FILES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
 OPEN_CLIP_RANDOM_INIT_WARNING = "No pretrained weights loaded"
 
 
@@ -136,15 +147,20 @@ def check_hub_id(name: str, cache_dir: str | None = None, field: str = "model") 
     """Check an ``hf-hub:ORG/REPO`` or ``local-dir:PATH`` model before open_clip is asked to build it.
 
     Offline (``HF_HUB_OFFLINE=1``), the repository's config and weights must be in the Hugging Face cache;
-    a ``local-dir:`` must be a folder.
+    a ``local-dir:`` must be a folder. The weights file found (in the folder, or cached) is checked as any
+    checkpoint file is (:func:`check_checkpoint_file`: whole, a state dict, no pickled code).
 
     Raises:
         ConfigError: the id is empty, not cached while offline, or the folder does not exist.
+        CheckpointError: its weights file is unreadable, truncated, or a pickle that needs code execution.
     """
     if name.startswith(LOCAL_DIR_PREFIX):
         folder = Path(name[len(LOCAL_DIR_PREFIX) :])
         if not folder.is_dir():
             raise ConfigError(f"{field}: '{name}': '{folder}' is not a folder (expected {HUB_CONFIG_FILE} and weights)")
+        found = [folder / f for f in LOCAL_WEIGHTS_FILES if (folder / f).is_file()]
+        if found:
+            check_checkpoint_file(found[0], field)
         return
     repo_id = name[len(HUB_PREFIX) :]
     if not repo_id:
@@ -159,6 +175,7 @@ def check_hub_id(name: str, cache_dir: str | None = None, field: str = "model") 
             f"{field}: '{name}': offline (HF_HUB_OFFLINE=1), this id is not cached ({missing} missing); "
             "run once with internet access, or give a local checkpoint file with --pretrained"
         )
+    check_checkpoint_file(next(w for w in weights if isinstance(w, str)), field)
 
 
 class _DropOpenClipRandomInitWarning(logging.Filter):
@@ -310,7 +327,10 @@ def _create_hub_model(name: str, device: str | torch.device, cache_dir: str | No
     check_hub_id(name, cache_dir)
     try:
         return open_clip.create_model(name, device=device, cache_dir=cache_dir)
-    except (RuntimeError, ValueError, OSError) as exc:
+    except (RuntimeError, ValueError, OSError, AssertionError) as exc:
+        if isinstance(exc, AssertionError) or "Error(s) in loading state_dict" in str(exc):  # another width or model
+            detail = " ".join(str(exc).split())[:300]
+            raise CheckpointError(f"model: '{name}': its weights do not fit its config ({detail})") from exc
         if not _is_fetch_error(exc):
             raise
         raise ConfigError(f"model: cannot load '{name}': {_first_line(exc)}") from exc

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.factory import load_state_dict
+from safetensors.torch import load_file
 from torch import nn
 
 from mmtard.errors import ConfigError
@@ -91,10 +91,14 @@ def read_vision_state_dict(
             or a file that holds no image tower.
     """
     path = check_checkpoint_file(path, field, trust_checkpoint=trust_checkpoint)
-    checkpoint = load_state_dict(str(path), weights_only=not trust_checkpoint)
+    if path.suffix == ".safetensors":
+        checkpoint = load_file(str(path))
+    else:  # not open_clip's load_state_dict: it strips module. itself, so two names equal without it would merge
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     state = _unwrap(checkpoint)
     if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{field}: '{path}' holds no state dict (parameter name -> tensor) of an image tower")
+    _refuse_names_equal_once_stripped(state, path, field)
     state = {_strip(str(k), "module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     if visual and len(visual) < len(state):
@@ -110,12 +114,32 @@ def read_vision_state_dict(
 
 
 def _unwrap(checkpoint: object) -> object:
-    while isinstance(checkpoint, Mapping):
+    """The innermost mapping under the state-dict keys; a mapping met twice (a file that holds itself under
+    ``state_dict``) ends the walk, as would a real tower."""
+    seen = set()
+    while isinstance(checkpoint, Mapping) and id(checkpoint) not in seen:
+        seen.add(id(checkpoint))
         inner = next((checkpoint[k] for k in VISION_STATE_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
         if inner is None:
             return checkpoint
         checkpoint = inner
     return checkpoint
+
+
+def _refuse_names_equal_once_stripped(state: Mapping, path: Path, field: str) -> None:
+    """Two tensors whose names are equal without their ``module.`` prefixes (``module.visual.proj`` and
+    ``visual.proj``): one of them would replace the other silently."""
+    seen: dict[str, str] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = _strip(str(key), "module.")
+        if name in seen:
+            raise CheckpointError(
+                f"{field}: '{path}' holds both '{seen[name]}' and '{key}', the same tensor once the module. prefix "
+                "is removed; keep one of them"
+            )
+        seen[name] = str(key)
 
 
 def _strip(key: str, prefix: str) -> str:
@@ -147,11 +171,28 @@ def apply_vision_weights(
 
     Raises:
         CheckpointError: tensors missing, extra, or of other shapes than ``arch``'s image tower; one line
-            naming ``field``, the expected and the found shapes.
+            naming ``field``, the expected and the found shapes. Tensors holding NaN or inf, or bool / integer
+            tensors where the tower has floating-point ones (they would be cast silently).
     """
     alpha = check_vision_alpha(alpha, f"{field} alpha")
     base = model.visual.state_dict()
     where = f"'{source}'" if source else "the file"
+    not_float = [
+        f"{k} ({state_dict[k].dtype})"
+        for k in base
+        if k in state_dict and base[k].is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    if not_float:
+        raise CheckpointError(
+            f"{field}: {where} holds {len(not_float)} non-floating-point tensor(s) where {arch}'s image tower has "
+            f"floating-point ones: {_listing(not_float)}; expected the tower's weights, not masks or counts"
+        )
+    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise CheckpointError(
+            f"{field}: {where} holds non-finite weights (NaN or inf in {len(non_finite)} tensor(s): "
+            f"{_listing(non_finite)}); a diverged training run? Nothing was evaluated or written"
+        )
     mismatched = [
         f"{k} is {_shape(state_dict[k])} in the file, {arch} expects {_shape(base[k])}"
         for k in base

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from mmtard.distributed import DistEnv, gather_objects
 from mmtard.errors import ConfigError
-from mmtard.fileio import atomic_write_text, current_umask
+from mmtard.fileio import atomic_write_text, current_umask, file_sha256
 from mmtard.models import CLIPBundle
 from mmtard.train.build import adapter_state, merged_student_state
 from mmtard.train.config import RunConfig
@@ -157,6 +157,107 @@ def check_checkpoint_files(path: Path) -> None:
         check_checkpoint_file(path / ADAPTER_FILE, "--resume")
     if not zipfile.is_zipfile(path / STATE_FILE):
         raise ConfigError(f"--resume: '{path / STATE_FILE}' is not a complete trainer state (truncated or foreign)")
+    try:  # memory-mapped: the structure is read, the tensors are not
+        trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a foreign or damaged file: say which file, keep the cause
+        raise ConfigError(f"--resume: '{path / STATE_FILE}' cannot be read as a trainer state ({exc})") from exc
+    check_trainer_state(trainer_state, path / STATE_FILE)
+
+
+#: what every trainer state holds, and the type of each
+TRAINER_STATE_KEYS = {
+    "step": int,
+    "optimizer": dict,
+    "scheduler": dict,
+    "scaler": dict,
+    "method": dict,
+    "rng": (list, dict),
+}
+
+
+def check_trainer_state(trainer_state: object, file: Path) -> None:
+    """A trainer state holds every entry :func:`restore` reads, each of its type.
+
+    Raises:
+        ConfigError: naming ``--resume``, the file and the first entry missing or of another type.
+    """
+    if not isinstance(trainer_state, dict):
+        raise ConfigError(f"--resume: '{file}' holds a {type(trainer_state).__name__}, expected a trainer state")
+    missing = [key for key in TRAINER_STATE_KEYS if key not in trainer_state]
+    if missing:
+        raise ConfigError(
+            f"--resume: '{file}' lacks {', '.join(missing)}; it is not a complete trainer state of mmtard train"
+        )
+    for key, kind in TRAINER_STATE_KEYS.items():
+        value = trainer_state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"--resume: '{file}' has {key} of type {type(value).__name__}; not a trainer state")
+
+
+def versions() -> dict[str, str]:
+    """The versions a checkpoint records: another mmtard or torch may resume it, but not bitwise."""
+    import mmtard
+
+    return {"mmtard": str(mmtard.__version__), "torch": str(torch.__version__)}  # TorchVersion is no str
+
+
+def weight_file_fields(cfg: RunConfig) -> dict[str, str]:
+    """Every weights file of the run by its config field (``teachers.robust.pretrained`` -> its path); tags,
+    ``none`` and hub ids are not files and are left out."""
+    models = {"student": cfg.student, **{f"teachers.{role}": teacher for role, teacher in cfg.teachers.items()}}
+    fields = {}
+    for prefix, model in models.items():
+        for key in ("pretrained", "vision_weights"):
+            value = getattr(model, key, None)
+            if value and Path(str(value)).is_file():
+                fields[f"{prefix}.{key}"] = str(value)
+    return fields
+
+
+def weight_file_stamps(cfg: RunConfig) -> dict[str, dict]:
+    """``field -> {path, size, mtime_ns, sha256}`` of every weights file (the SHA-256 is computed once per file)."""
+    stamps = {}
+    for field, path in weight_file_fields(cfg).items():
+        info = Path(path).stat()
+        stamps[field] = {"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": file_sha256(path)}
+    return stamps
+
+
+def check_resume_files(path: Path, cfg: RunConfig) -> None:
+    """The weights files a checkpoint was trained with are the ones this resume reads (size and modification
+    time, else the SHA-256); a checkpoint of another mmtard or torch resumes with a warning (not bitwise).
+
+    Raises:
+        ConfigError: naming the field whose file changed since the checkpoint was written.
+    """
+    trainer_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    for field, stamp in (trainer_state.get("weight_files") or {}).items():
+        now = weight_file_fields(cfg).get(field)
+        if now is None or not isinstance(stamp, dict):
+            continue  # the field names no file now: check_resume_configs reports a changed config
+        info = Path(now).stat()
+        if [info.st_size, info.st_mtime_ns] == [stamp.get("size"), stamp.get("mtime_ns")]:
+            continue
+        if file_sha256(now) != stamp.get("sha256"):
+            raise ConfigError(
+                f"{field}: '{now}' changed since checkpoint {path} was written (SHA-256 {str(stamp.get('sha256'))[:12]}"
+                f"..., now {file_sha256(now)[:12]}...): the resumed run would go on with other weights. Restore the "
+                "file, or start a new output_dir"
+            )
+    written = trainer_state.get("versions")
+    if written != versions():
+        by = (
+            "an mmtard that did not record its versions"
+            if not isinstance(written, dict)
+            else (f"mmtard {written.get('mmtard')}, torch {written.get('torch')}")
+        )
+        logger.warning(
+            "checkpoint %s was written by %s, this is mmtard %s, torch %s: the run continues, but not bitwise as the "
+            "uninterrupted one would",
+            path,
+            by,
+            *versions().values(),
+        )
 
 
 def check_finetune_kind(path: Path, cfg: RunConfig) -> None:
@@ -200,6 +301,8 @@ def save(state: TrainState, built: Setup, cfg: RunConfig, run: RunDir, env: Dist
         "method": state.method.state_dict(),
         "logit_caches": list(caches),
         "skipped_steps": state.skipped_steps,
+        "weight_files": weight_file_stamps(cfg),
+        "versions": versions(),
     }
     return save_checkpoint(
         run.checkpoints,

@@ -56,6 +56,7 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
         path = ckpt.resolve_resume(run.path, resume)
         ckpt.check_checkpoint_files(path)
         ckpt.check_finetune_kind(path, cfg)
+        ckpt.check_resume_files(path, cfg)
         check_resume_configs(cfg, run, path)
         if env.is_main:
             check_logs(run)

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from mmtard.errors import ConfigError
-from mmtard.fileio import atomic_write_text
+from mmtard.fileio import atomic_write_text, read_yaml_file
 from mmtard.methods import MethodConfig, method_config
 from mmtard.train.config import ModelConfig, RunConfig, TeacherConfig
 from mmtard.units import is_radius, parse_eps
@@ -73,21 +73,13 @@ def read_config_file(path: str | Path, field: str = "--config", _chain: tuple[Pa
 
 
 def read_yaml(path: Path, field: str = "--config") -> dict:
-    """A YAML file holding a mapping; a missing file, a parse error or another shape is one error."""
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ConfigError(f"{field}: '{path}' {what}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"{field}: '{path}' is not valid YAML{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{field}: cannot read '{path}' ({exc})") from None
-    except RecursionError:  # the YAML parser recurses once per nesting level
-        raise ConfigError(f"{field}: '{path}' is nested too deeply to be a run config") from None
+    """A YAML file holding a mapping; a missing file or one that is no regular file (a FIFO), a parse error, a
+    key written twice, or another shape is one error (:func:`mmtard.fileio.read_yaml_file`)."""
+    if path.is_dir():
+        raise ConfigError(f"{field}: '{path}' is a folder, not a file")
+    if not path.exists():
+        raise ConfigError(f"{field}: '{path}' does not exist")
+    data = read_yaml_file(path, field, "a run config")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -114,6 +106,8 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         key, raw = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set: {item!r} names no key (expected key.path=value, e.g. train.steps=200)")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

@@ -32,6 +32,7 @@ RESUME_EXTENSIONS = (
     "eval.every",
     "eval.batch_size",
     "eval.final",
+    "method.cache_dir",  # where the clean teacher's logits are kept on disk, not what they are
 )
 
 
@@ -39,10 +40,32 @@ def config_to_resume(given: RunConfig, saved_path: str | Path, overrides: Sequen
     """The config a resumed run uses (``mmtard train --resume``): the run's saved ``config.yaml`` with the ``--set``
     overrides (:func:`resume_config`) in ``given``'s output folder, and the fields in which ``given`` (read from
     ``--config``, which then only locates the run folder) differs from it and is not used."""
-    resumed = dataclasses.replace(resume_config(load_config(saved_path), overrides), output_dir=given.output_dir)
+    saved = load_config(saved_path)
+    resumed = dataclasses.replace(resume_config(saved, overrides), output_dir=given.output_dir)
+    _check_cache_dir_stays(saved, resumed, saved_path)
     after = flat_fields(resumed)
     ignored = [k for k, v in flat_fields(given).items() if after.get(k) != v and k != "output_dir"]
     return resumed, ignored
+
+
+def _check_cache_dir_stays(saved: RunConfig, resumed: RunConfig, saved_path: str | Path) -> None:
+    """A run folder resumed somewhere else than where it was started (copied, received) writes inside itself: a
+    saved ``method.cache_dir`` outside it is refused, asking for one (``--set method.cache_dir=...``).
+
+    Raises:
+        ConfigError: naming ``method.cache_dir``, the saved folder and the run folder.
+    """
+    cache = resumed.method.cache_dir
+    started, here = Path(saved.output_dir).resolve(), Path(resumed.output_dir).resolve()
+    if cache is None or started == here or cache != saved.method.cache_dir:
+        return
+    if here in Path(cache).resolve().parents:
+        return
+    raise ConfigError(
+        f"method.cache_dir: the run was started in '{saved.output_dir}' with its teacher-logit cache in '{cache}' "
+        f"({saved_path}); resumed in '{resumed.output_dir}', it would write there, outside the run folder. Give "
+        f"--set method.cache_dir=FOLDER (e.g. {Path(resumed.output_dir) / 'logit-cache'}) to resume"
+    )
 
 
 def check_resume(saved: RunConfig, config: RunConfig, saved_path: str | Path = "config.yaml") -> None:
