@@ -255,3 +255,26 @@ def test_a_file_that_holds_itself_under_state_dict_is_refused_not_followed_forev
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mmtard eval: error: --vision-weights: ") and "r.pt" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_with_several_alphas_writes_each_and_the_frontier(tmp_path, npz_dir):
+    """``--vision-weights-alpha 0 0.5 1``: one evaluation per alpha in OUT/alpha<A>/, each as a run with that one
+    alpha gives, and frontier.md / .json / .png through them."""
+    _, _, files = _tiny_files(tmp_path)
+    argv = ["eval", "--model", "tiny-vit-s", "--pretrained", str(tmp_path / "base.safetensors"), "--dataset", "npz"]
+    argv += ["--data-dir", str(npz_dir), "--attack", "pgd", "--eps", "4/255", "--steps", "1", "--no-progress"]
+    argv += ["--vision-weights", str(files["tecoa.pt"])]
+    out = tmp_path / "frontier"
+    assert main([*argv, "--vision-weights-alpha", "0", "0.5", "1", "--out", str(out)]) == 0
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert list(frontier) == ["0", "0.5", "1"]
+    for alpha in ("0", "0.5", "1"):
+        record = json.loads((out / f"alpha{alpha}" / "results.json").read_text())
+        assert record["vision_weights_alpha"] == float(alpha) and frontier[alpha] == [record]
+    assert main([*argv, "--vision-weights-alpha", "0.5", "--out", str(tmp_path / "single")]) == 0
+    single = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert single["clean_acc"] == frontier["0.5"][0]["clean_acc"]
+    assert single["robust"][0]["acc"] == frontier["0.5"][0]["robust"][0]["acc"]
+    table = (out / "frontier.md").read_text()
+    assert "| alpha | dataset | samples | clean | pgd linf 4/255 (1 steps, 1 restart) |" in table
+    assert table.count("| npz |") == 3 and (out / "frontier.png").stat().st_size > 0

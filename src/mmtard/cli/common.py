@@ -177,7 +177,9 @@ def check_vision_flags(args: argparse.Namespace) -> None:
         )
 
 
-def add_vision_weights_flags(p: argparse.ArgumentParser) -> None:
+def add_vision_weights_flags(p: argparse.ArgumentParser, several_alphas: bool = False) -> None:
+    """``--vision-weights`` and ``--vision-weights-alpha``; with ``several_alphas`` (``mmtard eval``) the alpha
+    takes several values, a list (default ``[1.0]``): one evaluation each, and the frontier through them."""
     p.add_argument(
         "--vision-weights",
         default=None,
@@ -185,13 +187,17 @@ def add_vision_weights_flags(p: argparse.ArgumentParser) -> None:
         help="an image-tower state dict (RobustVLM FARE/TeCoA .pt, TeCoA vision_encoder_state_dict, .safetensors) "
         "loaded into the model's image tower over --pretrained",
     )
+    help_text = "weight-space interpolation: A * file + (1 - A) * base tower (default 1: the file's tower)"
+    if several_alphas:
+        help_text += "; several values evaluate each (OUT/alpha<A>/) and write the frontier (OUT/frontier.md, .png)"
     p.add_argument(
         "--vision-weights-alpha",
         type=fraction_arg,
         action=RecordGiven,
-        default=1.0,
+        nargs="+" if several_alphas else None,
+        default=[1.0] if several_alphas else 1.0,
         metavar="A",
-        help="weight-space interpolation: A * file + (1 - A) * base tower (default 1: the file's tower)",
+        help=help_text,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mmtard.cli.common import (
@@ -34,7 +34,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="allow full unpickling of a .pt checkpoint (runs code: only for your own files)",
     )
-    add_vision_weights_flags(p)
+    add_vision_weights_flags(p, several_alphas=True)
     p.add_argument(
         "--dataset",
         nargs="+",
@@ -254,9 +254,30 @@ def check_eval_args(args: argparse.Namespace) -> EvalPlan:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from mmtard.distributed import start_eval_processes
+    from mmtard.eval.report import write_frontier
+    from mmtard.fileio import reported_write_errors
+    from mmtard.preflight import renamed_fields
+
+    plan = check_eval_args(args)
+    with renamed_fields({"device": "--device"}):
+        start_eval_processes(plan.device)  # under torchrun: each process its share of the batches; else nothing
+    alphas = list(dict.fromkeys(args.vision_weights_alpha))
+    if len(alphas) == 1:
+        evaluate_weights(args, plan, alphas[0], Path(args.out))
+        return 0
+    # several alphas: the frontier of the weight-space interpolation, one evaluation per alpha in OUT/alpha<A>/
+    by_alpha = {alpha: evaluate_weights(args, plan, alpha, Path(args.out) / f"alpha{alpha:g}") for alpha in alphas}
+    with reported_write_errors("--out", args.out):
+        paths = write_frontier(args.out, by_alpha)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def evaluate_weights(args: argparse.Namespace, plan: EvalPlan, alpha: float, out: Path) -> list[dict]:
+    """Evaluate the model with image-tower weight ``alpha`` into ``out`` (results, journal); its records."""
     import torch
 
-    from mmtard.distributed import start_eval_processes
     from mmtard.eval.report import markdown_table, write_results
     from mmtard.eval.run import evaluate_bundle
     from mmtard.eval.suite import suite_table, suite_wide_table
@@ -264,15 +285,13 @@ def run_eval(args: argparse.Namespace) -> int:
     from mmtard.models import load_clip
     from mmtard.preflight import renamed_fields
 
-    plan = check_eval_args(args)
-    with renamed_fields({"device": "--device"}):
-        start_eval_processes(plan.device)  # under torchrun: each process its share of the batches; else nothing
-    journal_dir = os.path.join(args.out, "journal")  # an interrupted run, rerun as it was, continues
+    journal_dir = out / "journal"  # an interrupted run, rerun as it was, continues
+    requests = [replace(request, journal_dir=str(journal_dir)) for request in plan.requests]
     with (
-        leave_as_found(Path(args.out), inside=["journal"]),
-        reported_write_errors("--out", args.out),
+        leave_as_found(out, inside=["journal"]),
+        reported_write_errors("--out", str(out)),
         renamed_fields(EVAL_FLAGS if plan.suite is None else SUITE_FLAGS),
-        eval_lock(Path(journal_dir)),
+        eval_lock(journal_dir),
     ):
         torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
         bundle = load_clip(
@@ -281,20 +300,20 @@ def run_eval(args: argparse.Namespace) -> int:
             device=plan.device,
             trust_checkpoint=args.trust_checkpoint,
             vision_weights=args.vision_weights,
-            vision_weights_alpha=args.vision_weights_alpha,
+            vision_weights_alpha=alpha,
         )
-        records = [record for request in plan.requests for record in evaluate_bundle(bundle, request)]
+        records = [record for request in requests for record in evaluate_bundle(bundle, request)]
         if plan.suite is not None:
             table = suite_table(records, plan.suite)
             table += "\n\n## The field's layout\n\n" + suite_wide_table(records, plan.suite)
-            paths = write_results(args.out, records, table=table, extra={"suite": plan.suite.describe()})
+            paths = write_results(out, records, table=table, extra={"suite": plan.suite.describe()})
         else:
             table = markdown_table(records)
-            paths = write_results(args.out, records)
+            paths = write_results(out, records)
     shutil.rmtree(journal_dir, ignore_errors=True)  # the results are written: nothing left to resume
     print(table)
     for record in records:
         for warning in record["checks"].get("warnings", []):
             print(f"WARNING {record['dataset']}: {warning}")
     print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return records

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from pathlib import Path
 
 from mmtard.distributed import Shard
 from mmtard.eval.subset import SUBSET_FILE, subset_file
-from mmtard.fileio import atomic_write_text
+from mmtard.fileio import atomic_path, atomic_write_text
 from mmtard.models.loading import RANDOM_INIT
+
+logger = logging.getLogger(__name__)
 
 _UNSAFE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.+-]+")
 
@@ -137,3 +140,62 @@ def write_results(
     body += "\n## Gradient-masking checks\n\n" + ("\n".join(warnings) if warnings else "All checks passed.") + "\n"
     atomic_write_text(out / "results.md", body)
     return written
+
+
+FRONTIER_FILES = ("frontier.md", "frontier.json", "frontier.png")
+
+
+def frontier_table(records_by_alpha: dict[float, list[dict]]) -> str:
+    """One row per alpha and dataset: clean accuracy and each robust setting, in percent (a weight-space
+    interpolation frontier, ``mmtard eval --vision-weights-alpha A1 A2 ...``)."""
+    rows = [(alpha, record) for alpha, records in sorted(records_by_alpha.items()) for record in records]
+    columns = list(dict.fromkeys(robust_column(e) for _, record in rows for e in record["robust"]))
+    header = ["alpha", "dataset", "samples", "clean", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for alpha, record in rows:
+        values = {robust_column(e): f"{e['acc']:.1f}" for e in record["robust"]}
+        cells = [f"{alpha:g}", record["dataset"], str(record["samples"]), f"{record['clean_acc']:.1f}"]
+        lines.append("| " + " | ".join(cells + [values.get(c, "") for c in columns]) + " |")
+    return "\n".join(lines)
+
+
+def write_frontier(out_dir: str | Path, records_by_alpha: dict[float, list[dict]]) -> list[Path]:
+    """``frontier.md`` (what was evaluated, then :func:`frontier_table`), ``frontier.json`` (alpha -> records) and,
+    with matplotlib installed (the ``plots`` extra), ``frontier.png``: clean against robust accuracy, one line per
+    dataset and robust setting through the alphas. Returns the files written."""
+    out = Path(out_dir)
+    first = next(iter(records_by_alpha.values()))
+    text = "\n".join(evaluated_lines(first)) + "\n\n## Interpolation frontier\n\n" + frontier_table(records_by_alpha)
+    paths = [out / "frontier.md", out / "frontier.json"]
+    atomic_write_text(paths[0], text + "\n")
+    atomic_write_text(paths[1], json.dumps({f"{a:g}": r for a, r in sorted(records_by_alpha.items())}, indent=1))
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("frontier.png not drawn: matplotlib is not installed (pip install 'mmtard[plots]')")
+        return paths
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    alphas = sorted(records_by_alpha)
+    for index, record in enumerate(first):
+        for entry in record["robust"]:
+            column = robust_column(entry)
+            points = []
+            for alpha in alphas:
+                at_alpha = records_by_alpha[alpha][index]
+                points += [(at_alpha["clean_acc"], e["acc"]) for e in at_alpha["robust"] if robust_column(e) == column]
+            ax.plot(*zip(*points), marker="o", label=f"{record['dataset']}: {column}")
+            for alpha, (x, y) in zip(alphas, points):
+                ax.annotate(f"{alpha:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title("weight-space interpolation frontier (labels: alpha)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out / "frontier.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return [*paths, out / "frontier.png"]
