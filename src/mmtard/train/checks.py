@@ -29,6 +29,21 @@ from mmtard.train.rundir import CHECKPOINTS_DIR, MODEL_FILE, RunDir, RunLock, re
 logger = logging.getLogger(__name__)
 
 
+def check_run_files(run: RunDir) -> None:
+    """The run's own files (``config.yaml``, ``provenance.json``, the logs, the model) are files where they exist:
+    a folder in the place of one would stop the run after its first writes.
+
+    Raises:
+        ConfigError: ``output_dir: ...`` naming the path.
+    """
+    for path in (run.config, run.provenance, run.metrics, run.eval_log, run.model, run.final_eval, run.lock):
+        if path.is_dir():
+            raise ConfigError(
+                f"output_dir: '{path}' is a folder, where the run keeps its file {path.name}; move it away or choose "
+                "another output_dir"
+            )
+
+
 def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, stop_after: int | None) -> Path | None:
     """What the config points at, before anything is built: output folder, lock, an interrupted run, model files
     and image sizes, data, the checkpoint to resume, its saved config and the run's logs. Returns the checkpoint
@@ -36,6 +51,7 @@ def check_run(cfg: RunConfig, run: RunDir, env: DistEnv, resume: str | None, sto
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"--stop-after: expected a whole number of steps >= 1, got {stop_after}")
     preflight.check_output_dir(run.path, "output_dir")
+    check_run_files(run)
     if env.is_main:
         RunLock(run).check_free()
     if not resume:
