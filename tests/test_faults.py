@@ -344,3 +344,25 @@ def test_a_stalled_torchrun_worker_ends_the_run_after_the_configured_timeout(dat
     assert proc.returncode != 0
     assert f"train.dist_timeout_s: another process did not answer for {DIST_TIMEOUT_S} s" in stderr, stderr[-3000:]
     assert not RunDir(out).lock.exists()
+
+
+def test_sigterm_during_the_final_evaluation_stops_it_and_says_what_is_saved(data_dir, tmp_path, monkeypatch, capsys):
+    """Once the model is saved, a SIGTERM stops the final evaluation at once (exit 128 + 15), naming what is on
+    disk; --resume latest then evaluates it and writes final_eval.json."""
+    out = tmp_path / "run"
+    argv = as_argv(MMT_ARD, small(data_dir, out, "train.steps=2", "data.eval_samples=40"))
+    real_evaluate = trainer_module.evaluate_student
+
+    def sigterm_while_evaluating(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate_student", sigterm_while_evaluating)
+    assert main(argv) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM during the final evaluation: model.safetensors and the last checkpoint are saved" in err
+    assert "then stopping" not in err
+    assert (out / "model.safetensors").is_file() and not (out / "final_eval.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--resume", "latest"]) == 0
+    assert (out / "final_eval.json").is_file()

@@ -15,7 +15,7 @@ import threading
 import torch
 
 from mmtard.distributed import DistEnv, any_process
-from mmtard.errors import ConfigError, NonFiniteError
+from mmtard.errors import ConfigError, NonFiniteError, TrainingInterrupted
 from mmtard.train.config import OptimConfig
 from mmtard.train.rundir import RunDir
 from mmtard.train.state import Setup, TrainState
@@ -120,6 +120,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum = 0
+        self.finishing = False  # set once the last step is done and saved: a signal then stops at once
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -135,6 +136,13 @@ class StopSignals:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.finishing:  # the model and the last checkpoint are on disk: nothing is lost by stopping now
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(signum).name} during the final evaluation: model.safetensors and the "
+                "last checkpoint are saved, final_eval.json is not; run the same command with --resume latest to "
+                "evaluate it (or mmtard eval the model)",
+                signum,
+            )
         logger.warning(
             "%s received: saving a checkpoint at the end of this step, then stopping", signal.strsignal(signum)
         )

@@ -255,7 +255,7 @@ def train_loop(
             evaluate_if_due(cfg, env, log, built)
             checkpoint_if_due(cfg, run, env, built, last_step, stop)
         bar.close()
-        final = finish(cfg, run, env, built, log, progress)
+        final = finish(cfg, run, env, built, log, progress, stop)
     finally:
         bar.close()
         log.close()
@@ -333,15 +333,19 @@ def checkpoint_if_due(cfg: RunConfig, run: RunDir, env: DistEnv, built: Setup, l
             )
 
 
-def finish(cfg: RunConfig, run: RunDir, env: DistEnv, built: Setup, log: MetricsLog, progress: bool) -> dict:
+def finish(
+    cfg: RunConfig, run: RunDir, env: DistEnv, built: Setup, log: MetricsLog, progress: bool, stop: StopSignals
+) -> dict:
     """After the last planned step: the finite-weights check (every process), then on rank 0 the final student
-    (``model.safetensors``) and evaluation (``final_eval.json``). Nothing before the last planned step."""
+    (``model.safetensors``) and evaluation (``final_eval.json``). Nothing before the last planned step. A
+    SIGTERM / SIGINT once the model is saved stops the final evaluation at once (:class:`StopSignals`)."""
     final: dict = {}
     if built.state.step != cfg.train.steps:
         return final
     check_finite_student(built, built.state.step, run)  # on every process: none left waiting
     if env.is_main:
         ckpt.save_model_file(run.model, merged_student_state(built.student_bundle))
+        stop.finishing = True
         if cfg.eval.final:
             final = evaluate_student(cfg, built.student_bundle, built.eval_set, progress=progress)
             log.log_eval(built.state.step, final)
