@@ -563,6 +563,11 @@ CASES += [
         "teachers.robust.vision_weights",
     ),
     (
+        "train-teacher-pretrained-nan",
+        [*TRAIN, "--set", "teachers.robust.pretrained=@models/nan.safetensors"],
+        "teachers.robust.pretrained",
+    ),
+    (
         "eval-vision-alpha-without-weights",
         [*EVAL, "--vision-weights-alpha", "0.5", "--out", "out"],
         "--vision-weights-alpha",
@@ -630,6 +635,7 @@ EXPECTED_TEXT |= {
     "eval-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
     "export-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
     "train-teacher-vision-weights-nan": "tower-nan.safetensors' holds non-finite weights",
+    "train-teacher-pretrained-nan": "nan.safetensors' holds non-finite weights (NaN or inf in 1 tensor(s)",
     "eval-vision-alpha-without-weights": "given without --vision-weights",
     "export-vision-alpha-without-weights": "given without --vision-weights",
     "eval-vision-weights-keys-equal-once-stripped": "holds both 'module.visual.proj' and 'visual.proj'",

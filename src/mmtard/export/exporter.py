@@ -22,6 +22,7 @@ from mmtard.export.openclip import OPEN_CLIP_FILES, check_open_clip_exportable, 
 from mmtard.export.source import preprocess_config, resolve_source
 from mmtard.fileio import atomic_write_text, reported_write_errors
 from mmtard.models import load_clip
+from mmtard.models.checkpoint_file import non_finite_tensors
 from mmtard.preflight import check_output_dir
 from mmtard.provenance import git_commit
 from mmtard.registry import Registry
@@ -174,11 +175,7 @@ def _check_finite_weights(model: nn.Module, weights: str) -> None:
     Raises:
         ConfigError: naming ``--pretrained``, the file and the first tensors concerned.
     """
-    bad = [
-        name
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    ]
+    bad = non_finite_tensors(model.state_dict())
     if bad:
         raise ConfigError(
             f"--pretrained: '{weights}' holds non-finite weights (NaN or inf in {len(bad)} tensor(s): "

@@ -38,6 +38,7 @@ from mmtard.methods.inner import INNER_OBJECTIVES, InnerContext, LossFn
 from mmtard.methods.logit_cache import LogitCache
 from mmtard.methods.teachers import ORIGINAL, TeacherPlan, plan_teachers
 from mmtard.models import CLIPBundle, build_zero_shot_classifier, load_clip
+from mmtard.models.checkpoint_file import non_finite_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,12 @@ class Method:
                     vision_weights_alpha=vision_alpha,
                     vision_field=f"teachers.{name}.vision_weights",
                 )
+                bad = non_finite_tensors(bundle.model.state_dict())
+                if bad:
+                    raise ConfigError(
+                        f"teachers.{name}.pretrained: '{spec.pretrained}' holds non-finite weights (NaN or inf in "
+                        f"{len(bad)} tensor(s): {', '.join(bad[:3])}); a diverged run? Nothing was written"
+                    )
                 self.teacher_sources[name] = {
                     "arch": spec.arch,
                     "pretrained": spec.pretrained,

@@ -251,3 +251,8 @@ def _unreadable(path: Path, field: str, reason: str) -> CheckpointError:
         f"{field}: '{path}' is not a readable checkpoint (truncated or corrupt: {reason}); "
         "expected a .safetensors file or a PyTorch state dict"
     )
+
+
+def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state_dict`` holding NaN or inf (a diverged run's weights)."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mmtard.errors import ConfigError
-from mmtard.models.checkpoint_file import CheckpointError, check_checkpoint_file
+from mmtard.models.checkpoint_file import CheckpointError, check_checkpoint_file, non_finite_tensors
 
 __all__ = [
     "VISION_STATE_KEYS",
@@ -187,7 +187,7 @@ def apply_vision_weights(
             f"{field}: {where} holds {len(not_float)} non-floating-point tensor(s) where {arch}'s image tower has "
             f"floating-point ones: {_listing(not_float)}; expected the tower's weights, not masks or counts"
         )
-    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    non_finite = non_finite_tensors(state_dict)
     if non_finite:
         raise CheckpointError(
             f"{field}: {where} holds non-finite weights (NaN or inf in {len(non_finite)} tensor(s): "
