@@ -4,6 +4,7 @@ command lines, result readers and the torchrun launcher."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -12,7 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
+
+from mmtard.models.zeroshot import ZeroShotClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -108,3 +113,47 @@ def run_torchrun(root: Path, launcher: str, *args: str, timeout: float) -> subpr
         *args,
     ]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------- seeded fakes for saved trajectories
+# (tests/test_k_teachers.py and tests/test_preset_trajectories.py compare a method's steps with a saved file)
+
+B, K = 8, 5
+SCALE = 10.0
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+
+def fake_classifier(seed: int, dim: int) -> ZeroShotClassifier:
+    """A zero-shot classifier whose tower is a seeded two-layer map of the flattened 3x4x4 image."""
+    torch.manual_seed(seed)
+    tower = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.GELU(), nn.Linear(16, dim))
+    prototypes = F.normalize(torch.randn(K, dim), dim=-1)
+    return ZeroShotClassifier(tower, MEAN, STD, prototypes, SCALE).train()
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.rand(B, 3, 4, 4, generator=g), torch.randint(0, K, (B,), generator=g)
+    return x, y, torch.arange(B) + (step % 2) * (B // 2)  # half the rows seen again on the next step
+
+
+def assert_close(got, saved, path: str = "", rel: float = 3e-5, abs_tol: float = 1e-7) -> None:
+    """``got`` equals ``saved`` in structure; each number within ``rel`` relative (``abs_tol`` near 0), each list of
+    floats (a weight tensor) within ``rel`` of its largest magnitude."""
+    if isinstance(saved, dict):
+        assert isinstance(got, dict) and set(got) == set(saved), f"{path}: keys {sorted(got)} != {sorted(saved)}"
+        for key in saved:
+            assert_close(got[key], saved[key], f"{path}/{key}", rel, abs_tol)
+    elif isinstance(saved, list) and saved and all(isinstance(v, float) for v in saved):
+        assert isinstance(got, list) and len(got) == len(saved), f"{path}: length differs"
+        worst = max(abs(a - b) for a, b in zip(got, saved))
+        scale = max(abs(v) for v in saved)
+        assert worst <= rel * scale + abs_tol, f"{path}: differs by {worst!r} from saved (largest entry {scale!r})"
+    elif isinstance(saved, list):
+        assert isinstance(got, list) and len(got) == len(saved), f"{path}: length differs"
+        for i, (a, b) in enumerate(zip(got, saved)):
+            assert_close(a, b, f"{path}[{i}]", rel, abs_tol)
+    elif isinstance(saved, float) or (isinstance(saved, int) and not isinstance(saved, bool)):
+        assert math.isclose(got, saved, rel_tol=rel, abs_tol=abs_tol), f"{path}: {got!r} != saved {saved!r}"
+    else:
+        assert got == saved, f"{path}: {got!r} != saved {saved!r}"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import SCALE, assert_close, batch, fake_classifier
 from torch import nn
 
 from mmtard.attacks.functional import pgd
@@ -31,9 +31,6 @@ from mmtard.methods import create_balance, create_method, method_class, method_c
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 FIXTURE = Path(__file__).parent / "data" / "two_teacher_reference.json"
-B, K = 8, 5
-SCALE = 10.0
-MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 EPS = 8 / 255
 TRAJECTORY_STEPS = 4
 # name -> (preset, overrides): every balance and the switches that change which logits a term reads.
@@ -58,45 +55,8 @@ TRAJECTORIES = {
 }
 
 
-def fake_classifier(seed: int, dim: int) -> ZeroShotClassifier:
-    """A zero-shot classifier whose tower is a seeded two-layer map of the flattened 3x4x4 image."""
-    torch.manual_seed(seed)
-    tower = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.GELU(), nn.Linear(16, dim))
-    prototypes = F.normalize(torch.randn(K, dim), dim=-1)
-    return ZeroShotClassifier(tower, MEAN, STD, prototypes, SCALE).train()
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.rand(B, 3, 4, 4, generator=g), torch.randint(0, K, (B,), generator=g)
-    index = torch.arange(B) + (step % 2) * (B // 2)  # half the rows seen again on the next step
-    return x, y, index
-
-
 def parameter_values(model: nn.Module) -> dict[str, list[float]]:
     return {name: value.detach().flatten().tolist() for name, value in sorted(model.state_dict().items())}
-
-
-def assert_close(got, saved, path: str = "", rel: float = 3e-5) -> None:
-    """``got`` equals ``saved`` in structure; each number within ``rel`` relative (1e-7 absolute near 0), each list
-    of floats (a weight tensor) within ``rel`` of its largest magnitude."""
-    if isinstance(saved, dict):
-        assert isinstance(got, dict) and set(got) == set(saved), f"{path}: keys {sorted(got)} != {sorted(saved)}"
-        for key in saved:
-            assert_close(got[key], saved[key], f"{path}/{key}", rel)
-    elif isinstance(saved, list) and saved and all(isinstance(v, float) for v in saved):
-        assert isinstance(got, list) and len(got) == len(saved), f"{path}: length differs"
-        worst = max(abs(a - b) for a, b in zip(got, saved))
-        scale = max(abs(v) for v in saved)
-        assert worst <= rel * scale + 1e-7, f"{path}: differs by {worst!r} from saved (largest entry {scale!r})"
-    elif isinstance(saved, list):
-        assert isinstance(got, list) and len(got) == len(saved), f"{path}: length differs"
-        for i, (a, b) in enumerate(zip(got, saved)):
-            assert_close(a, b, f"{path}[{i}]", rel)
-    elif isinstance(saved, float) or (isinstance(saved, int) and not isinstance(saved, bool)):
-        assert math.isclose(got, saved, rel_tol=rel, abs_tol=1e-7), f"{path}: {got!r} != saved {saved!r}"
-    else:
-        assert got == saved, f"{path}: {got!r} != saved {saved!r}"
 
 
 def trajectory(preset: str, overrides: dict, method_factory=None) -> dict:

@@ -20,23 +20,17 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import REPO, make_npz_dir
-from torch import nn
+from helpers import REPO, assert_close, batch, fake_classifier, make_npz_dir
 
 from mmtard.methods import ORIGINAL, create_method, list_methods, method_config
 from mmtard.models.zeroshot import ZeroShotClassifier
 
 FIXTURE = Path(__file__).parent / "data" / "preset_trajectories.json"
-B, K = 8, 5
-SCALE = 10.0
-MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 EPS = 8 / 255
 METHOD_STEPS = 4
 TRAINER_STEPS = 3
@@ -48,43 +42,7 @@ UNTIMED = ("samples_per_s", "first_step_s")
 # ------------------------------------------------------------------------------------------ the comparison
 
 
-def assert_close(got, saved, path: str = "", rel: float = 3e-5, abs_tol: float = 1e-7) -> None:
-    """``got`` equals ``saved`` in structure; each number within ``rel`` relative (``abs_tol`` near 0), each list of
-    floats (a weight tensor) within ``rel`` of its largest magnitude."""
-    if isinstance(saved, dict):
-        assert isinstance(got, dict) and set(got) == set(saved), f"{path}: keys {sorted(got)} != {sorted(saved)}"
-        for key in saved:
-            assert_close(got[key], saved[key], f"{path}/{key}", rel, abs_tol)
-    elif isinstance(saved, list) and saved and all(isinstance(v, float) for v in saved):
-        assert isinstance(got, list) and len(got) == len(saved), f"{path}: length differs"
-        worst = max(abs(a - b) for a, b in zip(got, saved))
-        scale = max(abs(v) for v in saved)
-        assert worst <= rel * scale + abs_tol, f"{path}: differs by {worst!r} from saved (largest entry {scale!r})"
-    elif isinstance(saved, list):
-        assert isinstance(got, list) and len(got) == len(saved), f"{path}: length differs"
-        for i, (a, b) in enumerate(zip(got, saved)):
-            assert_close(a, b, f"{path}[{i}]", rel, abs_tol)
-    elif isinstance(saved, float) or (isinstance(saved, int) and not isinstance(saved, bool)):
-        assert math.isclose(got, saved, rel_tol=rel, abs_tol=abs_tol), f"{path}: {got!r} != saved {saved!r}"
-    else:
-        assert got == saved, f"{path}: {got!r} != saved {saved!r}"
-
-
 # ------------------------------------------------------------------------------------------ the method alone
-
-
-def fake_classifier(seed: int, dim: int) -> ZeroShotClassifier:
-    """A zero-shot classifier whose tower is a seeded two-layer map of the flattened 3x4x4 image."""
-    torch.manual_seed(seed)
-    tower = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.GELU(), nn.Linear(16, dim))
-    prototypes = F.normalize(torch.randn(K, dim), dim=-1)
-    return ZeroShotClassifier(tower, MEAN, STD, prototypes, SCALE).train()
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.rand(B, 3, 4, 4, generator=g), torch.randint(0, K, (B,), generator=g)
-    return x, y, torch.arange(B) + (step % 2) * (B // 2)
 
 
 def method_with_teachers(preset: str, student: ZeroShotClassifier, **overrides):
