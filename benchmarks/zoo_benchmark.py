@@ -562,10 +562,9 @@ def protocol_check(out: Path, scale: ProtocolScale, args: argparse.Namespace) ->
 
 def check_section(scale: ProtocolScale, args, check: list[dict], given: Sequence[dict], rows: Sequence[dict]) -> str:
     """The protocol check's table and its preconditions for this run's distillation images."""
-    import numpy as np
-    import torch
+    from mmtard.data import create_dataset
 
-    labels = torch.from_numpy(np.load(Path(args.data_dir) / "test.npz")["y"])
+    labels = create_dataset(scale.dataset, scale.data_dir, split="test", image_size=32).labels  # P0: the parts
     found = preconditions(scale, args.distill_images, check, given, rows, test_labels=labels)
     return (
         f"## Protocol check (distillation images: {args.distill_images})\n\n"

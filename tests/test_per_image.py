@@ -38,6 +38,8 @@ def test_round_trip_keeps_every_outcome_and_recomputes_the_tables(tmp_path):
         row("teacher-robust", "1111", "1100", role="teacher"),
     ]
     path = write_per_image(tmp_path / "per-image.json.gz", rows, describe="test")
+    again = write_per_image(tmp_path / "again.json.gz", rows, describe="test")
+    assert path.read_bytes() == again.read_bytes()  # the same results, the same bytes (no name or time inside)
     document = read_per_image(path)
     assert document["images"]["seen"] == {"clean": list(range(8)), "robust": [1, 3, 5, 7]}
     models = {m["stage"]: m for m in document["models"]}

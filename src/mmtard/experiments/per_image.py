@@ -59,8 +59,9 @@ def per_image_document(rows: Sequence[dict], describe: str = "") -> dict:
 def write_per_image(path: str | Path, rows: Sequence[dict], describe: str = "") -> Path:
     """Write :func:`per_image_document` of ``rows`` to ``path`` (gzip JSON), atomically."""
     path = Path(path)
-    with atomic_path(path) as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as file:
-        file.write(json.dumps(per_image_document(rows, describe), separators=(",", ":")).encode())
+    data = json.dumps(per_image_document(rows, describe), separators=(",", ":")).encode()
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as file:
+        file.write(data)  # no name or time in the header: the same results give the same bytes
     return path
 
 
