@@ -157,3 +157,28 @@ def assert_close(got, saved, path: str = "", rel: float = 3e-5, abs_tol: float =
         assert math.isclose(got, saved, rel_tol=rel, abs_tol=abs_tol), f"{path}: {got!r} != saved {saved!r}"
     else:
         assert got == saved, f"{path}: {got!r} != saved {saved!r}"
+
+
+def recorded_steps(step, student: nn.Module, method, steps: int) -> dict:
+    """``steps`` SGD steps (lr 0.5, attack starts from seed 7) of ``step(x, y, index) -> MethodOutput`` on
+    :func:`batch`: each step's total, losses, metrics and sum of ``x'``, then the student's weights and the method's
+    state (the form of the saved trajectories)."""
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    torch.manual_seed(7)
+    recorded = []
+    for i in range(steps):
+        out = step(*batch(i))
+        total = out.total()
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        recorded.append(
+            {
+                "total": total.item(),
+                "losses": {name: term.item() for name, term in out.losses.items()},
+                "metrics": dict(out.metrics),
+                "x_adv_sum": out.x_adv.double().sum().item(),
+            }
+        )
+    weights = {k: v.detach().flatten().tolist() for k, v in sorted(student.state_dict().items())}
+    return {"steps": recorded, "student": weights, "method_state": method.state_dict()}

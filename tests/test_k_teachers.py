@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SCALE, assert_close, batch, fake_classifier
+from helpers import SCALE, assert_close, batch, fake_classifier, recorded_steps
 from torch import nn
 
 from mmtard.attacks.functional import pgd
@@ -55,10 +55,6 @@ TRAJECTORIES = {
 }
 
 
-def parameter_values(model: nn.Module) -> dict[str, list[float]]:
-    return {name: value.detach().flatten().tolist() for name, value in sorted(model.state_dict().items())}
-
-
 def trajectory(preset: str, overrides: dict, method_factory=None) -> dict:
     """A few SGD steps of ``preset`` on the fakes in float64: every step's losses and metrics, then the weights."""
     default_dtype = torch.get_default_dtype()
@@ -74,25 +70,7 @@ def _trajectory(preset: str, overrides: dict, method_factory=None) -> dict:
     method = create_method(cfg) if method_factory is None else method_factory(cfg)
     student = fake_classifier(0, 6)
     method.use_teachers({"clean": fake_classifier(1, 7), "robust": fake_classifier(2, 5)})
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
-    torch.manual_seed(7)
-    steps = []
-    for step in range(TRAJECTORY_STEPS):
-        x, y, index = batch(step)
-        out = method(student, x, y, index)
-        total = out.total()
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        steps.append(
-            {
-                "total": total.item(),
-                "losses": {name: term.item() for name, term in out.losses.items()},
-                "metrics": dict(out.metrics),
-                "x_adv_sum": out.x_adv.double().sum().item(),
-            }
-        )
-    return {"steps": steps, "student": parameter_values(student), "method_state": method.state_dict()}
+    return recorded_steps(lambda x, y, index: method(student, x, y, index), student, method, TRAJECTORY_STEPS)
 
 
 def all_trajectories() -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, assert_close, batch, fake_classifier, make_npz_dir
+from helpers import REPO, assert_close, fake_classifier, make_npz_dir, recorded_steps
 
 from mmtard.methods import ORIGINAL, create_method, list_methods, method_config
 from mmtard.models.zeroshot import ZeroShotClassifier
@@ -66,25 +66,7 @@ def method_trajectory(preset: str, **overrides) -> dict:
     try:
         student = fake_classifier(0, 6)
         method, step = method_with_teachers(preset, student, **overrides)
-        optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
-        torch.manual_seed(7)
-        steps = []
-        for i in range(METHOD_STEPS):
-            out = step(*batch(i))
-            total = out.total()
-            optimizer.zero_grad()
-            total.backward()
-            optimizer.step()
-            steps.append(
-                {
-                    "total": total.item(),
-                    "losses": {name: term.item() for name, term in out.losses.items()},
-                    "metrics": dict(out.metrics),
-                    "x_adv_sum": out.x_adv.double().sum().item(),
-                }
-            )
-        weights = {k: v.detach().flatten().tolist() for k, v in sorted(student.state_dict().items())}
-        return {"steps": steps, "student": weights, "method_state": method.state_dict()}
+        return recorded_steps(step, student, method, METHOD_STEPS)
     finally:
         torch.set_default_dtype(default_dtype)
 
