@@ -120,6 +120,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "4/255 only)",
     )
     p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="the frontier's weights")
+    p.add_argument(
+        "--against",
+        nargs="+",
+        default=[],
+        metavar="CELL",
+        help="more baselines: the differences (and the frontier margins, where the cell has interp controls) "
+        "against each of these cells' students too (e.g. ard_lora for the LoRA students)",
+    )
     p.add_argument("--docs", default=None, help="also write zoo-headline.json, pareto.png, lambda_r.png here")
     args = p.parse_args(argv)
     args.cells = list(CELLS) if args.cells == ["all"] else args.cells
@@ -129,6 +137,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ("--cells", args.cells, CELLS),
         ("--ablation", args.ablation, CELLS),
         ("--frontier", args.frontier, CELLS),
+        ("--against", args.against, CELLS),
         ("--calibrate", args.calibrate or [], RECIPES),
     ):
         unknown = sorted(set(names) - set(known))
@@ -633,6 +642,8 @@ def write_report(out, args, command, scale, given, rows, jobs, started, check=No
             "seeds. Positive: more clean accuracy than the free trade-off gives at that robustness.\n\n"
             + frontier_table(margins, baseline)
         )
+    if not args.calibrate:
+        sections += against_sections(rows, given, [f"student-{cell}-{args.recipe}" for cell in args.against])
     eff_table, steps_to_baseline = efficiency(out, rows, baseline)
     if not args.calibrate:
         sections.append("## Training efficiency (held-out PGD-10 4/255 on 100 images)\n\n" + eff_table)
@@ -667,6 +678,25 @@ def write_report(out, args, command, scale, given, rows, jobs, started, check=No
         for name in ("pareto.png", "pareto_pgd.png", "lambda_r.png", "per-image.json.gz"):
             if (out / name).is_file():
                 (docs / name).write_bytes((out / name).read_bytes())
+
+
+def against_sections(rows: Sequence[dict], given: Sequence[dict], baselines: Sequence[str]) -> list[str]:
+    """``--against``: the differences and frontier margins against each of ``baselines`` that has students."""
+    sections = []
+    for baseline in baselines:
+        diffs = differences(rows, baseline)
+        if diffs:
+            sections.append(
+                f"## Differences against `{baseline}` (`--against`), in points, 95% paired bootstrap interval\n\n"
+                + differences_table(diffs, baseline)
+            )
+        margins = frontier_margins(rows, given, baseline)
+        if margins:
+            sections.append(
+                f"## Above the interpolation frontier of `{baseline}` (`--against`), clean accuracy at the model's "
+                "own PGD-10 4/255 robustness\n\n" + frontier_table(margins, baseline)
+            )
+    return sections
 
 
 def distill_text(scale: ProtocolScale) -> str:

@@ -47,6 +47,11 @@ def test_a_job_is_a_cell_a_recipe_and_a_seed_in_its_own_folder():
     assert name == "mmt-ard_rho9-lr1e-3" and variant["method"] == "mmt-ard" and variant["rho"] == 9.0
     assert variant["train"] == {"steps": 200, "lr": 1e-3, "attack_steps": 2, "weight_decay": 1e-4}
     assert CELLS["mmt-ard_fare"].variant(RECIPES["issue8"])["more_teachers"] == {"fare": "robust"}
+    # issue 25: LoRA students and the regime (a tenth of the learning rate, 4x the images seen)
+    assert CELLS["ard_lora"].variant(RECIPES["lr2e-3"])["finetune"] == "lora"
+    assert "finetune" not in CELLS["ard"].variant(RECIPES["lr2e-3"])
+    regime, calibrated = RECIPES["lr2e-4-800"], RECIPES[CALIBRATED]
+    assert regime.steps == 4 * calibrated.steps and regime.lr == pytest.approx(calibrated.lr / 10)
 
 
 def record(clean, pgd4, aa4=None, samples=4, pgd_outcomes="1100", aa_outcomes="1000"):
@@ -135,6 +140,20 @@ def test_aa_on_fewer_seeds_is_compared_on_those_and_the_tables_say_which(bench):
         "| student-mmt-ard-lr1e-3 | 0, 1 | 100.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | 50.0 ± 0.0 | 25.0 (seed 0) |"
         in accuracy
     )
+
+
+def test_against_adds_the_differences_to_another_cell_such_as_the_lora_baseline(bench):
+    """``--against ard_lora``: the LoRA candidate against the LoRA baseline (issue 25's hypothesis 5), beside the
+    main table against the stronger full fine-tune."""
+    rows = [student("ard", 0, "1100"), student("ard_lora", 0, "1000"), student("mmt-ard_diwref_lora", 0, "1110")]
+    (section,) = bench.against_sections(rows, [], ["student-ard_lora-lr1e-3"])
+    assert section.startswith("## Differences against `student-ard_lora-lr1e-3` (`--against`)")
+    diffs = bench.differences(rows, "student-ard_lora-lr1e-3")
+    assert diffs["student-mmt-ard_diwref_lora-lr1e-3"]["seen/clean"].mean == pytest.approx(50.0)  # 3/4 against 1/4
+    assert "| student-mmt-ard_diwref_lora-lr1e-3 | 1 | +50.0" in section
+    assert bench.against_sections(rows, [], ["student-tecoa-lr1e-3"]) == []  # no such students: nothing
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--against", "no-such-cell"])
 
 
 def test_calibration_table_states_each_target_beside_the_result(bench):
@@ -283,9 +302,11 @@ def test_the_benchmark_runs_end_to_end_in_worker_processes(tmp_path, monkeypatch
         [*common, "--recipe", "smoke", "--cells", "ard", "--ablation", "--no-zoo-models", "--out", str(tmp_path / "o2")]
     )
     assert "| teacher-robust | given |" not in (tmp_path / "o2" / "benchmark.md").read_text()
-    module.main([*common, "--recipe", "smoke", "--cells", "ard", "--ablation", "--zoo-models", "foundation-student"])
+    lora = ["--ablation", "ard_lora", "--against", "ard_lora"]  # a LoRA student: trained, merged, evaluated
+    module.main([*common, "--recipe", "smoke", "--cells", "ard", *lora, "--zoo-models", "foundation-student"])
     report = (tmp_path / "out" / "benchmark.md").read_text()
     assert "| foundation-student | given |" in report and "| teacher-robust | given |" not in report
+    assert "| student-ard_lora-smoke | 0 |" in report and "Differences against `student-ard_lora-smoke`" in report
     # the frontier control: the finished ard student, interpolated with the foundation at each alpha
     assert all(f"| interp{a}-ard-smoke | 0 |" in report for a in ("0.25", "0.5", "0.75"))
 

@@ -102,3 +102,15 @@ def test_a_third_teacher_of_kind_clean_with_the_robust_teachers_weights():
     assert student.teachers == {"clean": "teacher-clean", "robust": "teacher-robust", "robust_clean": "teacher-robust"}
     assert student.teacher_kinds == {"clean": "clean", "robust": "robust", "robust_clean": "clean"}
     assert student.split == "train" and student.part is None  # the default scale distils on the training split
+
+
+def test_a_lora_cell_trains_its_student_with_lora_adapters(tmp_path):
+    """``Cell.finetune`` reaches the student's run config (``student.finetune``); the teachers are untouched."""
+    variants = {"lora": CELLS["mmt-ard_diwref_lora"].variant(RECIPES["smoke"])}
+    variants["full"] = CELLS["mmt-ard_diwref"].variant(RECIPES["smoke"])
+    stages = {s.name: s for _, s in protocol_stages(ZOO_SCALE, (), (0,), variants) if s.name.startswith("student-")}
+    assert stages["student-lora-seed0"].finetune == "lora" and stages["student-full-seed0"].finetune == "full"
+    models = {name: tmp_path / f"{name}.safetensors" for name in ("teacher-clean", "teacher-robust")}
+    for name, finetune in (("lora", "lora"), ("full", "full")):
+        cfg = stage_config(ZOO_SCALE, replace(stages[f"student-{name}-seed0"], pretrained="none"), tmp_path, models)
+        assert cfg.student.finetune == finetune and cfg.method.diw == "reference"

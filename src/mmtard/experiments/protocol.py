@@ -123,6 +123,7 @@ class StageSpec:
     split: str = "train"  # the training images: split, and part of it (``k/n``), and the held-out images' part
     part: str | None = None
     eval_part: str | None = None
+    finetune: str = "full"  # the student's ``student.finetune``: full, or lora
 
 
 def given_models(zoo: str | Path) -> dict[str, Path]:
@@ -163,7 +164,7 @@ def stage_config(scale: ProtocolScale, stage: StageSpec, out: Path, models: Mapp
     return RunConfig(
         output_dir=str(out / stage.name),
         device=scale.device,
-        student=StudentConfig(arch=stage.arch, pretrained=stage.pretrained),
+        student=StudentConfig(arch=stage.arch, pretrained=stage.pretrained, finetune=stage.finetune),
         teachers=teachers,
         method=method_config(stage.method, **overrides),
         data=DataConfig(
@@ -288,7 +289,8 @@ def protocol_stages(
     like the two standard teachers (once, before the first student; with ``seeds=()`` only those teachers).
     A variant's ``teacher_stages`` (``{"clean": "foundation-student"}``) points a teacher at any stage (the student's
     own foundation as a plain anchor; the robust teacher as a third teacher), and ``teacher_kinds`` gives the kind
-    of a teacher it adds (``{"robust_clean": "clean"}``).
+    of a teacher it adds (``{"robust_clean": "clean"}``). A variant's ``finetune`` (``"lora"``) is the student's
+    ``student.finetune``.
     """
     fs, ft = "foundation-student", "foundation-teacher"
     foundation = dict(method="clean-ft", pretrained="none", classes="all", steps=scale.foundation_steps)
@@ -315,6 +317,7 @@ def protocol_stages(
         more = overrides.pop("more_teachers", {})
         at_stage, extra_kinds = overrides.pop("teacher_stages", {}), overrides.pop("teacher_kinds", {})
         recipe = {"steps": scale.student_steps, "lr": scale.finetune_lr, **overrides.pop("train", {})}
+        finetune = overrides.pop("finetune", "full")
         plan = plan_teachers(method_class(method), method_config(method, **overrides))
         teachers = {role: f"teacher-{role}" for role in plan.kinds}
         kinds = ({role: role for role in teachers} | dict(more) | dict(extra_kinds)) if more or extra_kinds else {}
@@ -335,6 +338,7 @@ def protocol_stages(
                 split=scale.student_split,
                 part=scale.student_part,
                 eval_part=scale.seen_eval_part,
+                finetune=finetune,
                 **recipe,
             )
             stages.append((name, stage))
