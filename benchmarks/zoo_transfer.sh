@@ -13,17 +13,26 @@
 #    baselines (ard, ard_rslad, tecoa; alpha 0.25, 0.5, 0.75 with the student foundation, PGD-10 4/255).
 # 3. Seeds 1 and 2 of the four cells of step 1, then their frontiers.
 # 4. The seed-0 ablation: mmt-ard's defaults, fixed 0.9/0.1 and 1/1, the foundation-teacher or the robust teacher's
-#    weights as (another) clean teacher, tecoa.
-# 5. The tables, docs/benchmarks/zoo-headline.json, protocol-check.json, per-image.json.gz and the plots.
+#    weights as (another) clean teacher, tecoa; then tecoa's frontier.
+# 5. aa at 4/255 on seed 0 of the four cells of step 1.
+# 6. LoRA students (hypothesis 5): ard_lora and mmt-ard_diwref_lora on seed 0, then ard_lora's frontier.
+# 7. The regime (issue 25's step 5): ard, ard_rslad and mmt-ard_diwref with lr2e-4-800 (a tenth of the learning rate,
+#    4x the images seen) in runs/bench-xfer-regime, seed 0 then seeds 1 and 2, each followed by ard's frontier.
+# 8. The tables, docs/benchmarks/zoo-headline.json, protocol-check.json, per-image.json.gz and the plots; the
+#    regime's in docs/benchmarks/regime/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-STAGES=${STAGES:-1 2 3 4 5}
+STAGES=${STAGES:-1 2 3 4 5 6 7 8}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 bench() { "$PYTHON" benchmarks/zoo_benchmark.py --zoo runs/zoo --out runs/bench-xfer --distill-images transfer "$@"; }
 KEY=(ard ard_rslad mmt-ard_diwref mmt-ard_diwref_selfanchor)
 ABLATION=(mmt-ard mmt-ard_fixed91 mmt-ard_diwref_rclean mmt-ard_diwref_ftclean mmt-ard_fixed tecoa)
+LORA=(ard_lora mmt-ard_diwref_lora)
 ZOO=(teacher-clean teacher-robust foundation-student)
+# The regime's own folder; the student foundation's row (the same images) is reused from runs/bench-xfer.
+REGIME=(--out runs/bench-xfer-regime --recipe lr2e-4-800 --eval-every 80 --zoo-models foundation-student
+        --cells ard ard_rslad mmt-ard_diwref --ablation --frontier ard)
 for stage in $STAGES; do
   case $stage in
     1) bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells "${KEY[@]}" --ablation ;;
@@ -32,7 +41,19 @@ for stage in $STAGES; do
        bench --no-aa --no-zoo-models --jobs 2 --seeds 0 1 2 --cells "${KEY[@]}" --ablation ;;  # their frontiers
     4) bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation "${ABLATION[@]}"
        bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation "${ABLATION[@]}" ;;  # tecoa's frontier
-    5) bench --no-aa --seeds 0 1 2 --cells "${KEY[@]}" --ablation "${ABLATION[@]}" --zoo-models "${ZOO[@]}" \
-         --report-only --docs docs/benchmarks ;;
+    5) bench --no-zoo-models --jobs 2 --seeds 0 --cells "${KEY[@]}" --ablation ;;
+    6) for _ in 1 2; do  # the second run adds ard_lora's frontier
+         bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation "${LORA[@]}" --frontier ard_lora \
+           --against ard_lora
+       done ;;
+    7) mkdir -p runs/bench-xfer-regime/rows
+       cp -n runs/bench-xfer/rows/foundation-student.json runs/bench-xfer-regime/rows/
+       for seeds in 0 0 "0 1 2" "0 1 2"; do  # each second run adds the frontier of the students the first trained
+         # shellcheck disable=SC2086
+         bench "${REGIME[@]}" --no-aa --jobs 2 --seeds $seeds
+       done ;;
+    8) bench --seeds 0 1 2 --cells "${KEY[@]}" --ablation "${ABLATION[@]}" "${LORA[@]}" --zoo-models "${ZOO[@]}" \
+         --frontier ard ard_rslad tecoa ard_lora --against ard_lora --report-only --docs docs/benchmarks
+       bench "${REGIME[@]}" --seeds 0 1 2 --report-only --docs docs/benchmarks/regime ;;
   esac
 done
