@@ -16,8 +16,9 @@
 #    weights as (another) clean teacher, tecoa; then tecoa's frontier.
 # 5. aa at 4/255 on seed 0 of the four cells of step 1.
 # 6. LoRA students (hypothesis 5): ard_lora and mmt-ard_diwref_lora on seed 0, then ard_lora's frontier.
-# 7. The regime (issue 25's step 5): ard, ard_rslad and mmt-ard_diwref with lr2e-4-800 (a tenth of the learning rate,
-#    4x the images seen) in runs/bench-xfer-regime, seed 0 then seeds 1 and 2, each followed by ard's frontier.
+# 7. The regime (issue 25's step 5): lr2e-4-800 (a tenth of the learning rate, 4x the images seen) in
+#    runs/bench-xfer-regime: seed 0 of ard and mmt-ard_diwref, then ard, ard_rslad and mmt-ard_diwref on seeds 0 to
+#    2; each run followed by one that adds ard's frontier.
 # 8. The tables, docs/benchmarks/zoo-headline.json, protocol-check.json, per-image.json.gz and the plots; the
 #    regime's in docs/benchmarks/regime/.
 set -euo pipefail
@@ -32,7 +33,7 @@ LORA=(ard_lora mmt-ard_diwref_lora)
 ZOO=(teacher-clean teacher-robust foundation-student)
 # The regime's own folder; the student foundation's row (the same images) is reused from runs/bench-xfer.
 REGIME=(--out runs/bench-xfer-regime --recipe lr2e-4-800 --eval-every 80 --zoo-models foundation-student
-        --cells ard ard_rslad mmt-ard_diwref --ablation --frontier ard)
+        --ablation --frontier ard)
 for stage in $STAGES; do
   case $stage in
     1) bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells "${KEY[@]}" --ablation ;;
@@ -48,12 +49,10 @@ for stage in $STAGES; do
        done ;;
     7) mkdir -p runs/bench-xfer-regime/rows
        cp -n runs/bench-xfer/rows/foundation-student.json runs/bench-xfer-regime/rows/
-       for seeds in 0 0 "0 1 2" "0 1 2"; do  # each second run adds the frontier of the students the first trained
-         # shellcheck disable=SC2086
-         bench "${REGIME[@]}" --no-aa --jobs 2 --seeds $seeds
-       done ;;
+       for _ in 1 2; do bench "${REGIME[@]}" --no-aa --jobs 2 --seeds 0 --cells ard mmt-ard_diwref; done
+       for _ in 1 2; do bench "${REGIME[@]}" --no-aa --jobs 2 --seeds 0 1 2 --cells ard ard_rslad mmt-ard_diwref; done ;;
     8) bench --seeds 0 1 2 --cells "${KEY[@]}" --ablation "${ABLATION[@]}" "${LORA[@]}" --zoo-models "${ZOO[@]}" \
          --frontier ard ard_rslad tecoa ard_lora --against ard_lora --report-only --docs docs/benchmarks
-       bench "${REGIME[@]}" --seeds 0 1 2 --report-only --docs docs/benchmarks/regime ;;
+       bench "${REGIME[@]}" --seeds 0 1 2 --cells ard ard_rslad mmt-ard_diwref --report-only --docs docs/benchmarks/regime ;;
   esac
 done
