@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtard.attacks import Attack, create_attack
+from mmtard.attacks import Attack, create_attack, list_attacks
 from mmtard.data import ImageDataset, check_dataset_source, create_dataset, parse_part
 from mmtard.distributed import Shard
 from mmtard.errors import ConfigError
@@ -74,6 +74,18 @@ def build_attacks(request: EvalRequest) -> list[Attack]:
     ]
 
 
+def check_attack_names(names: Sequence[str], field: str = "attack") -> None:
+    """Each of ``names`` is ``none`` (clean accuracy only) or a registered attack.
+
+    Raises:
+        ConfigError: ``"<field>: unknown attack 'fgsm'; expected one of none, aa, ..."``.
+    """
+    known = ["none", *list_attacks()]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{field}: unknown attack {name!r}; expected one of {', '.join(known)}")
+
+
 def check_eval_request(request: EvalRequest) -> list[Attack]:
     """Validate every setting of ``request`` that can be checked before a dataset is read or a file written.
 
@@ -101,6 +113,7 @@ def check_eval_request(request: EvalRequest) -> list[Attack]:
     check_precision(request.precision)
     if not request.attacks:
         raise ConfigError("attack: give at least one attack, or none for clean accuracy only")
+    check_attack_names(request.attacks)
     if any(name != "none" for name in request.attacks) and not request.eps:
         raise ConfigError("eps: give at least one radius for the attacks")
     attacks = build_attacks(request)
