@@ -20,6 +20,7 @@ from mmtard.fileio import weights_sha256
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier
 from mmtard.models.zeroshot import check_logit_scale
 from mmtard.units import format_eps
+from mmtard.validate import check_whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +103,11 @@ def check_eval_request(request: EvalRequest) -> list[Attack]:
         raise ConfigError(
             f"data_dir: one data folder per dataset: {len(request.datasets)} datasets, {len(request.data_dirs)} folders"
         )
-    _check_int(request.batch_size, "batch_size", minimum=1)
-    _check_int(request.num_workers, "num_workers", minimum=0)
+    check_whole_number("batch_size", request.batch_size, low=1)
+    check_whole_number("num_workers", request.num_workers, low=0)
     if request.samples is not None:
-        _check_int(request.samples, "samples", minimum=1)
-    _check_int(request.seed, "seed", minimum=None)
+        check_whole_number("samples", request.samples, low=1)
+    check_whole_number("seed", request.seed)
     if request.part is not None:
         parse_part(request.part)
     check_logit_scale(request.logit_scale)
@@ -142,12 +143,6 @@ def _check_subset(request: EvalRequest) -> None:
                 f"{classes_key(request.classes)!r}; a subset pins its class selection (the zero-shot head), so "
                 "evaluate it with the classes it was made with"
             )
-
-
-def _check_int(value: object, field: str, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        expected = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise ConfigError(f"{field}: expected {expected}, got {value!r}")
 
 
 def _refuse_non_finite(bundle: CLIPBundle, dataset_name: str, exc: NonFiniteLogitsError) -> NonFiniteLogitsError:
