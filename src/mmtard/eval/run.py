@@ -15,7 +15,13 @@ from mmtard.distributed import Shard
 from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
 from mmtard.eval.subset import classes_key, indices_sha256, subset_entry
-from mmtard.eval.zeroshot import NonFiniteLogitsError, check_finite_logits, check_precision, evaluate_classifier
+from mmtard.eval.zeroshot import (
+    EvalResult,
+    NonFiniteLogitsError,
+    check_finite_logits,
+    check_precision,
+    evaluate_classifier,
+)
 from mmtard.fileio import weights_sha256
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier
 from mmtard.models.zeroshot import check_logit_scale
@@ -220,27 +226,41 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
             )
         except NonFiniteLogitsError as exc:
             raise _refuse_non_finite(bundle, name, exc) from exc
-        record = {
-            "model": bundle.name,
-            "pretrained": bundle.pretrained,
-            **_digest("pretrained_sha256", bundle.pretrained),
-            **_vision_fields(bundle),
-            "split": request.split,
-            **({"part": request.part} if request.part is not None else {}),
-            "data_dir": None if data_dir is None else str(data_dir),
-            "classes": request.classes if isinstance(request.classes, str) else list(request.classes),
-            "classnames": dataset.classnames,
-            "num_templates": len(dataset.templates),
-            "logit_scale": classifier.logit_scale,
-            "seed": request.seed,
-            "device": str(bundle.device),
-            "machine": platform.node() or platform.machine(),
-            **result.to_dict(),
-            "eps_values": [format_eps(e) for e in request.eps] if attacks else [],
-            "subset": subset_entry(request.split, dataset.source_size, dataset.source_indices, request.classes),
-        }
-        records.append(record)
+        records.append(_record(bundle, request, name, data_dir, dataset, classifier, result, attacks))
     return records
+
+
+def _record(
+    bundle: CLIPBundle,
+    request: EvalRequest,
+    name: str,
+    data_dir: str | None,
+    dataset: ImageDataset,
+    classifier: ZeroShotClassifier,
+    result: EvalResult,
+    attacks: list[Attack],
+) -> dict:
+    """The results record of one dataset: the model and its files, the data and its subset, the settings, the
+    accuracies (``result``) and the radii."""
+    return {
+        "model": bundle.name,
+        "pretrained": bundle.pretrained,
+        **_digest("pretrained_sha256", bundle.pretrained),
+        **_vision_fields(bundle),
+        "split": request.split,
+        **({"part": request.part} if request.part is not None else {}),
+        "data_dir": None if data_dir is None else str(data_dir),
+        "classes": request.classes if isinstance(request.classes, str) else list(request.classes),
+        "classnames": dataset.classnames,
+        "num_templates": len(dataset.templates),
+        "logit_scale": classifier.logit_scale,
+        "seed": request.seed,
+        "device": str(bundle.device),
+        "machine": platform.node() or platform.machine(),
+        **result.to_dict(),
+        "eps_values": [format_eps(e) for e in request.eps] if attacks else [],
+        "subset": subset_entry(request.split, dataset.source_size, dataset.source_indices, request.classes),
+    }
 
 
 def _subset_arguments(request: EvalRequest, name: str) -> dict:
