@@ -35,11 +35,11 @@ from torch import nn  # noqa: E402
 
 from mmtard.attacks import create_attack  # noqa: E402
 from mmtard.data.metadata import imagenet_classnames  # noqa: E402
+from mmtard.distributed import BENCHMARK_PRECISIONS  # noqa: E402
 from mmtard.fileio import atomic_write_text  # noqa: E402
 from mmtard.models import build_zero_shot_classifier, load_clip  # noqa: E402
 from mmtard.perf import synchronize  # noqa: E402
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 #: apgd-ce on every model and precision (the cost of one APGD run per image), aa where its up to 10 runs
 #: per image stay short.
 DEFAULT_CELLS = [
@@ -69,7 +69,7 @@ class Autocast(nn.Module):
 def parse_cell(text: str) -> tuple[str, str, int, list[str] | None]:
     """``MODEL:PRECISION:IMAGES[:ATTACK+ATTACK...]`` -> ``(model, precision, images, attacks or None)``."""
     parts = text.split(":")
-    at = max((i for i, part in enumerate(parts) if part in PRECISIONS), default=0)
+    at = max((i for i, part in enumerate(parts) if part in BENCHMARK_PRECISIONS), default=0)
     rest = parts[at + 1 :]
     if at == 0 or not 1 <= len(rest) <= 2 or not rest[0].isdigit() or int(rest[0]) < 1:
         raise argparse.ArgumentTypeError(f"cell: expected MODEL:{{bf16,fp32}}:IMAGES[:ATTACK+...], got {text!r}")
@@ -101,7 +101,8 @@ def run_cell(
     bundle = bundles[model_name]
     bundle.model.requires_grad_(False)
     classifier = build_zero_shot_classifier(bundle, imagenet_classnames()[: args.num_classes], ["a photo of a {}."])
-    model = classifier.eval() if PRECISIONS[precision] is None else Autocast(classifier, PRECISIONS[precision]).eval()
+    dtype = BENCHMARK_PRECISIONS[precision]
+    model = classifier.eval() if dtype is None else Autocast(classifier, dtype).eval()
     row = {"model": model_name, "precision": precision, "image_size": bundle.image_size, "images": images,
            "status": "ok", "attacks": []}  # fmt: skip
     if device.type == "cuda":

@@ -49,6 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from mmtard.data.metadata import imagenet_classnames  # noqa: E402
+from mmtard.distributed import BENCHMARK_PRECISIONS  # noqa: E402
 from mmtard.fileio import atomic_write_text  # noqa: E402
 from mmtard.methods import create_method, freeze, method_config  # noqa: E402
 from mmtard.models import ZeroShotClassifier, build_zero_shot_classifier, load_clip  # noqa: E402
@@ -69,7 +70,6 @@ from mmtard.train.trainer import TrainState, build_optimizer, train_step  # noqa
 METHODS = ("ard", "mmt-ard", "tecoa")
 LEVERS = ("none", "channels-last", "compile")
 TEACHER_ROLES = ("clean", "robust")
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
 EPS = 4 / 255
 GRAD_CLIP = 1.0
 
@@ -312,7 +312,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--teacher", default="ViT-L-14")
     parser.add_argument("--num-classes", type=int, default=1000, help="the first N ImageNet classes")
     parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test, tiny models)")
-    parser.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto", help="auto: bf16 on a GPU")
+    precisions = ["auto", *BENCHMARK_PRECISIONS]
+    parser.add_argument("--precision", choices=precisions, default="auto", help="auto: bf16 on a GPU")
     parser.add_argument("--matmul-n", type=int, default=None, help="side of the peak-rate matrices (8192 on a GPU)")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_step_time"))
     parser.add_argument("--name", default="step_time", help="files OUT/NAME.json and OUT/NAME.md")
@@ -327,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dtype = PRECISIONS[precision]
+    dtype = BENCHMARK_PRECISIONS[precision]
     matmul_dtype = dtype or torch.float32
     matmul_n = args.matmul_n or MATMUL_SIDE.get(device.type, MATMUL_SIDE["cpu"])
     peak_tflops = measure_matmul_tflops(device, matmul_dtype, n=matmul_n)

@@ -115,6 +115,36 @@ def run_torchrun(root: Path, launcher: str, *args: str, timeout: float) -> subpr
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+#: a process that takes the lock file argv[1] as a training run or an evaluation does, says so, and keeps it
+HOLD_LOCK = (
+    "import sys, time\n"
+    "from mmtard.fileio import FolderLock\n"
+    "lock = FolderLock(sys.argv[1])\n"
+    "assert lock.acquire()\n"
+    "print('held', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def lock_holder(path: Path) -> subprocess.Popen:
+    """A process that holds the lock ``path`` (a :class:`mmtard.fileio.FolderLock`, the lock of a run folder or an
+    evaluation's journal), returned once it holds it; the caller kills it (SIGKILL frees the lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "held":
+        proc.kill()
+        raise RuntimeError(f"the helper process could not take the lock {path}")
+    return proc
+
+
+def lock_released(path: Path) -> bool:
+    """Whether no process holds the lock ``path`` and its file names no holder (a lock released, or never
+    taken)."""
+    from mmtard.fileio import FolderLock
+
+    return not FolderLock(path).is_held() and (not path.exists() or path.read_text() == "")
+
+
 # ------------------------------------------------------------------------- seeded fakes for saved trajectories
 # (tests/test_k_teachers.py and tests/test_preset_trajectories.py compare a method's steps with a saved file)
 

@@ -115,6 +115,60 @@ def test_unknown_model_is_one_clear_error(tmp_path, npz_dir, capsys):
     assert code == 2 and "unknown architecture 'ViT-Nope'" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------- flags -> EvalRequest
+
+
+def test_the_flags_become_one_request_whose_left_out_fields_keep_their_defaults(tmp_path, npz_dir):
+    """Issue 26: the eval defaults are ``EvalRequest``'s alone; the CLI sets only the fields of the flags given."""
+    from mmtard.cli import build_parser
+    from mmtard.cli.eval_command import check_eval_args
+    from mmtard.eval.run import EvalRequest
+
+    base = ["eval", "--model", "tiny-vit-s", "--dataset", "cifar10", "--data-dir", str(npz_dir), "--out", str(tmp_path)]
+    plan = check_eval_args(build_parser().parse_args([*base, "--no-progress"]))
+    journal = str(tmp_path / "journal")
+    assert plan.requests == [
+        EvalRequest(datasets=["cifar10"], data_dirs=[str(npz_dir)], progress=False, journal_dir=journal)
+    ]
+    given = ["--eps", "2/255", "--norm", "l2", "--attack", "none", "pgd", "--batch-size", "7", "--workers", "1"]
+    given += ["--seed", "3", "--precision", "bf16", "--logit-scale", "model", "--split", "train", "--samples", "5"]
+    (request,) = check_eval_args(build_parser().parse_args([*base, *given])).requests
+    assert request == EvalRequest(
+        datasets=["cifar10"],
+        data_dirs=[str(npz_dir)],
+        split="train",
+        samples=5,
+        attacks=["none", "pgd"],
+        eps=[2 / 255],
+        norm="l2",
+        batch_size=7,
+        num_workers=1,
+        logit_scale="model",
+        seed=3,
+        precision="bf16",
+        journal_dir=journal,
+    )
+
+
+def test_eval_help_gives_the_requests_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("test", "pgd", "1/255 2/255 4/255", "linf", "128", "0", "100", "fp32"):
+        assert f"(default: {default})" in text or f"default: {default}" in text, default
+
+
+def test_a_subset_with_samples_is_refused_by_the_librarys_check_naming_the_flag(tmp_path, npz_dir, capsys):
+    subset = tmp_path / "subset.json"
+    entry = {"split": "test", "source_size": 40, "count": 2, "indices": [0, 1], "classes": "all"}
+    subset.write_text(json.dumps({"datasets": {"cifar10": entry}}))
+    code, out = _run(tmp_path, "--data-dir", str(npz_dir), "--subset", str(subset), "--samples", "3")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert err == ["mmtard eval: error: --samples: give samples or a subset, not both (a subset fixes the images)"]
+
+
 # ------------------------------------------------------------------------------------------ precision
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
+from helpers import lock_holder
 
 from mmtard.cli import main
 from mmtard.eval import zeroshot
@@ -169,15 +171,13 @@ def test_a_damaged_journal_line_is_run_again_not_trusted(tiny_bundle, npz_dir, t
 
 
 def test_the_lock_of_an_evaluation_that_was_killed_is_taken_over(npz_dir, tmp_path):
-    """Issue 27, item 19: one eval per --out (two at once removed each other's journal); a lock whose process is
-    gone (kill -9) does not block the rerun that continues it."""
-    import socket
-    import subprocess
-
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    (tmp_path / "out" / "journal").mkdir(parents=True)
-    (tmp_path / "out" / "journal" / ".lock").write_text(f"{gone.pid} {socket.gethostname()}\n")
+    """Issue 27, item 19: one eval per --out (two at once removed each other's journal); the lock of a process
+    killed with SIGKILL (the system releases it) does not block the rerun that continues it."""
+    lock = tmp_path / "out" / "journal" / ".lock"
     argv = ["eval", "--model", "tiny-vit-s", "--dataset", "npz", "--data-dir", str(npz_dir), "--attack", "none"]
+    holder = lock_holder(lock)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert lock.read_text().split()[0] == str(holder.pid)  # its lock file still names it
     assert main([*argv, "--no-progress", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "results.json").is_file() and not (tmp_path / "out" / "journal").exists()

@@ -119,9 +119,10 @@ def test_non_finite_logits_after_the_first_batch_are_refused_too(tiny_bundle, tm
 
 
 BAD_REQUESTS = {
-    "batch_size": ({"batch_size": 0}, "batch_size: expected an integer >= 1, got 0"),
-    "num_workers": ({"num_workers": -1}, "num_workers: expected an integer >= 0, got -1"),
-    "samples": ({"samples": 0}, "samples: expected an integer >= 1, got 0"),
+    "batch_size": ({"batch_size": 0}, "batch_size: expected a whole number >= 1, got 0"),
+    "num_workers": ({"num_workers": -1}, "num_workers: expected a whole number >= 0, got -1"),
+    "samples": ({"samples": 0}, "samples: expected a whole number >= 1, got 0"),
+    "seed": ({"seed": 1.5}, "seed: expected a whole number, got 1.5"),
     "logit_scale-text": ({"logit_scale": "abc"}, "logit_scale: expected a positive number or 'model'"),
     "logit_scale-nan": ({"logit_scale": math.nan}, "logit_scale: expected a positive number or 'model'"),
     "attack": ({"attacks": ["fgsm"], "eps": (4 / 255,)}, "attack: unknown attack 'fgsm'"),

@@ -641,35 +641,3 @@ def test_a_skipped_step_leaves_the_grad_scaler_ready_with_its_scale(monkeypatch)
     _, _, skipped = trainer_module.train_step(state, (x, y, None), precision=None, optim=cfg.train)
     assert not skipped and state.step == 2 and scaler.get_scale() == 16.0
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
-
-
-def test_a_lock_whose_process_id_now_names_another_process_is_taken_over(tmp_path):
-    """Process ids are reused (within seconds on a busy machine): a lock's holder is the id *and* its start
-    time; a live process with that id but another start time is not the holder."""
-    import socket
-
-    from mmtard.train.rundir import RunDir, RunLock, RunLockedError, _start_time
-
-    if _start_time(os.getpid()) is None:
-        pytest.skip("no /proc/<pid>/stat here: process start times are not available")
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    try:
-        run = RunDir(tmp_path / "run")
-        run.path.mkdir()
-        host, started = socket.gethostname(), int(_start_time(other.pid))
-        run.lock.write_text(f"{other.pid} {host} {started}\n")
-        with pytest.raises(RunLockedError, match=f"in use by process {other.pid}"):
-            RunLock(run).check_free()
-        run.lock.write_text(f"{other.pid} {host}\n")  # a lock without a start time: a live id holds it
-        with pytest.raises(RunLockedError):
-            RunLock(run).check_free()
-        run.lock.write_text(f"{other.pid} {host} {started - 1}\n")  # its holder started earlier: a reused id
-        lock = RunLock(run)
-        lock.acquire()
-        pid, lock_host, start = run.lock.read_text().split()
-        assert (int(pid), lock_host, start) == (os.getpid(), host, _start_time(os.getpid()))
-        lock.release()
-        assert not run.lock.exists()
-    finally:
-        other.kill()
-        other.wait()

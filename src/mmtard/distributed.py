@@ -33,6 +33,9 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAIN_PRECISIONS = ("auto", *AUTOCAST_DTYPES)
 #: ``mmtard eval --precision``: fp32, or bf16 autocast checked against fp32 (fp16 is not offered)
 EVAL_PRECISIONS = ("fp32", "bf16")
+#: the precisions the benchmarks time (``benchmarks/aa_throughput.py``, ``benchmarks/gpu_step_time.py``) and their
+#: autocast dtypes: bf16 and fp32 (fp16 is not timed: a training step would need a grad scaler)
+BENCHMARK_PRECISIONS = {name: AUTOCAST_DTYPES[name] for name in ("bf16", "fp32")}
 
 
 @dataclass(frozen=True)

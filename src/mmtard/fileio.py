@@ -9,6 +9,9 @@ temporary name; :func:`reported_write_errors` makes it one :class:`OutputWriteEr
 A path the user gives as a file (a checkpoint, an npz, an image, a results file) is checked with
 :func:`require_regular_file` before it is opened: opening a FIFO blocks until something writes to it, and a
 device (``/dev/zero``, ``/dev/null``) reads as an endless or empty file, so both are refused at once.
+
+A folder that one process at a time may write (a run folder, an evaluation's output) is guarded by a
+:class:`FolderLock`, an operating-system lock on one file that ends with its process however it ends.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import errno
 import functools
 import hashlib
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import yaml
+from filelock import FileLock, Timeout
 
 from mmtard.errors import ConfigError
 
@@ -183,6 +188,82 @@ def weights_stamp(pretrained: str | None) -> list[int] | None:
         stat = Path(pretrained).stat()
         return [stat.st_size, stat.st_mtime_ns]
     return None
+
+
+class FolderLock:
+    """An operating-system lock on the file ``path`` (``filelock``: ``flock`` on Unix), taken without waiting.
+
+    The system drops the lock when its process ends, however it ends (SIGKILL included), so a lock left by a
+    killed process blocks nothing. While held, the file holds ``<pid> <host>`` of its holder, read only to name
+    it in messages; what the file holds decides nothing (a damaged or stale file blocks nothing). Released, the
+    lock's file is emptied and stays: removing it would let a process that opened it a moment before and one
+    that creates it anew hold two files of one name at once. The lock is held until :meth:`release`, or until
+    this object is garbage collected: keep it.
+
+    Args:
+        path: the lock file (created when the lock is first taken).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock: FileLock | None = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._lock is not None
+
+    def is_held(self) -> bool:
+        """Whether a process (this one included, through another object) holds the lock; creates nothing."""
+        if self.held:
+            return True
+        if not self.path.is_file():
+            return False
+        probe = FileLock(self.path, timeout=0)
+        try:
+            probe.acquire()
+        except Timeout:
+            return True
+        probe.release()
+        return False
+
+    def acquire(self) -> bool:
+        """Take the lock (creating its file) and write ``<pid> <host>`` into it; False when another holds it.
+
+        Raises:
+            OSError: the system refused the note's write (a full disk), naming the file; the lock is released.
+        """
+        lock = FileLock(self.path, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return False
+        try:
+            self.path.write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        except OSError as exc:
+            lock.release()
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+        self._lock = lock
+        return True
+
+    def release(self) -> None:
+        """Empty the lock's file and release the lock (nothing when this object does not hold it)."""
+        if self._lock is None:
+            return
+        with suppress(OSError):  # a folder removed or made read-only since: the lock is released all the same
+            os.truncate(self.path, 0)
+        self._lock.release()
+        self._lock = None
+
+    def holder(self) -> str:
+        """The holder named in the lock's file, for messages: ``process 123``, ``process 123 on node7``, or
+        ``another process`` when the file names none (the holder is writing it this moment)."""
+        try:
+            pid, host = self.path.read_text().split()
+            int(pid)
+        except (OSError, UnicodeDecodeError, ValueError):
+            return "another process"
+        return f"process {pid}" if host == socket.gethostname() else f"process {pid} on {host}"
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

@@ -6,12 +6,12 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from mmtard.errors import ConfigError, NonFiniteError
+from mmtard.fileio import FolderLock
 from mmtard.validate import whole_number_range
 
 logger = logging.getLogger("mmtard")
@@ -91,9 +91,9 @@ EVAL_LOCK = ".lock"
 
 @contextmanager
 def eval_lock(journal_dir: Path, field: str = "--out") -> Iterator[None]:
-    """One ``mmtard eval`` per output folder: ``<journal>/.lock`` holds ``<pid> <host>`` while it runs. Another
-    live evaluation there is one error (two would remove each other's journal); a lock whose process no longer
-    runs on this host is taken over. Under ``torchrun`` the process of rank 0 holds it for all of them.
+    """One ``mmtard eval`` per output folder: ``<journal>/.lock`` is a :class:`~mmtard.fileio.FolderLock` held
+    while it runs. Another evaluation there is one error (two would remove each other's journal); the system
+    releases the lock of a killed one. Under ``torchrun`` the process of rank 0 holds it for all of them.
 
     Raises:
         ConfigError: naming ``field``, the process and the lock file.
@@ -101,47 +101,17 @@ def eval_lock(journal_dir: Path, field: str = "--out") -> Iterator[None]:
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    lock = journal_dir / EVAL_LOCK
     journal_dir.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            _refuse_if_held(lock, field)
-            lock.unlink(missing_ok=True)  # its process is gone (killed): take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        break
-    else:
-        raise ConfigError(f"{field}: could not lock '{journal_dir.parent}' ({lock} keeps reappearing)")
+    lock = FolderLock(journal_dir / EVAL_LOCK)
+    if not lock.acquire():
+        raise ConfigError(
+            f"{field}: '{journal_dir.parent}' is in use by another mmtard eval ({lock.holder()}, lock file "
+            f"{lock.path}); wait for it to end or choose another --out"
+        )
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _refuse_if_held(lock: Path, field: str) -> None:
-    try:
-        pid_text, host = lock.read_text().split()[:2]
-        pid = int(pid_text)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return  # unreadable: a lock being written this moment loses the next O_EXCL race, a damaged one is replaced
-    alive = host != socket.gethostname()  # on another machine: cannot tell, so taken as running
-    if not alive:
-        try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:  # another user's live process
-            alive = True
-    if alive:
-        where = f"process {pid}" if host == socket.gethostname() else f"process {pid} on {host}"
-        raise ConfigError(
-            f"{field}: '{lock.parent.parent}' is in use by another mmtard eval ({where}, lock file {lock}); wait for "
-            "it to end or choose another --out"
-        )
+        lock.release()
 
 
 def fraction_arg(text: str) -> float:

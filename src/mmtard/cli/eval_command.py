@@ -7,6 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmtard.cli.common import (
     EVAL_DATA_FLAGS,
@@ -20,9 +21,55 @@ from mmtard.distributed import check_device
 from mmtard.errors import ConfigError
 from mmtard.validate import MAX_SEED
 
+if TYPE_CHECKING:  # imported where used: they load the models' and datasets' libraries
+    from mmtard.eval.run import EvalRequest
+    from mmtard.eval.suite import Suite
+
+#: the flags that set a field of the library's :class:`~mmtard.eval.run.EvalRequest` (flag's dest -> field); a flag
+#: left out leaves the field's default, defined there only
+REQUEST_FLAGS = {
+    "split": "split",
+    "samples": "samples",
+    "attack": "attacks",
+    "eps": "eps",
+    "norm": "norm",
+    "steps": "steps",
+    "restarts": "restarts",
+    "batch_size": "batch_size",
+    "workers": "num_workers",
+    "logit_scale": "logit_scale",
+    "seed": "seed",
+    "precision": "precision",
+    "part": "part",
+}
+
+
+class RequestDefaultsHelp(argparse.HelpFormatter):
+    """``mmtard eval --help`` says each request flag's default, read from ``EvalRequest`` (imported only then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        field = REQUEST_FLAGS.get(action.dest)
+        if field is None:
+            return action.help
+        from mmtard.eval.run import EvalRequest
+        from mmtard.units import format_eps
+
+        default = getattr(EvalRequest, field)
+        if default is None:
+            return action.help
+        if field == "eps":
+            shown = " ".join(format_eps(eps) for eps in default)
+        elif isinstance(default, tuple):
+            shown = " ".join(default)
+        else:
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+        return f"{action.help} (default: {shown})" if action.help else f"default: {shown}"
+
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="clean and robust zero-shot accuracy of a CLIP model")
+    p = sub.add_parser(
+        "eval", help="clean and robust zero-shot accuracy of a CLIP model", formatter_class=RequestDefaultsHelp
+    )
     p.add_argument(
         "--model", required=True, help="open_clip architecture (ViT-B-32, tiny-vit-s, ...) or hf-hub:ORG/REPO"
     )
@@ -59,7 +106,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="evaluate exactly the images of an earlier run: its subset.json or results.json",
     )
-    p.add_argument("--split", default=None, help="the split to read (default: test)")
+    p.add_argument("--split", default=None, help="the split to read")
     p.add_argument("--classes", default=None, help="all | seen | unseen | class names (default: all, or a --subset's)")
     p.add_argument("--samples", type=whole_number(1), default=None, help="fixed class-balanced subset of N images")
     p.add_argument(
@@ -70,25 +117,26 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         "on part 1/2 never saw), before --classes and --samples",
     )
     p.add_argument(
-        "--attack", nargs="+", default=None, help="none | pgd | apgd-ce | apgd-t | aa | autoattack (several allowed)"
+        "--attack", nargs="+", default=None, help="none | pgd | apgd-ce | apgd-t | aa | autoattack, several allowed"
     )
     p.add_argument(
         "--eps",
         nargs="+",
         default=None,
-        help="radii as fractions of the pixel range, e.g. 1/255 4/255 (linf: at most 1; l2: any length, e.g. 0.5); "
-        "default 1/255 2/255 4/255",
+        help="radii as fractions of the pixel range, e.g. 1/255 4/255 (linf: at most 1; l2: any length, e.g. 0.5)",
     )
-    p.add_argument("--norm", default=None, choices=["linf", "l2"], help="default linf")
+    p.add_argument("--norm", default=None, choices=["linf", "l2"], help="the radii's norm")
     p.add_argument("--steps", type=whole_number(1), default=None, help="attack iterations (default: PGD 10, APGD 100)")
-    p.add_argument("--restarts", type=whole_number(1), default=None)
-    p.add_argument("--batch-size", type=whole_number(1), default=128)
-    p.add_argument("--workers", type=whole_number(0), default=0)
+    p.add_argument(
+        "--restarts", type=whole_number(1), default=None, help="attack restarts (default: each attack's own)"
+    )
+    p.add_argument("--batch-size", type=whole_number(1), default=None, help="images per batch")
+    p.add_argument("--workers", type=whole_number(0), default=None, help="DataLoader worker processes")
     p.add_argument(
         "--logit-scale",
         type=logit_scale_arg,
-        default=100.0,
-        help="fixed scale (default 100) or 'model' for the model's learned scale",
+        default=None,
+        help="a fixed scale or 'model' for the model's learned scale",
     )
     p.add_argument(
         "--device",
@@ -97,11 +145,15 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        default="fp32",
-        help="fp32 (default) or bf16 (autocast; robust accuracy checked against fp32 on the first batch, "
-        "refused beyond 1 point)",
+        default=None,
+        help="fp32 or bf16 (autocast; robust accuracy checked against fp32 on the first batch, refused beyond 1 point)",
     )
-    p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0)
+    p.add_argument(
+        "--seed",
+        type=whole_number(0, MAX_SEED),
+        default=None,
+        help="seed of the --samples draw, the attacks' random starts and random weights",
+    )
     p.add_argument(
         "--download", action="store_true", help="let torchvision download the dataset (never done otherwise)"
     )
@@ -141,18 +193,17 @@ EVAL_FLAGS = {
 #: with --suite, the fields the suite sets are named as the suite's keys (the flags are refused with it)
 SUITE_FLAGS = EVAL_FLAGS | {key: f"--suite {key}" for key in ("split", "samples", "attack", "eps", "norm")}
 
-#: what ``mmtard eval`` uses for a flag not given (with --suite, the suite sets these instead)
-EVAL_DEFAULTS = {"split": "test", "attack": ["pgd"], "eps": ["1/255", "2/255", "4/255"], "norm": "linf"}
-
 
 @dataclass
 class EvalPlan:
     """What ``mmtard eval`` runs, resolved from its flags: one request per group of datasets (a suite has
-    one per dataset: each its split and sample count)."""
+    one per dataset: each its split and sample count), and the flag (or suite key) that names each request field
+    in an error."""
 
-    requests: list
+    requests: list[EvalRequest]
     device: str
-    suite: object = None
+    flags: dict[str, str]
+    suite: Suite | None = None
 
 
 def _suite_flags(args: argparse.Namespace) -> None:
@@ -167,90 +218,89 @@ def _suite_flags(args: argparse.Namespace) -> None:
 
 
 def check_eval_args(args: argparse.Namespace) -> EvalPlan:
-    """Everything ``mmtard eval`` can check before it loads a model or writes a file.
+    """Everything ``mmtard eval`` can check before it loads a model or writes a file: the flags become the
+    library's requests (:func:`eval_requests`), which the library checks (:func:`mmtard.eval.run.check_eval_request`,
+    its errors naming the flags), then the device, the output folder and the model files.
 
     Returns:
-        The evaluation requests (datasets, folders, attacks, radii...) and the device.
+        The evaluation requests (datasets, folders, attacks, radii...), the device and the flags.
     """
-    from mmtard.attacks import list_attacks
-    from mmtard.eval.run import EvalRequest
-    from mmtard.eval.subset import classes_for_subset, read_subset
-    from mmtard.eval.suite import check_suite_data, load_suite, select_datasets
-    from mmtard.eval.zeroshot import check_precision
+    from mmtard.eval.run import check_eval_request
     from mmtard.models import check_checkpoint_file
-    from mmtard.preflight import check_data, check_model, check_output_dir, renamed_fields
-    from mmtard.units import parse_eps
+    from mmtard.preflight import check_model, check_output_dir, renamed_fields
 
-    suite = None
-    if args.suite is not None:
-        _suite_flags(args)
-        suite = load_suite(args.suite, "--suite")
-        attacks, eps_texts, norm = list(suite.attacks), list(suite.eps), suite.norm
-    else:
-        if not args.dataset:
-            raise ConfigError("--dataset: give one or more datasets, or --suite (e.g. --suite robustvlm)")
-        attacks = args.attack or EVAL_DEFAULTS["attack"]
-        eps_texts = args.eps or EVAL_DEFAULTS["eps"]
-        norm = args.norm or EVAL_DEFAULTS["norm"]
-        if len(args.data_dir) not in (1, len(args.dataset)):
-            raise ConfigError(
-                f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
-                f"got {len(args.data_dir)}"
-            )
-    eps = [parse_eps(text, "--eps", norm) for text in eps_texts]
-    known = ["none", *list_attacks()]
-    for name in attacks:
-        if name not in known:
-            field = "--attack" if suite is None else f"--suite: '{suite.source}': attacks"
-            raise ConfigError(f"{field}: unknown attack {name!r}; expected one of {', '.join(known)}")
-    with renamed_fields(EVAL_FLAGS):
-        check_precision(args.precision)
+    suite = read_dataset_flags(args)
+    requests = eval_requests(args, suite)
+    flags = EVAL_FLAGS if suite is None else SUITE_FLAGS
+    with renamed_fields(flags):
+        for request in requests:
+            check_eval_request(request)
     device = str(check_device(args.device, "--device"))
     check_output_dir(args.out, "--out")
     check_model(args.model, args.pretrained, "--model", "--pretrained", trust_checkpoint=args.trust_checkpoint)
     if args.vision_weights is not None:
         check_checkpoint_file(args.vision_weights, "--vision-weights", trust_checkpoint=args.trust_checkpoint)
+    return EvalPlan(requests, device, flags, suite)
+
+
+def read_dataset_flags(args: argparse.Namespace) -> Suite | None:
+    """The suite of ``--suite`` (the flags it sets left out, its attacks known), or None after checking the flags
+    without one: ``--dataset`` given, and one ``--data-dir`` for all or one per dataset."""
+    from mmtard.eval.run import check_attack_names
+    from mmtard.eval.suite import load_suite
+
+    if args.suite is not None:
+        _suite_flags(args)
+        suite = load_suite(args.suite, "--suite")
+        check_attack_names(suite.attacks, f"--suite: '{suite.source}': attacks")
+        return suite
+    if not args.dataset:
+        raise ConfigError("--dataset: give one or more datasets, or --suite (e.g. --suite robustvlm)")
+    if len(args.data_dir) not in (1, len(args.dataset)):
+        raise ConfigError(
+            f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
+            f"got {len(args.data_dir)}"
+        )
+    return None
+
+
+def eval_requests(args: argparse.Namespace, suite: Suite | None) -> list[EvalRequest]:
+    """The flags as the library's ``EvalRequest`` s: one for the datasets given, or one per dataset of ``suite``
+    (each its split and sample count). A flag left out leaves the request's default; ``--eps`` is read in the
+    request's norm; ``--subset`` is read here."""
+    from mmtard.eval.run import EvalRequest
+    from mmtard.eval.subset import classes_for_subset, read_subset
+    from mmtard.eval.suite import check_suite_data, select_datasets
+    from mmtard.units import parse_eps
+
+    given = {field: getattr(args, flag) for flag, field in REQUEST_FLAGS.items() if getattr(args, flag) is not None}
+    if suite is not None:
+        given.update(attacks=list(suite.attacks), eps=list(suite.eps), norm=suite.norm)
+    if "eps" in given:
+        given["eps"] = [parse_eps(text, "--eps", given.get("norm", EvalRequest.norm)) for text in given["eps"]]
     subset = read_subset(args.subset, "--subset") if args.subset is not None else None
-    if subset is not None and args.samples is not None:
-        raise ConfigError("--samples: give --samples or --subset, not both (a subset fixes the images)")
-    common = dict(
+    given.update(
         classes=classes_for_subset(args.classes, subset, args.dataset),
-        attacks=attacks,
-        eps=eps,
-        norm=norm,
-        steps=args.steps,
-        restarts=args.restarts,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        logit_scale=args.logit_scale,
-        seed=args.seed,
         download=args.download,
         progress=not args.no_progress,
         journal_dir=os.path.join(args.out, "journal"),  # an interrupted run, rerun as it was, continues
-        precision=args.precision,
         subset=subset,
-        part=args.part,
     )
-    if suite is not None:
-        chosen = select_datasets(suite, args.dataset, "--dataset")
-        folders = check_suite_data(chosen, args.data_dir[0], suite.name, "--data-dir")
-        requests = [
-            EvalRequest(
-                datasets=[entry.name],
-                data_dirs=[folder],
-                split=entry.split,
-                samples=None if subset is not None else entry.samples,
-                **common,
-            )
-            for entry, folder in zip(chosen, folders)
-        ]
-        return EvalPlan(requests, device, suite)
-    split = args.split or EVAL_DEFAULTS["split"]
-    data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
-    for name, folder in zip(args.dataset, data_dirs):
-        check_data(name, folder, split, EVAL_DATA_FLAGS, args.download)
-    request = EvalRequest(datasets=args.dataset, data_dirs=data_dirs, split=split, samples=args.samples, **common)
-    return EvalPlan([request], device)
+    if suite is None:
+        data_dirs = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
+        return [EvalRequest(datasets=args.dataset, data_dirs=data_dirs, **given)]
+    chosen = select_datasets(suite, args.dataset, "--dataset")
+    folders = check_suite_data(chosen, args.data_dir[0], suite.name, "--data-dir")
+    return [
+        EvalRequest(
+            datasets=[entry.name],
+            data_dirs=[folder],
+            split=entry.split,
+            samples=None if subset is not None else entry.samples,
+            **given,
+        )
+        for entry, folder in zip(chosen, folders)
+    ]
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -290,10 +340,10 @@ def evaluate_weights(args: argparse.Namespace, plan: EvalPlan, alpha: float, out
     with (
         leave_as_found(out, inside=["journal"]),
         reported_write_errors("--out", str(out)),
-        renamed_fields(EVAL_FLAGS if plan.suite is None else SUITE_FLAGS),
+        renamed_fields(plan.flags),
         eval_lock(journal_dir),
     ):
-        torch.manual_seed(args.seed)  # random weights (--pretrained none) are the same in every run of a seed
+        torch.manual_seed(requests[0].seed)  # random weights (--pretrained none) are the same in every run of a seed
         bundle = load_clip(
             args.model,
             args.pretrained,

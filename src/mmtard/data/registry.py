@@ -284,15 +284,50 @@ def create_dataset(
     if indices is not None and part is not None:
         raise ConfigError("part: give a part or a subset's indices, not both (the indices fix the images)")
     parsed_part = parse_part(part) if part is not None else None
+    raw, positions, total = _load_split(spec, name, data_dir, split, download, indices, source_size, parsed_part)
+    names = _class_names(spec, raw, classnames, name, data_dir)
+    chosen = resolve_classes(classes, names)
+    if chosen != list(range(len(names))):
+        raw, positions = _keep_classes(raw, positions, chosen, name, classes, from_subset=indices is not None)
+        names = [names[i] for i in chosen]
+    if samples is not None:
+        raw, positions = _keep_samples(raw, positions, samples, seed, f"{name} (split {split}, classes {classes})")
+    return ImageDataset(raw, names, spec.templates(), image_size, name, positions.tolist(), total)
+
+
+def _load_split(
+    spec: DatasetSpec,
+    name: str,
+    data_dir: str | Path | None,
+    split: str,
+    download: bool,
+    indices: Sequence[int] | None,
+    source_size: int | None,
+    part: tuple[int, int] | None,
+) -> tuple[RawImages, torch.Tensor, int]:
+    """The split's images, or only those of ``indices`` or of ``part`` (see :func:`create_dataset`), their
+    positions in the split, and the split's size."""
     raw = spec.load(data_dir, split, download=download)
     total = len(raw.labels)
     positions = torch.arange(total)
     if indices is not None:
         positions = _check_indices(indices, total, source_size, name, split)
         raw = _select(raw, positions)
-    if parsed_part is not None:
-        positions = part_positions(raw.labels, *parsed_part)
+    if part is not None:
+        positions = part_positions(raw.labels, *part)
         raw = _select(raw, positions)
+    return raw, positions, total
+
+
+def _class_names(
+    spec: DatasetSpec, raw: RawImages, classnames: Sequence[str] | None, name: str, data_dir: str | Path | None
+) -> Sequence[str]:
+    """The class names: ``classnames`` when given, else the registry's, else the data's; one per label.
+
+    Raises:
+        ConfigError: ``classnames: ...``: no names anywhere, or fewer than the labels (for an image folder, not
+            one per class folder).
+    """
     names = list(classnames) if classnames is not None else (spec.classnames() if spec.classnames else raw.classnames)
     if names is None:
         raise ConfigError(
@@ -308,33 +343,42 @@ def create_dataset(
             f"but the labels in '{data_dir}' run 0..{num_labels - 1} "
             f"({num_labels} classes); the list must have one name per label, in label order"
         )
-    chosen = resolve_classes(classes, names)
-    if chosen != list(range(len(names))):
-        keep = torch.nonzero(torch.isin(raw.labels, torch.tensor(chosen))).flatten()
-        if indices is not None and len(keep) < len(positions):
-            raise ConfigError(
-                f"subset: {len(positions) - len(keep)} of its {len(positions)} {name} images are of classes outside "
-                f"classes={classes!r}; evaluate a subset with the classes it was made with"
-            )
-        raw = _select(raw, keep, {old: new for new, old in enumerate(chosen)})
-        positions = positions[keep]
-        names = [names[i] for i in chosen]
-    if samples is not None:
-        keep = loaders.balanced_subset(raw.labels, samples, seed)
-        raw = _select(raw, keep)
-        positions = positions[keep]
-        if len(raw.labels) < samples:
-            logger.warning(
-                "samples: %d requested, but %s (split %s, classes %s) has %d images for a class-balanced subset; "
-                "using those %d",
-                samples,
-                name,
-                split,
-                classes,
-                len(raw.labels),
-                len(raw.labels),
-            )
-    return ImageDataset(raw, names, spec.templates(), image_size, name, positions.tolist(), total)
+    return names
+
+
+def _keep_classes(
+    raw: RawImages, positions: torch.Tensor, chosen: list[int], name: str, classes: object, from_subset: bool
+) -> tuple[RawImages, torch.Tensor]:
+    """The images of the ``chosen`` labels, relabelled ``0..k-1`` in that order, and their positions.
+
+    Raises:
+        ConfigError: ``from_subset`` (the images were fixed by a subset's indices) and some are of other classes.
+    """
+    keep = torch.nonzero(torch.isin(raw.labels, torch.tensor(chosen))).flatten()
+    if from_subset and len(keep) < len(positions):
+        raise ConfigError(
+            f"subset: {len(positions) - len(keep)} of its {len(positions)} {name} images are of classes outside "
+            f"classes={classes!r}; evaluate a subset with the classes it was made with"
+        )
+    return _select(raw, keep, {old: new for new, old in enumerate(chosen)}), positions[keep]
+
+
+def _keep_samples(
+    raw: RawImages, positions: torch.Tensor, samples: int, seed: int, described: str
+) -> tuple[RawImages, torch.Tensor]:
+    """A class-balanced subset of ``samples`` images (all of them, with a warning naming ``described``, when fewer
+    are available), and their positions."""
+    keep = loaders.balanced_subset(raw.labels, samples, seed)
+    raw = _select(raw, keep)
+    if len(raw.labels) < samples:
+        logger.warning(
+            "samples: %d requested, but %s has %d images for a class-balanced subset; using those %d",
+            samples,
+            described,
+            len(raw.labels),
+            len(raw.labels),
+        )
+    return raw, positions[keep]
 
 
 def parse_part(part: str) -> tuple[int, int]:

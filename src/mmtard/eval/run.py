@@ -9,17 +9,24 @@ from dataclasses import dataclass
 
 import torch
 
-from mmtard.attacks import Attack, create_attack
+from mmtard.attacks import Attack, create_attack, list_attacks
 from mmtard.data import ImageDataset, check_dataset_source, create_dataset, parse_part
 from mmtard.distributed import Shard
 from mmtard.errors import ConfigError
 from mmtard.eval.journal import EvalJournal, journal_path, weights_stamp
 from mmtard.eval.subset import classes_key, indices_sha256, subset_entry
-from mmtard.eval.zeroshot import NonFiniteLogitsError, check_finite_logits, check_precision, evaluate_classifier
+from mmtard.eval.zeroshot import (
+    EvalResult,
+    NonFiniteLogitsError,
+    check_finite_logits,
+    check_precision,
+    evaluate_classifier,
+)
 from mmtard.fileio import weights_sha256
 from mmtard.models import CLIPBundle, ZeroShotClassifier, build_zero_shot_classifier
 from mmtard.models.zeroshot import check_logit_scale
 from mmtard.units import format_eps
+from mmtard.validate import check_whole_number
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +81,18 @@ def build_attacks(request: EvalRequest) -> list[Attack]:
     ]
 
 
+def check_attack_names(names: Sequence[str], field: str = "attack") -> None:
+    """Each of ``names`` is ``none`` (clean accuracy only) or a registered attack.
+
+    Raises:
+        ConfigError: ``"<field>: unknown attack 'fgsm'; expected one of none, aa, ..."``.
+    """
+    known = ["none", *list_attacks()]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{field}: unknown attack {name!r}; expected one of {', '.join(known)}")
+
+
 def check_eval_request(request: EvalRequest) -> list[Attack]:
     """Validate every setting of ``request`` that can be checked before a dataset is read or a file written.
 
@@ -90,17 +109,18 @@ def check_eval_request(request: EvalRequest) -> list[Attack]:
         raise ConfigError(
             f"data_dir: one data folder per dataset: {len(request.datasets)} datasets, {len(request.data_dirs)} folders"
         )
-    _check_int(request.batch_size, "batch_size", minimum=1)
-    _check_int(request.num_workers, "num_workers", minimum=0)
+    check_whole_number("batch_size", request.batch_size, low=1)
+    check_whole_number("num_workers", request.num_workers, low=0)
     if request.samples is not None:
-        _check_int(request.samples, "samples", minimum=1)
-    _check_int(request.seed, "seed", minimum=None)
+        check_whole_number("samples", request.samples, low=1)
+    check_whole_number("seed", request.seed)
     if request.part is not None:
         parse_part(request.part)
     check_logit_scale(request.logit_scale)
     check_precision(request.precision)
     if not request.attacks:
         raise ConfigError("attack: give at least one attack, or none for clean accuracy only")
+    check_attack_names(request.attacks)
     if any(name != "none" for name in request.attacks) and not request.eps:
         raise ConfigError("eps: give at least one radius for the attacks")
     attacks = build_attacks(request)
@@ -129,12 +149,6 @@ def _check_subset(request: EvalRequest) -> None:
                 f"{classes_key(request.classes)!r}; a subset pins its class selection (the zero-shot head), so "
                 "evaluate it with the classes it was made with"
             )
-
-
-def _check_int(value: object, field: str, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        expected = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise ConfigError(f"{field}: expected {expected}, got {value!r}")
 
 
 def _refuse_non_finite(bundle: CLIPBundle, dataset_name: str, exc: NonFiniteLogitsError) -> NonFiniteLogitsError:
@@ -212,27 +226,41 @@ def evaluate_bundle(bundle: CLIPBundle, request: EvalRequest, shard: Shard | Non
             )
         except NonFiniteLogitsError as exc:
             raise _refuse_non_finite(bundle, name, exc) from exc
-        record = {
-            "model": bundle.name,
-            "pretrained": bundle.pretrained,
-            **_digest("pretrained_sha256", bundle.pretrained),
-            **_vision_fields(bundle),
-            "split": request.split,
-            **({"part": request.part} if request.part is not None else {}),
-            "data_dir": None if data_dir is None else str(data_dir),
-            "classes": request.classes if isinstance(request.classes, str) else list(request.classes),
-            "classnames": dataset.classnames,
-            "num_templates": len(dataset.templates),
-            "logit_scale": classifier.logit_scale,
-            "seed": request.seed,
-            "device": str(bundle.device),
-            "machine": platform.node() or platform.machine(),
-            **result.to_dict(),
-            "eps_values": [format_eps(e) for e in request.eps] if attacks else [],
-            "subset": subset_entry(request.split, dataset.source_size, dataset.source_indices, request.classes),
-        }
-        records.append(record)
+        records.append(_record(bundle, request, name, data_dir, dataset, classifier, result, attacks))
     return records
+
+
+def _record(
+    bundle: CLIPBundle,
+    request: EvalRequest,
+    name: str,
+    data_dir: str | None,
+    dataset: ImageDataset,
+    classifier: ZeroShotClassifier,
+    result: EvalResult,
+    attacks: list[Attack],
+) -> dict:
+    """The results record of one dataset: the model and its files, the data and its subset, the settings, the
+    accuracies (``result``) and the radii."""
+    return {
+        "model": bundle.name,
+        "pretrained": bundle.pretrained,
+        **_digest("pretrained_sha256", bundle.pretrained),
+        **_vision_fields(bundle),
+        "split": request.split,
+        **({"part": request.part} if request.part is not None else {}),
+        "data_dir": None if data_dir is None else str(data_dir),
+        "classes": request.classes if isinstance(request.classes, str) else list(request.classes),
+        "classnames": dataset.classnames,
+        "num_templates": len(dataset.templates),
+        "logit_scale": classifier.logit_scale,
+        "seed": request.seed,
+        "device": str(bundle.device),
+        "machine": platform.node() or platform.machine(),
+        **result.to_dict(),
+        "eps_values": [format_eps(e) for e in request.eps] if attacks else [],
+        "subset": subset_entry(request.split, dataset.source_size, dataset.source_indices, request.classes),
+    }
 
 
 def _subset_arguments(request: EvalRequest, name: str) -> dict:

@@ -370,27 +370,32 @@ def _tokens_and_width(arch: str) -> tuple[int, int]:
 
 def usage_section(card: CardInput) -> list[str]:
     """How to load the folder with the library it was written for (and, for ``hf``, in LLaVA)."""
+    if card.format_name == "open_clip":
+        return _open_clip_usage(card.folder.name)
+    return _transformers_usage(card) + _llava_usage(card)
+
+
+def _open_clip_usage(folder: str) -> list[str]:
+    return [
+        "## Use",
+        "",
+        "With open_clip alone (the folder holds the architecture's config, so no mmtard is needed):",
+        "",
+        "```python",
+        "import open_clip",
+        "",
+        f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{folder}")',
+        f'tokenizer = open_clip.get_tokenizer("local-dir:{folder}")',
+        "```",
+        "",
+    ]
+
+
+def _transformers_usage(card: CardInput) -> list[str]:
+    """Loading the ``hf`` folder's towers with ``transformers``, and the tokenizer it leaves out."""
     arch, folder = card.source.arch, card.folder.name
     context = {**vars(open_clip.CLIPTextCfg()), **open_clip.get_model_config(arch)["text_cfg"]}["context_length"]
-    if card.format_name == "open_clip":
-        return [
-            "## Use",
-            "",
-            "With open_clip alone (the folder holds the architecture's config, so no mmtard is needed):",
-            "",
-            "```python",
-            "import open_clip",
-            "",
-            f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{folder}")',
-            f'tokenizer = open_clip.get_tokenizer("local-dir:{folder}")',
-            "```",
-            "",
-        ]
     repo = OPENAI_HF_REPOS.get(arch.removesuffix("-quickgelu"), DEFAULT_TOKENIZER_REPO)
-    tokens, width = _tokens_and_width(arch)
-    llava_tokens, llava_width = _tokens_and_width(LLAVA_TOWER)
-    size = card.preprocess["size"][0] if isinstance(card.preprocess["size"], (list, tuple)) else card.preprocess["size"]
-    same_shape = (tokens, width) == (llava_tokens, llava_width)
     return [
         "## Use",
         "",
@@ -413,6 +418,17 @@ def usage_section(card: CardInput) -> list[str]:
         "Tokenizer: no tokenizer files are included. The text tower uses OpenAI's CLIP BPE (the tokenizer of "
         f"every `openai/clip-vit-*` repository, e.g. `{repo}`), with at most {context} tokens.",
         "",
+    ]
+
+
+def _llava_usage(card: CardInput) -> list[str]:
+    """The ``hf`` folder as LLaVA's vision tower: its preprocessing, its tokens, and whether LLaVA-1.5's projector
+    fits it."""
+    tokens, width = _tokens_and_width(card.source.arch)
+    llava_tokens, llava_width = _tokens_and_width(LLAVA_TOWER)
+    size = card.preprocess["size"][0] if isinstance(card.preprocess["size"], (list, tuple)) else card.preprocess["size"]
+    same_shape = (tokens, width) == (llava_tokens, llava_width)
+    return [
         "### In LLaVA",
         "",
         "- Point `mm_vision_tower` (`--vision_tower` when training) at this folder by its absolute path; LLaVA "

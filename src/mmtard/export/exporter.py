@@ -19,9 +19,9 @@ from mmtard.errors import ConfigError
 from mmtard.export.card import CARD_FILE, CardInput, read_results, render_card
 from mmtard.export.hf import HF_FILES, check_hf_convertible, import_transformers, write_hf_folder
 from mmtard.export.openclip import OPEN_CLIP_FILES, check_open_clip_exportable, write_open_clip_folder
-from mmtard.export.source import preprocess_config, resolve_source
+from mmtard.export.source import ExportSource, preprocess_config, resolve_source
 from mmtard.fileio import atomic_write_text, reported_write_errors
-from mmtard.models import load_clip
+from mmtard.models import CLIPBundle, load_clip
 from mmtard.models.checkpoint_file import non_finite_tensors
 from mmtard.preflight import check_output_dir
 from mmtard.provenance import git_commit
@@ -130,6 +130,21 @@ def export_model(
     results_read = [(Path(path), read_results(path)) for path in results]
     _check_out_folder(out, (*export_format.files, CARD_FILE))
 
+    bundle, source = _load_checked(model, source, trust_checkpoint, vision_weights, vision_weights_alpha)
+    written = _write_folder(out, format, export_format, bundle, source, results_read, license)
+    logger.info("exported %s (%s) to %s", model, format, out)
+    return written
+
+
+def _load_checked(
+    model: str,
+    source: ExportSource,
+    trust_checkpoint: bool,
+    vision_weights: str | Path | None,
+    vision_weights_alpha: float,
+) -> tuple[CLIPBundle, ExportSource]:
+    """The model loaded, its weights checked finite, and ``source`` naming the architecture built (a
+    ``-quickgelu`` variant for a tower over ``openai``: the one written and described)."""
     bundle = load_clip(
         model,
         source.weights,
@@ -138,30 +153,42 @@ def export_model(
         vision_weights_alpha=vision_weights_alpha,
     )
     _check_finite_weights(bundle.model, source.weights)
-    # the architecture built (a -quickgelu variant for a tower over openai) is the one written and described
     source = replace(
         source,
         arch=bundle.name,
         vision_weights=bundle.vision_weights,
         vision_weights_alpha=bundle.vision_weights_alpha if bundle.vision_weights is not None else None,
     )
+    return bundle, source
+
+
+def _write_folder(
+    out: Path,
+    format_name: str,
+    export_format: ExportFormat,
+    bundle: CLIPBundle,
+    source: ExportSource,
+    results: list[tuple[Path, list[dict]]],
+    license: str | None,
+) -> list[Path]:
+    """The format's files and the model card, written into a staging folder whose files then replace ``out``'s
+    (:func:`staged_folder`); the files in ``out``, the card last."""
     preprocess = preprocess_config(bundle, source.base_tag)
     with reported_write_errors("--out", out), staged_folder(out) as stage:
         files = export_format.write(bundle.name, bundle.model, preprocess, stage)
         card = CardInput(
             source=source,
-            format_name=format,
+            format_name=format_name,
             library_name=export_format.library_name,
             folder=out,
             files=files,
             preprocess=preprocess,
-            results=results_read,
+            results=results,
             license=license,
-            versions=_versions(format),
+            versions=_versions(format_name),
             commit=git_commit(),
         )
         atomic_write_text(stage / CARD_FILE, render_card(card))
-    logger.info("exported %s (%s) to %s", model, format, out)
     return [out / f.name for f in files] + [out / CARD_FILE]
 
 

@@ -176,7 +176,26 @@ def apply_vision_weights(
     """
     alpha = check_vision_alpha(alpha, f"{field} alpha")
     base = model.visual.state_dict()
-    where = f"'{source}'" if source else "the file"
+    _check_tower_file(state_dict, base, arch, f"'{source}'" if source else "the file", field)
+    mixed = {}
+    for key, current in base.items():
+        loaded = state_dict[key].to(device=current.device)
+        if alpha != 1.0 and current.is_floating_point():
+            loaded = (alpha * loaded.float() + (1 - alpha) * current.float()).to(current.dtype)
+        mixed[key] = loaded
+    with torch.no_grad():
+        model.visual.load_state_dict(mixed, strict=True)
+
+
+def _check_tower_file(
+    state_dict: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], arch: str, where: str, field: str
+) -> None:
+    """``state_dict`` is a tower like ``base`` (``arch``'s image tower): floating-point where it is, finite, the
+    same tensors and shapes.
+
+    Raises:
+        CheckpointError: one line naming ``field`` and the file (``where``) and what differs.
+    """
     not_float = [
         f"{k} ({state_dict[k].dtype})"
         for k in base
@@ -213,11 +232,3 @@ def apply_vision_weights(
             f"{field}: {where} is not an image tower of {arch}: it {' and '.join(parts)}; expected open_clip's "
             "model.visual state dict"
         )
-    mixed = {}
-    for key, current in base.items():
-        loaded = state_dict[key].to(device=current.device)
-        if alpha != 1.0 and current.is_floating_point():
-            loaded = (alpha * loaded.float() + (1 - alpha) * current.float()).to(current.dtype)
-        mixed[key] = loaded
-    with torch.no_grad():
-        model.visual.load_state_dict(mixed, strict=True)

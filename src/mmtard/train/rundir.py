@@ -13,19 +13,18 @@ checkpoints, CLI, experiments, reports, benchmarks) goes through it::
     run.model           # runs/try/model.safetensors    the final student (a plain open_clip checkpoint)
     run.final_eval      # runs/try/final_eval.json      the final held-out evaluation
     run.provenance      # runs/try/provenance.json      each start's code and machine (mmtard.provenance)
-    run.lock            # runs/try/.lock                the PID of the process training in this folder
+    run.lock            # runs/try/.lock                the lock of the process training in this folder
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmtard.errors import ConfigError
+from mmtard.fileio import FolderLock
 
 logger = logging.getLogger(__name__)
 
@@ -145,22 +144,15 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-#: what :meth:`RunLock._holder` gives for a lock file it cannot read
-UNREADABLE_LOCK = (-1, "?", None)
-
-
 class RunLockedError(ConfigError):
     """Another live process trains in this run folder."""
 
 
 class RunLock:
-    """``<run>/.lock``: one training process per run folder.
+    """``<run>/.lock``: one training process per run folder, a :class:`~mmtard.fileio.FolderLock`.
 
-    The file holds ``<pid> <host> <start>``, ``start`` the process's start time where the system tells it
-    (Linux: ``/proc/<pid>/stat``; ``-`` elsewhere). It is created exclusively (``O_EXCL``) and removed when
-    the run ends, however it ends; a lock left by a process that no longer exists on this host (killed with
-    SIGKILL) is taken over with a warning, also when its process id now belongs to a newer process (ids are
-    reused, within seconds on a busy machine with a small ``pid_max``).
+    The system releases it when the process ends, however it ends, so the lock of a process killed with SIGKILL
+    does not block the next run; what the lock file holds (``<pid> <host>`` while held) only names the holder.
 
     Args:
         run: the run folder.
@@ -168,102 +160,37 @@ class RunLock:
 
     def __init__(self, run: RunDir):
         self.run = run
-        self.held = False
+        self._lock = FolderLock(run.lock)
 
     def check_free(self) -> None:
-        """Raise :class:`RunLockedError` naming the holder if a live process holds the lock; writes nothing."""
-        holder = self._holder()
-        if holder == UNREADABLE_LOCK:
-            raise RunLockedError(
-                f"output_dir: the lock file {self.run.lock} is unreadable (it holds {self._text()!r}, not "
-                f"'<pid> <host> <start>'): a run starting in '{self.run.path}' this moment, or a damaged file; if no "
-                "mmtard train runs there, remove the lock file and run again"
-            )
-        if holder is not None and _alive(*holder):
-            pid, host, _ = holder
-            where = f"process {pid}" if host == socket.gethostname() else f"process {pid} on {host}"
-            raise RunLockedError(
-                f"output_dir: '{self.run.path}' is in use by {where} (lock file {self.run.lock}); wait for it to "
-                "end or choose another output_dir (remove the lock file only if that process is gone)"
-            )
+        """Raise :class:`RunLockedError` naming the holder if a process holds the lock; writes nothing."""
+        if self._lock.is_held():
+            raise self._locked()
 
     def acquire(self) -> None:
-        """Create the lock file (and the run folder); raise :class:`RunLockedError` if a live process holds it.
+        """Take the lock (creating the run folder and the lock file); raise :class:`RunLockedError` if a process
+        holds it.
 
-        A write the system refuses (a full disk) raises its ``OSError`` naming the lock file, which is removed (and
-        the run folder, when this call created it).
+        A write the system refuses (a full disk) raises its ``OSError`` naming the lock file; a run folder this
+        call created is removed.
         """
         created = not self.run.path.exists()
         self.run.path.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.run.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                self.check_free()
-                logger.warning("%s: removing the lock of a process that no longer runs", self.run.lock)
+        try:
+            taken = self._lock.acquire()
+        except OSError:
+            if created:  # no lock file nor new folder left behind
                 self.run.lock.unlink(missing_ok=True)
-                continue
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(f"{os.getpid()} {socket.gethostname()} {_start_time(os.getpid()) or '-'}\n")
-            except OSError as exc:  # a full disk: no lock file (half written or empty) nor new folder left behind
-                self.run.lock.unlink(missing_ok=True)
-                if created:
-                    self.run.path.rmdir()
-                raise OSError(exc.errno, exc.strerror, str(self.run.lock)) from None
-            self.held = True
-            return
-        self.check_free()  # lost a race with another starting process
-        raise RunLockedError(f"output_dir: could not lock '{self.run.path}' ({self.run.lock} keeps reappearing)")
+                self.run.path.rmdir()
+            raise
+        if not taken:
+            raise self._locked()
 
     def release(self) -> None:
-        if self.held:
-            self.run.lock.unlink(missing_ok=True)
-            self.held = False
+        self._lock.release()
 
-    def _holder(self) -> tuple[int, str, str | None] | None:
-        """``(pid, host, start)`` of the lock file (``start`` None when not recorded), None without one."""
-        try:
-            pid, host, *start = self.run.lock.read_text().split()
-            if len(start) > 1:
-                raise ValueError("too many fields")
-            return int(pid), host, (start[0] if start and start[0] != "-" else None)
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError, UnicodeDecodeError):
-            return UNREADABLE_LOCK  # half written, or not a lock file: held until the user says otherwise
-
-    def _text(self) -> str:
-        """The start of the lock file's text, for messages."""
-        try:
-            return self.run.lock.read_bytes()[:40].decode("utf-8", errors="replace")
-        except OSError as exc:
-            return f"<{exc.strerror}>"
-
-
-def _alive(pid: int, host: str, start: str | None = None) -> bool:
-    """Whether process ``pid`` started at ``start`` runs (on this host; a lock from another host or unreadable
-    counts as live). A process with that id but another start time is a newer one: the holder is gone."""
-    if pid <= 0 or host != socket.gethostname():
-        return True
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    now = _start_time(pid)
-    return start is None or now is None or now == start
-
-
-def _start_time(pid: int) -> str | None:
-    """Process ``pid``'s start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), None where
-    there is no ``/proc`` or the process is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": field 3 (state) onwards
-    return fields[19] if len(fields) > 19 else None
+    def _locked(self) -> RunLockedError:
+        return RunLockedError(
+            f"output_dir: '{self.run.path}' is in use by {self._lock.holder()} (lock file {self.run.lock}); wait for "
+            "it to end or choose another output_dir"
+        )
