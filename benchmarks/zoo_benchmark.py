@@ -681,16 +681,19 @@ def write_report(out, args, command, scale, given, rows, jobs, started, check=No
 
 
 def against_sections(rows: Sequence[dict], given: Sequence[dict], baselines: Sequence[str]) -> list[str]:
-    """``--against``: the differences and frontier margins against each of ``baselines`` that has students."""
+    """``--against``: the differences and frontier margins against each of ``baselines`` that has students (the
+    interpolation controls of other cells left out: they are points of other baselines' frontiers)."""
     sections = []
     for baseline in baselines:
-        diffs = differences(rows, baseline)
+        cell = next((r["cell"] for r in rows if r["stage"].startswith(baseline + "-seed")), None)
+        compared = [r for r in rows if r.get("control") != "interpolation" or r["cell"] == cell]
+        diffs = differences(compared, baseline)
         if diffs:
             sections.append(
                 f"## Differences against `{baseline}` (`--against`), in points, 95% paired bootstrap interval\n\n"
                 + differences_table(diffs, baseline)
             )
-        margins = frontier_margins(rows, given, baseline)
+        margins = frontier_margins(compared, given, baseline)
         if margins:
             sections.append(
                 f"## Above the interpolation frontier of `{baseline}` (`--against`), clean accuracy at the model's "

@@ -146,7 +146,9 @@ def test_against_adds_the_differences_to_another_cell_such_as_the_lora_baseline(
     """``--against ard_lora``: the LoRA candidate against the LoRA baseline (issue 25's hypothesis 5), beside the
     main table against the stronger full fine-tune."""
     rows = [student("ard", 0, "1100"), student("ard_lora", 0, "1000"), student("mmt-ard_diwref_lora", 0, "1110")]
-    (section,) = bench.against_sections(rows, [], ["student-ard_lora-lr1e-3"])
+    interp = dict(student("ard", 0), stage="interp0.5-ard-lr1e-3-seed0", control="interpolation", alpha=0.5)
+    (section,) = bench.against_sections([*rows, interp], [], ["student-ard_lora-lr1e-3"])
+    assert "interp0.5-ard" not in section  # another baseline's frontier point
     assert section.startswith("## Differences against `student-ard_lora-lr1e-3` (`--against`)")
     diffs = bench.differences(rows, "student-ard_lora-lr1e-3")
     assert diffs["student-mmt-ard_diwref_lora-lr1e-3"]["seen/clean"].mean == pytest.approx(50.0)  # 3/4 against 1/4
