@@ -114,6 +114,20 @@ def eval_lock(journal_dir: Path, field: str = "--out") -> Iterator[None]:
         lock.release()
 
 
+def check_dataset_folders(datasets: Sequence[str] | None, data_dirs: Sequence[str]) -> None:
+    """``--dataset`` and ``--data-dir`` without ``--suite``: some datasets, and one folder for all or one each.
+
+    Raises:
+        ConfigError: naming the flag and what was expected.
+    """
+    if not datasets:
+        raise ConfigError("--dataset: give one or more datasets, or --suite (e.g. --suite robustvlm)")
+    if len(data_dirs) not in (1, len(datasets)):
+        raise ConfigError(
+            f"--data-dir: give one folder for all datasets or one per dataset ({len(datasets)}), got {len(data_dirs)}"
+        )
+
+
 def fraction_arg(text: str) -> float:
     """An argparse type: a number in ``[0, 1]``."""
     try:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from mmtard.cli.common import (
     EVAL_DATA_FLAGS,
     add_vision_weights_flags,
+    check_dataset_folders,
     eval_lock,
     leave_as_found,
     logit_scale_arg,
@@ -254,13 +255,7 @@ def read_dataset_flags(args: argparse.Namespace) -> Suite | None:
         suite = load_suite(args.suite, "--suite")
         check_attack_names(suite.attacks, f"--suite: '{suite.source}': attacks")
         return suite
-    if not args.dataset:
-        raise ConfigError("--dataset: give one or more datasets, or --suite (e.g. --suite robustvlm)")
-    if len(args.data_dir) not in (1, len(args.dataset)):
-        raise ConfigError(
-            f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
-            f"got {len(args.data_dir)}"
-        )
+    check_dataset_folders(args.dataset, args.data_dir)
     return None
 
 

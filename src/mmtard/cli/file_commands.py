@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mmtard.cli.common import (
     add_vision_weights_flags,
+    check_dataset_folders,
 )
 from mmtard.errors import ConfigError
 
@@ -80,13 +81,7 @@ def run_data(args: argparse.Namespace) -> int:
         entries = select_datasets(load_suite(args.suite, "--suite"), args.dataset, "--dataset")
         targets = [(e.name, Path(args.data_dir[0]) / e.name, args.split or e.split) for e in entries]
     else:
-        if not args.dataset:
-            raise ConfigError("--dataset: give one or more datasets, or --suite")
-        if len(args.data_dir) not in (1, len(args.dataset)):
-            raise ConfigError(
-                f"--data-dir: give one folder for all datasets or one per dataset ({len(args.dataset)}), "
-                f"got {len(args.data_dir)}"
-            )
+        check_dataset_folders(args.dataset, args.data_dir)
         folders = args.data_dir if len(args.data_dir) == len(args.dataset) else args.data_dir * len(args.dataset)
         targets = [(name, folder, args.split) for name, folder in zip(args.dataset, folders)]
     with renamed_fields({"dataset": "--dataset"}):
