@@ -356,3 +356,25 @@ def test_margin_above_the_baselines_interpolation_frontier(bench):
     table = bench.frontier_table(margins, "student-ard-lr1e-3")
     assert "| student-mmt-ard-lr1e-3 | 1 | +25.0 [" in table
     assert bench.frontier_margins(rows, [], "student-ard-lr1e-3") == {}  # no foundation: no frontier
+
+
+def test_the_pareto_plot_gives_the_interpolation_controls_one_grey_legend_entry(monkeypatch, tmp_path):
+    """The controls are crosses on the dashed frontier, one legend entry for all of them; models keep their own."""
+    from mmtard.experiments import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig))
+    ard = dict(student("ard", 0), role="ard-lr1e-3")
+    controls = [
+        dict(ard, stage=f"interp{a}-ard-lr1e-3-seed0", role="control", control="interpolation", alpha=a)
+        for a in (0.25, 0.5)
+    ]
+    given = dict(ard, stage="foundation-student", role="foundation", cell=None)
+    lines = [["foundation-student", "interp0.25-ard-lr1e-3", "interp0.5-ard-lr1e-3", "student-ard-lr1e-3"]]
+    report.plot_pareto([given, ard, *controls], tmp_path / "p.png", attack="pgd", eps="4/255", lines=lines)
+    labels = [t.get_text() for t in figures[0].axes[1].get_legend().get_texts()]
+    assert sorted(labels) == [
+        "foundation-student (given)",
+        "interpolation controls (alpha 0 to 1 on each dashed line)",
+        "student-ard-lr1e-3 (1 seed)",
+    ]

@@ -155,7 +155,9 @@ def plot_pareto(
 ) -> None:
     """Clean against robust accuracy (``attack`` at ``eps``), one point per model (:func:`pareto_points`): the mean
     over its seeds with standard-deviation error bars; seen and unseen classes side by side. ``lines``: model names
-    joined by a dashed grey line in that order (an interpolation frontier), over the models that have the point."""
+    joined by a dashed grey line in that order (an interpolation frontier), over the models that have the point.
+    The interpolation controls are small grey crosses on those lines, one legend entry for all of them, so the
+    colours and the legend stay with the models compared."""
     plt = pyplot()
     groups = group_by_model(rows)
     fig, axes = plt.subplots(1, 2, figsize=(15, 5))
@@ -167,8 +169,14 @@ def plot_pareto(
             xy = [at[name] for name in line if name in at]
             if len(xy) > 1:
                 ax.plot(*zip(*xy), linestyle="--", color="grey", linewidth=1, zorder=0)
+        controls = 0
         for name, seeds, clean, clean_std, robust, robust_std in points:
             given = groups[name][0]["role"] in ("foundation", "teacher")
+            if groups[name][0].get("control") == "interpolation":
+                label = "_" if controls else "interpolation controls (alpha 0 to 1 on each dashed line)"
+                ax.plot(clean, robust, marker="x", color="grey", markersize=5, linestyle="none", label=label)
+                controls += 1
+                continue
             ax.errorbar(
                 clean,
                 robust,
@@ -177,7 +185,7 @@ def plot_pareto(
                 marker="s" if given else "o",
                 capsize=3,
                 linestyle="none",
-                label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})",
+                label=f"{name} ({'given' if given else f'{seeds} seed' + ('s' if seeds > 1 else '')})",
             )
         ax.set_title(title)
         ax.set_xlabel("clean accuracy (%)")
