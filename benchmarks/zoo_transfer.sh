@@ -14,7 +14,8 @@
 # 3. Seeds 1 and 2 of the four cells of step 1, then their frontiers.
 # 4. The seed-0 ablation: mmt-ard's defaults, fixed 0.9/0.1 and 1/1, the foundation-teacher or the robust teacher's
 #    weights as (another) clean teacher, tecoa; then tecoa's frontier.
-# 5. aa at 4/255 on seed 0 of the four cells of step 1.
+# 5. aa at 4/255 on seed 0 of the four cells of step 1, then on seeds 1 and 2 of ard and mmt-ard_diwref (the goal's
+#    baseline and candidate).
 # 6. LoRA students (hypothesis 5): ard_lora and mmt-ard_diwref_lora on seed 0, then ard_lora's frontier.
 # 7. The regime (issue 25's step 5): lr2e-4-800 (a tenth of the learning rate, 4x the images seen) in
 #    runs/bench-xfer-regime: seed 0 of ard and mmt-ard_diwref, then ard, ard_rslad and mmt-ard_diwref on seeds 0 to
@@ -42,7 +43,8 @@ for stage in $STAGES; do
        bench --no-aa --no-zoo-models --jobs 2 --seeds 0 1 2 --cells "${KEY[@]}" --ablation ;;  # their frontiers
     4) bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation "${ABLATION[@]}"
        bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation "${ABLATION[@]}" ;;  # tecoa's frontier
-    5) bench --no-zoo-models --jobs 2 --seeds 0 --cells "${KEY[@]}" --ablation ;;
+    5) bench --no-zoo-models --jobs 2 --seeds 0 --cells "${KEY[@]}" --ablation
+       bench --no-zoo-models --jobs 2 --seeds 0 1 2 --cells ard mmt-ard_diwref --ablation ;;  # the goal's two
     6) for _ in 1 2; do  # the second run adds ard_lora's frontier
          bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation "${LORA[@]}" --frontier ard_lora \
            --against ard_lora
