@@ -17,7 +17,11 @@ For each method x batch size x lever (a *cell*):
 - peak GPU memory; a batch that does not fit is recorded as ``oom``, not a crash.
 
 Levers (``--levers``, each cell runs with one): ``none``; ``channels-last`` (images and towers in
-channels-last memory format); ``compile`` (``torch.compile`` of the student's and teachers' image towers).
+channels-last memory format); ``compile`` (``torch.compile`` of the student's and teachers' image towers);
+``teacher-cache`` (``method.cache_clean_teacher``: the teachers' clean-image logits served from a warm cache, as in
+every epoch after the first of a deterministic pipeline, or every step when the cache outlives the run with
+``method.cache_dir``); ``one-thread`` (``torch.set_num_threads(1)``: on a CPU, set beside ``none`` to see whether
+two students of one thread each beat one student of two).
 
 Results are rewritten after every cell to ``OUT/NAME.json`` and ``OUT/NAME.md`` (a timeout keeps the
 cells already done).
@@ -27,6 +31,9 @@ cells already done).
         --levers none channels-last compile
     python benchmarks/gpu_step_time.py --device cpu --student tiny-vit-s --teacher tiny-vit-l \\
         --batch-sizes 4 --steps 2 --out runs/gpu-toy          # a smoke test on a CPU
+    python benchmarks/gpu_step_time.py --device cpu --student tiny-vit-s --teacher tiny-vit-l --num-classes 5 \\
+        --batch-sizes 64 --pgd-steps 2 --methods ard mmt-ard --levers none one-thread compile teacher-cache \\
+        --steps 5 --warmup 2 --out docs/benchmarks/cpu-levers --name levers   # the zoo protocol's levers on a CPU
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ from mmtard.train.config import OptimConfig, RunConfig  # noqa: E402
 from mmtard.train.trainer import TrainState, build_optimizer, train_step  # noqa: E402
 
 METHODS = ("ard", "mmt-ard", "tecoa")
-LEVERS = ("none", "channels-last", "compile")
+LEVERS = ("none", "channels-last", "compile", "teacher-cache", "one-thread")
 TEACHER_ROLES = ("clean", "robust")
 EPS = 4 / 255
 GRAD_CLIP = 1.0
@@ -127,7 +134,8 @@ def build_cell(
     params = [p for p in student.parameters() if p.requires_grad]
     run_config = RunConfig(train=OptimConfig(steps=total_steps, lr=2e-5, grad_clip=GRAD_CLIP))
     optimizer, scheduler = build_optimizer(run_config, params)
-    method = create_method(method_config(method_name, eps=EPS, steps=pgd_steps))
+    cached = lever == "teacher-cache" and method_name != "tecoa"  # tecoa has no teacher to cache
+    method = create_method(method_config(method_name, eps=EPS, steps=pgd_steps, cache_clean_teacher=cached))
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     state = TrainState(0, student, optimizer, scheduler, scaler, method)
     teachers = method.use_teachers(models.teachers).teachers
@@ -137,9 +145,10 @@ def build_cell(
     y = torch.randint(0, len(models.classnames), (batch,), device=device, generator=generator)
     if lever == "channels-last":
         x = x.contiguous(memory_format=torch.channels_last)
+    index = torch.arange(batch) if cached else None  # the same images every step: the cache is warm after one
 
     def run() -> object:
-        return train_step(state, (x, y, None), precision=autocast_dtype, optim=run_config.train)
+        return train_step(state, (x, y, index), precision=autocast_dtype, optim=run_config.train)
 
     return Cell(method_name, batch, lever, state, teachers, run)
 
@@ -167,6 +176,10 @@ def apply_lever(cell: Cell) -> Callable[[], None]:
                 model.visual.to(memory_format=torch.contiguous_format)
 
         return undo
+    if cell.lever == "one-thread":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return lambda: torch.set_num_threads(threads)
     return lambda: None
 
 
@@ -217,8 +230,10 @@ def run_cell(models: Models, method_name: str, batch: int, lever: str, args, dev
         cell = build_cell(
             models, method_name, batch, lever, args.pgd_steps, 1 + args.warmup + args.steps, device, dtype
         )
-        key = (method_name, batch)
+        key = (method_name, batch, lever == "teacher-cache")  # a warm cache's step skips the teachers' forwards
         if key not in flop_cache:
+            if lever == "teacher-cache":
+                cell.run()  # fills the cache: the counted step is a warm one
             flop_cache[key] = count_step_flops(cell.run, cell.state.method, cell.teachers)
         flops = flop_cache[key]
         row["flops_per_step"] = flops

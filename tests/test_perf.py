@@ -242,6 +242,27 @@ def test_gpu_step_time_runs_at_toy_scale_on_a_cpu(tmp_path, load_script):
     assert sum(line.startswith(("| ard |", "| mmt-ard |", "| tecoa |")) for line in table.splitlines()) == 3
 
 
+def test_gpu_step_time_cpu_levers_a_warm_teacher_cache_and_one_thread(tmp_path, load_script):
+    """``teacher-cache``: after the first step the teachers' clean-image logits come from the cache. ard's robust
+    teacher is read twice a step, on the clean images (the inner attack's target: cached) and on the adversarial
+    ones (``robust_target: adversarial``: not cacheable), so a warm step runs exactly half the teachers' FLOPs.
+    ``one-thread`` runs the cell on one thread and gives the others back."""
+    bench = load_script("gpu_step_time")
+    threads = torch.get_num_threads()
+    argv = ["--device", "cpu", "--student", "tiny-vit-s", "--teacher", "tiny-vit-s", "--methods", "ard", "tecoa"]
+    argv += ["--batch-sizes", "4", "--steps", "1", "--warmup", "1", "--pgd-steps", "1", "--num-classes", "5"]
+    argv += ["--levers", "none", "teacher-cache", "one-thread", "--matmul-n", "64"]
+    bench.main(argv + ["--out", str(tmp_path), "--name", "levers"])
+    _, rows = _rows(tmp_path / "levers.json")
+    assert all(row["status"] == "ok" for row in rows.values())
+    plain, cached = rows[("ard", 4, "none")], rows[("ard", 4, "teacher-cache")]
+    assert plain["flops_per_step"]["teachers"] > 0
+    assert cached["flops_per_step"]["teachers"] * 2 == plain["flops_per_step"]["teachers"]
+    assert cached["flops_per_step"]["attack"] == plain["flops_per_step"]["attack"]
+    assert rows[("tecoa", 4, "teacher-cache")]["flops_per_step"] == rows[("tecoa", 4, "none")]["flops_per_step"]
+    assert torch.get_num_threads() == threads
+
+
 def test_gpu_step_time_records_an_out_of_memory_batch_and_goes_on(tmp_path, monkeypatch, load_script):
     bench = load_script("gpu_step_time")
     real_step = bench.train_step
