@@ -110,7 +110,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="which of the zoo's own models to evaluate (default: all four)",
     )
     p.add_argument("--no-zoo-models", action="store_true", help="do not evaluate the zoo's own models")
-    p.add_argument("--jobs", type=int, default=1, help="students trained (and evaluated) at once, one thread each")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="students trained (and evaluated) at once, one thread each; with 1, torch's own thread count (set "
+        "OMP_NUM_THREADS=1 when two runs share the cores: two 2-thread runs on 2 cores step about 2.5x slower)",
+    )
     p.add_argument("--report-only", action="store_true", help="train nothing: the tables of the students on disk")
     p.add_argument(
         "--frontier",
