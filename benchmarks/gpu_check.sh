@@ -6,7 +6,8 @@
 #      weights, bf16, PGD-10): s/step split into attack / teachers / student update (CUDA events),
 #      FLOPs, MFU against the bf16 matrix-product rate measured in the same run, peak memory, OOM as such;
 #   2. aa: aa / APGD-CE images/s of ViT-B-32 and ViT-L-14 at 224 px in bf16 and fp32;
-#   3. levers: mmt-ard and ard at batch 256 with none / channels-last / torch.compile of the towers.
+#   3. levers: mmt-ard and ard at batch 256 with none / a warm clean-image teacher cache / channels-last /
+#      torch.compile of the towers.
 #
 # Writes into $OUT (runs/gpu_check when unset): env.txt, log.txt and step_time, aa, levers (.json + .md).
 #
@@ -49,17 +50,17 @@ if [[ "$TINY" == 1 ]]; then
     GRID=(--batch-sizes 4 8 --steps 1 --warmup 1)
     AA=(--device cpu --num-classes 10 --steps 2
         --cells tiny-vit-s:fp32:4:apgd-ce tiny-vit-s:bf16:4:aa tiny-vit-l:fp32:4:apgd-ce)
-    LEVERS=(--batch-sizes 4 --steps 1 --warmup 1 --levers ${MMTARD_GPU_CHECK_LEVERS:-none channels-last})
+    LEVERS=(--batch-sizes 4 --steps 1 --warmup 1 --levers ${MMTARD_GPU_CHECK_LEVERS:-none teacher-cache channels-last})
     LIMITS=(300 300 300)
 else
     MODELS=(--device cuda --student ViT-B-32 --teacher ViT-L-14)
     GRID=(--batch-sizes 128 256 512 --steps 5 --warmup 2)
     AA=(--device cuda)
-    LEVERS=(--batch-sizes 256 --steps 5 --warmup 2 --levers ${MMTARD_GPU_CHECK_LEVERS:-none channels-last compile})
+    LEVERS=(--batch-sizes 256 --steps 5 --warmup 2 --levers ${MMTARD_GPU_CHECK_LEVERS:-none teacher-cache channels-last compile})
     LIMITS=(220 90 140)
     if [[ "${MMTARD_GPU_CHECK_SHORT:-0}" == 1 ]]; then  # inside benchmarks/gpu_run.sh: about 4 minutes
         GRID=(--batch-sizes 128 256 512 --steps 3 --warmup 1)
-        LEVERS=(--batch-sizes 256 --steps 3 --warmup 1 --levers ${MMTARD_GPU_CHECK_LEVERS:-none compile})
+        LEVERS=(--batch-sizes 256 --steps 3 --warmup 1 --levers ${MMTARD_GPU_CHECK_LEVERS:-none teacher-cache compile})
         LIMITS=(120 45 70)
     fi
 fi

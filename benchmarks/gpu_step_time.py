@@ -160,7 +160,7 @@ def apply_lever(cell: Cell) -> Callable[[], None]:
     if cell.lever == "compile":
         towers = [(model, model.visual) for model in models]
         for model, tower in towers:
-            model.visual = torch.compile(tower)
+            model.visual = torch.compile(tower, dynamic=False)  # as train.compile does (mmtard.train.build)
 
         def undo() -> None:
             for model, tower in towers:

@@ -380,6 +380,16 @@ def frontier_margins(rows: Sequence[dict], given: Sequence[dict], baseline: str)
     return margins
 
 
+def no_frontier_line(rows: Sequence[dict], baseline: str) -> str:
+    """Said in place of the frontier section when ``baseline`` has no interpolation controls on disk, so a reader
+    does not take the section's absence for a finding (the baseline can change with one more seed)."""
+    cell = by_model(rows)[baseline][0]["cell"]
+    return (
+        f"No interpolation frontier of `{baseline}`: its `interp<alpha>` controls are not on disk (the student "
+        f"foundation's row is needed as well). Run again with `--frontier {cell}` to add them."
+    )
+
+
 def clean_and_pgd(group: Sequence[dict], split: str) -> tuple[list[str], list[str]]:
     """A model's per-image outcomes on ``split``, one string per seed: clean (every image) and PGD-10 4/255."""
     return [outcomes(r, split, "clean") for r in group], [outcomes(r, split, "pgd4") for r in group]
@@ -648,6 +658,8 @@ def write_report(out, args, command, scale, given, rows, jobs, started, check=No
             "seeds. Positive: more clean accuracy than the free trade-off gives at that robustness.\n\n"
             + frontier_table(margins, baseline)
         )
+    elif diffs:
+        sections.append(no_frontier_line(rows, baseline))
     if not args.calibrate:
         sections += against_sections(rows, given, [f"student-{cell}-{args.recipe}" for cell in args.against])
     eff_table, steps_to_baseline = efficiency(out, rows, baseline)

@@ -356,6 +356,9 @@ def test_margin_above_the_baselines_interpolation_frontier(bench):
     table = bench.frontier_table(margins, "student-ard-lr1e-3")
     assert "| student-mmt-ard-lr1e-3 | 1 | +25.0 [" in table
     assert bench.frontier_margins(rows, [], "student-ard-lr1e-3") == {}  # no foundation: no frontier
+    assert bench.frontier_margins(rows, given, "student-mmt-ard-lr1e-3") == {}  # no controls of its own: none
+    line = bench.no_frontier_line(rows, "student-mmt-ard-lr1e-3")  # the report says so, and how to add them
+    assert "No interpolation frontier of `student-mmt-ard-lr1e-3`" in line and "`--frontier mmt-ard`" in line
 
 
 def test_the_pareto_plot_gives_the_interpolation_controls_one_grey_legend_entry(monkeypatch, tmp_path):
