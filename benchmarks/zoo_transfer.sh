@@ -21,11 +21,13 @@
 #    runs/bench-xfer-regime: seed 0 of ard and mmt-ard_diwref, then ard, ard_rslad and mmt-ard_diwref on seeds 0 to
 #    2; each run followed by one that adds ard's frontier.
 # 8. The tables, docs/benchmarks/zoo-headline.json, protocol-check.json, per-image.json.gz and the plots; the
-#    regime's in docs/benchmarks/regime/.
+#    regime's in docs/benchmarks/regime/. It runs last, after 9.
+# 9. LoRA at a learning rate of its own (hypothesis 5 at equal robustness): ard_lora at 5x and 10x the calibrated
+#    learning rate on seed 0; BENCHMARKS.md's fourth pre-registration gives the rule that picks one of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
-STAGES=${STAGES:-1 2 3 4 5 6 7 8}
+STAGES=${STAGES:-1 2 3 4 5 6 7 9 8}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 bench() { "$PYTHON" benchmarks/zoo_benchmark.py --zoo runs/zoo --out runs/bench-xfer --distill-images transfer "$@"; }
 KEY=(ard ard_rslad mmt-ard_diwref mmt-ard_diwref_selfanchor)
@@ -59,5 +61,6 @@ for stage in $STAGES; do
          --frontier ard ard_rslad tecoa ard_lora --against ard_lora --report-only --docs docs/benchmarks
        bench "${REGIME[@]}" --seeds 0 1 2 --cells ard ard_rslad mmt-ard_diwref --frontier ard ard_rslad --against ard \
          --report-only --docs docs/benchmarks/regime ;;
+    9) bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation ard_lora_lr5x ard_lora_lr10x ;;
   esac
 done

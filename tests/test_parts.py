@@ -114,3 +114,17 @@ def test_a_lora_cell_trains_its_student_with_lora_adapters(tmp_path):
     for name, finetune in (("lora", "lora"), ("full", "full")):
         cfg = stage_config(ZOO_SCALE, replace(stages[f"student-{name}-seed0"], pretrained="none"), tmp_path, models)
         assert cfg.student.finetune == finetune and cfg.method.diw == "reference"
+
+
+def test_a_cells_lr_scale_multiplies_its_recipes_learning_rate_and_reaches_the_run_config(tmp_path):
+    """``Cell.lr_scale``: a LoRA cell at 10x the calibrated recipe's 2e-3 trains at 2e-2; everything else of the
+    recipe (steps, PGD steps, weight decay) is the recipe's."""
+    recipe = RECIPES["lr2e-3"]
+    fast, plain = CELLS["ard_lora_lr10x"].variant(recipe), CELLS["ard_lora"].variant(recipe)
+    assert fast["train"]["lr"] == pytest.approx(2e-2) and plain["train"]["lr"] == pytest.approx(2e-3)
+    assert fast["train"] | {"lr": 0} == plain["train"] | {"lr": 0}
+    assert recipe.train()["lr"] == pytest.approx(2e-3)  # the recipe itself is untouched
+    (student,) = [s for _, s in protocol_stages(ZOO_SCALE, (), (0,), {"fast": fast}) if s.name.startswith("student-")]
+    models = {name: tmp_path / f"{name}.safetensors" for name in ("teacher-clean", "teacher-robust")}
+    cfg = stage_config(ZOO_SCALE, replace(student, pretrained="none"), tmp_path, models)
+    assert cfg.train.lr == pytest.approx(2e-2) and cfg.student.finetune == "lora"

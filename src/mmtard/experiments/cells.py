@@ -62,8 +62,9 @@ class Cell:
     ``teacher_stages`` points a teacher at any stage of the protocol (``{"clean": "foundation-student"}``: the
     student's own foundation in the clean teacher's place), ``teacher_kinds`` gives the kind of a teacher it adds
     (``{"robust_clean": "clean"}``). ``finetune`` is how the student trains (``full``, or ``lora``: peft's LoRA
-    adapters with the library's defaults, ``student.lora``). ``control`` marks a cell that is a control of the
-    benchmark, not a candidate (``self-anchor``)."""
+    adapters with the library's defaults, ``student.lora``). ``lr_scale`` multiplies the recipe's learning rate
+    for this cell (LoRA adapters usually train at several times a full fine-tune's rate). ``control`` marks a cell
+    that is a control of the benchmark, not a candidate (``self-anchor``)."""
 
     name: str
     preset: str
@@ -72,6 +73,7 @@ class Cell:
     teacher_stages: Mapping[str, str] = field(default_factory=dict)
     teacher_kinds: Mapping[str, str] = field(default_factory=dict)
     finetune: str = "full"
+    lr_scale: float = 1.0
     control: str | None = None
 
     def config(self) -> MethodConfig:
@@ -80,7 +82,9 @@ class Cell:
 
     def variant(self, recipe: Recipe) -> dict:
         """The protocol variant (``mmtard.experiments.run_protocol``) of this cell trained with ``recipe``."""
-        variant = {"method": self.preset, **self.settings, "train": recipe.train()}
+        train = recipe.train()
+        train["lr"] *= self.lr_scale
+        variant = {"method": self.preset, **self.settings, "train": train}
         for key in ("more_teachers", "teacher_stages", "teacher_kinds"):
             if getattr(self, key):
                 variant[key] = dict(getattr(self, key))
@@ -120,6 +124,12 @@ CELLS: dict[str, Cell] = {
         # issue 25's hypothesis 5: LoRA students (the authors' evaluated ViT-B-32 is one), the baseline alike
         Cell("ard_lora", "ard", finetune="lora"),
         Cell("mmt-ard_diwref_lora", "mmt-ard", DIWREF, finetune="lora"),
+        # the same at 5x and 10x the recipe's learning rate: a LoRA student that reaches ard's robustness tests
+        # hypothesis 5 at equal robustness (BENCHMARKS.md section 2, fourth pre-registration)
+        Cell("ard_lora_lr5x", "ard", finetune="lora", lr_scale=5.0),
+        Cell("ard_lora_lr10x", "ard", finetune="lora", lr_scale=10.0),
+        Cell("mmt-ard_diwref_lora_lr5x", "mmt-ard", DIWREF, finetune="lora", lr_scale=5.0),
+        Cell("mmt-ard_diwref_lora_lr10x", "mmt-ard", DIWREF, finetune="lora", lr_scale=10.0),
         Cell("mmt-ard_rho9_ardinner", "mmt-ard", {"rho": 9.0, **ARD_INNER}),
         Cell("mmt-ard_gap_ardinner", "mmt-ard", {"balance": "gap", **ARD_INNER}),
         Cell("mmt-ard_fixed_ardinner", "mmt-ard", {"balance": "fixed", **ARD_INNER}),
