@@ -34,6 +34,8 @@ bench() { "$PYTHON" benchmarks/zoo_benchmark.py --zoo runs/zoo --out runs/bench-
 KEY=(ard ard_rslad mmt-ard_diwref mmt-ard_diwref_selfanchor)
 ABLATION=(mmt-ard mmt-ard_fixed91 mmt-ard_diwref_rclean mmt-ard_diwref_ftclean mmt-ard_fixed tecoa)
 LORA=(ard_lora mmt-ard_diwref_lora)
+# stage 9: LoRA at 10x the learning rate, 3 seeds, and the self-anchor control under it
+LORA10X=(ard_lora_lr10x mmt-ard_diwref_lora_lr10x mmt-ard_diwref_selfanchor_lora_lr10x)
 ZOO=(teacher-clean teacher-robust foundation-student)
 # The regime's own folder; the student foundation's row (the same images) is reused from runs/bench-xfer.
 REGIME=(--out runs/bench-xfer-regime --recipe lr2e-4-800 --eval-every 80 --zoo-models foundation-student
@@ -58,8 +60,9 @@ for stage in $STAGES; do
        for _ in 1 2; do  # ard_rslad's frontier too: under this recipe either can be the stronger baseline
          bench "${REGIME[@]}" --no-aa --jobs 2 --seeds 0 1 2 --cells ard ard_rslad mmt-ard_diwref --frontier ard ard_rslad
        done ;;
-    8) bench --seeds 0 1 2 --cells "${KEY[@]}" --ablation "${ABLATION[@]}" "${LORA[@]}" --zoo-models "${ZOO[@]}" \
-         --frontier ard ard_rslad tecoa ard_lora --against ard_lora --report-only --docs docs/benchmarks
+    8) bench --seeds 0 1 2 --cells "${KEY[@]}" "${LORA10X[@]}" --ablation "${ABLATION[@]}" "${LORA[@]}" ard_lora_lr5x \
+         --zoo-models "${ZOO[@]}" --frontier ard ard_rslad tecoa ard_lora ard_lora_lr10x --against ard_lora ard_lora_lr10x \
+         --report-only --docs docs/benchmarks
        bench "${REGIME[@]}" --seeds 0 1 2 --cells ard ard_rslad mmt-ard_diwref --frontier ard ard_rslad --against ard \
          --report-only --docs docs/benchmarks/regime ;;
     9) bench --no-aa --no-zoo-models --jobs 2 --seeds 0 --cells ard --ablation ard_lora_lr5x ard_lora_lr10x
@@ -67,6 +70,9 @@ for stage in $STAGES; do
        for _ in 1 2; do
          bench --no-aa --no-zoo-models --jobs 2 --seeds 0 1 2 --cells ard ard_lora_lr10x mmt-ard_diwref_lora_lr10x \
            --ablation --frontier ard_lora_lr10x --against ard_lora_lr10x
-       done ;;
+       done
+       # the control of the fifth pre-registration: the self-anchor under the same LoRA recipe
+       bench --no-aa --no-zoo-models --jobs 2 --seeds 0 1 2 --cells ard "${LORA10X[@]}" --ablation \
+         --frontier ard_lora_lr10x --against ard_lora_lr10x ;;
   esac
 done

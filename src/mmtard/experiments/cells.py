@@ -130,6 +130,7 @@ CELLS: dict[str, Cell] = {
         Cell("ard_lora_lr10x", "ard", finetune="lora", lr_scale=10.0),
         Cell("mmt-ard_diwref_lora_lr5x", "mmt-ard", DIWREF, finetune="lora", lr_scale=5.0),
         Cell("mmt-ard_diwref_lora_lr10x", "mmt-ard", DIWREF, finetune="lora", lr_scale=10.0),
+        Cell("mmt-ard_diwref_selfanchor_lora_lr10x", "mmt-ard", DIWREF, finetune="lora", lr_scale=10.0, **SELF_ANCHOR),
         Cell("mmt-ard_rho9_ardinner", "mmt-ard", {"rho": 9.0, **ARD_INNER}),
         Cell("mmt-ard_gap_ardinner", "mmt-ard", {"balance": "gap", **ARD_INNER}),
         Cell("mmt-ard_fixed_ardinner", "mmt-ard", {"balance": "fixed", **ARD_INNER}),
