@@ -24,7 +24,8 @@
 #    regime's in docs/benchmarks/regime/. It runs last, after 9.
 # 9. LoRA at a learning rate of its own (hypothesis 5 at equal robustness): ard_lora at 5x and 10x the calibrated
 #    learning rate on seed 0; BENCHMARKS.md's fourth pre-registration gives the rule that picks one of them (10x);
-#    then ard_lora_lr10x and mmt-ard_diwref_lora_lr10x on seeds 0 to 2, and ard_lora_lr10x's frontier.
+#    then ard_lora_lr10x and mmt-ard_diwref_lora_lr10x on seeds 0 to 2, and ard_lora_lr10x's frontier; then the
+#    self-anchor under the same recipe (the fifth pre-registration's control).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
