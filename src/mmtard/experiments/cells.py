@@ -128,7 +128,6 @@ CELLS: dict[str, Cell] = {
         # hypothesis 5 at equal robustness (BENCHMARKS.md section 2, fourth pre-registration)
         Cell("ard_lora_lr5x", "ard", finetune="lora", lr_scale=5.0),
         Cell("ard_lora_lr10x", "ard", finetune="lora", lr_scale=10.0),
-        Cell("mmt-ard_diwref_lora_lr5x", "mmt-ard", DIWREF, finetune="lora", lr_scale=5.0),
         Cell("mmt-ard_diwref_lora_lr10x", "mmt-ard", DIWREF, finetune="lora", lr_scale=10.0),
         Cell("mmt-ard_diwref_selfanchor_lora_lr10x", "mmt-ard", DIWREF, finetune="lora", lr_scale=10.0, **SELF_ANCHOR),
         Cell("mmt-ard_rho9_ardinner", "mmt-ard", {"rho": 9.0, **ARD_INNER}),
